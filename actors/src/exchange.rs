@@ -1,0 +1,253 @@
+//! One proxied response on its way to the client. The worker reads the upstream body and relays
+//! it chunk by chunk through a small bounded channel into [`ExchangeBody`], which the ingress
+//! streams to the client: nothing is buffered beyond a few chunks, a slow client slows the
+//! upstream read, and a client that goes away closes the channel, which makes the worker drop the
+//! upstream connection at once (freeing the GPU). The relay measures time to first chunk and the
+//! gaps between chunks, and reports the outcome to the balancer and the metrics actor when the
+//! exchange ends, however it ends.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use awc::http::header::HeaderMap;
+use awc::http::StatusCode;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::balancer::{Balancer, BalancerView, Outcome};
+use crate::endpoint::InFlight;
+use crate::metrics::{MetricsHandle, Observe};
+use crate::pool_supervisor::Permit;
+
+/// Chunks that may wait between the upstream read and the client write.
+pub(crate) const RELAY_DEPTH: usize = 16;
+
+/// Where an exchange reports when it ends.
+#[derive(Clone)]
+pub struct Reporters {
+    pub balancer: Addr<Balancer>,
+    pub view: BalancerView,
+    pub metrics: MetricsHandle,
+}
+
+impl Reporters {
+    pub fn outcome(&self, endpoint: usize, success: bool) {
+        self.view
+            .report(&self.balancer, Outcome { endpoint, success });
+    }
+}
+
+/// A response from a backend: head received, body still to come.
+pub struct Exchange {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub endpoint: usize,
+    pub body: ExchangeBody,
+}
+
+/// The status line and headers, sent ahead of the body.
+pub(crate) struct Head {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub endpoint: usize,
+}
+
+/// The upstream body was cut off mid-way (not for SSE, which ends with an error event instead).
+#[derive(Debug, thiserror::Error)]
+#[error("the backend failed while sending the response: {0}")]
+pub struct RelayError(String);
+
+/// The client side of the relay.
+pub struct ExchangeBody {
+    chunks: mpsc::Receiver<Result<Bytes, RelayError>>,
+}
+
+impl ExchangeBody {
+    pub(crate) fn new(chunks: mpsc::Receiver<Result<Bytes, RelayError>>) -> Self {
+        Self { chunks }
+    }
+}
+
+impl Stream for ExchangeBody {
+    type Item = Result<Bytes, RelayError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.chunks.poll_recv(cx)
+    }
+}
+
+/// What the relay holds until the exchange ends: the endpoint's in-flight count and the worker
+/// slot are released when it drops.
+pub(crate) struct Held {
+    pub in_flight: InFlight,
+    /// The worker slot, given back when the exchange ends.
+    pub _permit: Permit,
+    pub reporters: Reporters,
+    pub model: String,
+}
+
+/// The event a stream ends with when its backend fails mid-way: the OpenAI SDKs raise it as an
+/// error instead of returning a silently truncated answer.
+const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the backend failed while streaming the response\",\"type\":\"server_error\",\"code\":\"upstream_stream_error\"}}\n\n";
+
+/// Copies the upstream body into the channel until it ends, fails, or the client goes away.
+pub(crate) async fn relay(
+    mut upstream: awc::ClientResponse,
+    chunks: mpsc::Sender<Result<Bytes, RelayError>>,
+    held: Held,
+    started: Instant,
+) {
+    let status = upstream.status().as_u16();
+    let sse = upstream
+        .headers()
+        .get(awc::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let mut timing = Timing::default();
+    let mut tail = StreamTail::default();
+    let ending = loop {
+        let next = tokio::select! {
+            next = upstream.next() => next,
+            () = chunks.closed() => break Ending::Cancelled,
+        };
+        match next {
+            Some(Ok(chunk)) => {
+                timing.chunk(started);
+                if sse {
+                    tail.push(&chunk);
+                }
+                let delivered = tokio::select! {
+                    sent = chunks.send(Ok(chunk)) => sent.is_ok(),
+                    () = chunks.closed() => false,
+                };
+                if !delivered {
+                    break Ending::Cancelled;
+                }
+            }
+            Some(Err(error)) => {
+                log::warn!(
+                    "upstream body failed after {} chunks: {error}",
+                    timing.chunks
+                );
+                let last = if sse {
+                    Ok(Bytes::from_static(STREAM_ERROR_EVENT))
+                } else {
+                    Err(RelayError(error.to_string()))
+                };
+                let _ = chunks.send(last).await;
+                break Ending::Broken;
+            }
+            None if sse && status < 300 && !tail.is_done() => {
+                log::warn!(
+                    "upstream stream ended without [DONE] after {} chunks",
+                    timing.chunks
+                );
+                let _ = chunks
+                    .send(Ok(Bytes::from_static(STREAM_ERROR_EVENT)))
+                    .await;
+                break Ending::Broken;
+            }
+            None => break Ending::Complete,
+        }
+    };
+    report(held, status, ending, &timing, started);
+}
+
+/// The last bytes of an SSE stream. A backend that dies mid-stream may close the connection in a
+/// way the HTTP client reads as a normal end, so a successful OpenAI stream is recognised by its
+/// final `data: [DONE]` event.
+#[derive(Default)]
+struct StreamTail {
+    bytes: Vec<u8>,
+}
+
+impl StreamTail {
+    const KEEP: usize = 16;
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.bytes
+            .extend_from_slice(&chunk[chunk.len().saturating_sub(Self::KEEP)..]);
+        let excess = self.bytes.len().saturating_sub(Self::KEEP);
+        self.bytes.drain(..excess);
+    }
+
+    fn is_done(&self) -> bool {
+        let trimmed = self.bytes.trim_ascii_end();
+        trimmed.ends_with(b"data: [DONE]") || trimmed.ends_with(b"data:[DONE]")
+    }
+}
+
+enum Ending {
+    Complete,
+    Broken,
+    Cancelled,
+}
+
+#[derive(Default)]
+struct Timing {
+    first_chunk: Option<Duration>,
+    last_chunk: Option<Instant>,
+    gaps: Duration,
+    chunks: u32,
+}
+
+impl Timing {
+    fn chunk(&mut self, started: Instant) {
+        let now = Instant::now();
+        match self.last_chunk {
+            None => self.first_chunk = Some(now - started),
+            Some(last) => self.gaps += now - last,
+        }
+        self.last_chunk = Some(now);
+        self.chunks += 1;
+    }
+}
+
+fn report(held: Held, status: u16, ending: Ending, timing: &Timing, started: Instant) {
+    let endpoint = held.in_flight.endpoint().id;
+    let (status, cancelled) = match ending {
+        Ending::Complete => {
+            held.reporters
+                .outcome(endpoint, !is_backend_failure(status));
+            (status, false)
+        }
+        Ending::Broken => {
+            held.reporters.outcome(endpoint, false);
+            (502, false)
+        }
+        Ending::Cancelled => (499, true),
+    };
+    held.reporters.metrics.observe(Observe {
+        endpoint: Some(endpoint),
+        model: Some(held.model),
+        status,
+        latency: started.elapsed(),
+        ttft: timing.first_chunk,
+        inter_token: (timing.chunks > 1).then(|| timing.gaps / (timing.chunks - 1)),
+        cache_hit: false,
+        cancelled,
+    });
+}
+
+/// Statuses that say the backend, not the client, is at fault.
+pub fn is_backend_failure(status: u16) -> bool {
+    status >= 500 || status == 429
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_tail_sees_done_across_chunks() {
+        let mut tail = StreamTail::default();
+        tail.push(b"data: {\"choices\":[]}\n\ndata: [DO");
+        assert!(!tail.is_done());
+        tail.push(b"NE]\n\n");
+        assert!(tail.is_done());
+        tail.push(b"data: {}\n\n");
+        assert!(!tail.is_done());
+    }
+}

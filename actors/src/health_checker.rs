@@ -1,0 +1,376 @@
+//! The health checker: probes `GET {url}/health` on an interval with a short timeout (a vLLM
+//! that is still loading accepts connections but does not answer, so a timeout means "not
+//! ready"), applies rise/fall thresholds so one lost probe does not flap an endpoint, and tells
+//! the balancer when an endpoint's verdict changes. On a healthy endpoint it also scrapes the load
+//! gauges vLLM, SGLang, TGI and llama.cpp publish on `/metrics`, and learns the models of
+//! endpoints configured without a model list from their `/v1/models`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::balancer::{Balancer, HealthChanged, ModelsLearned};
+use crate::endpoint::EndpointSpec;
+use crate::{Fail, GetStats, Stats};
+
+/// Probe schedule and thresholds; defaults documented in `config/default.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive good probes that bring an unhealthy endpoint back.
+    pub rise: u32,
+    /// Consecutive bad probes that take a healthy endpoint out.
+    pub fall: u32,
+    pub scrape_metrics: bool,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            interval_ms: 30_000,
+            timeout_ms: 5_000,
+            rise: 2,
+            fall: 3,
+            scrape_metrics: true,
+        }
+    }
+}
+
+/// Load a backend reports about itself, summed over its label sets.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ScrapedLoad {
+    pub running: f64,
+    pub waiting: f64,
+    pub kv_cache_usage: Option<f64>,
+}
+
+/// Gauge names per server: (running, waiting, kv-cache use).
+const RUNNING: &[&str] = &[
+    "vllm:num_requests_running",
+    "sglang:num_running_reqs",
+    "tgi_batch_current_size",
+    "llamacpp:requests_processing",
+];
+const WAITING: &[&str] = &[
+    "vllm:num_requests_waiting",
+    "sglang:num_queue_reqs",
+    "tgi_queue_size",
+    "llamacpp:requests_deferred",
+];
+const KV_CACHE: &[&str] = &[
+    "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc",
+    "sglang:token_usage",
+];
+
+impl ScrapedLoad {
+    /// Reads the known gauges from Prometheus text; `None` when the text has none of them.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut load = Self::default();
+        let mut found = false;
+        for line in text.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let name = line
+                .split(|c: char| c == '{' || c.is_whitespace())
+                .next()
+                .unwrap_or("");
+            let Some(value) = line
+                .rsplit(char::is_whitespace)
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+            else {
+                continue;
+            };
+            if RUNNING.contains(&name) {
+                load.running += value;
+            } else if WAITING.contains(&name) {
+                load.waiting += value;
+            } else if KV_CACHE.contains(&name) {
+                load.kv_cache_usage = Some(load.kv_cache_usage.unwrap_or(0.0).max(value));
+            } else {
+                continue;
+            }
+            found = true;
+        }
+        found.then_some(load)
+    }
+}
+
+/// The verdict of one probe round for one endpoint.
+#[derive(Debug, Clone)]
+struct ProbeResult {
+    ok: bool,
+    detail: String,
+    load: Option<ScrapedLoad>,
+    models: Option<Vec<String>>,
+}
+
+/// Rise/fall bookkeeping for one endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeState {
+    pub url: String,
+    pub healthy: bool,
+    pub consecutive_successes: u32,
+    pub consecutive_failures: u32,
+    pub probes: u64,
+    pub last_probe_unix_ms: Option<u128>,
+    pub last_result: Option<String>,
+    pub load: Option<ScrapedLoad>,
+    #[serde(skip)]
+    learn_models: bool,
+}
+
+impl ProbeState {
+    /// Counts a probe; returns the new verdict when it changed.
+    pub fn record(&mut self, ok: bool, settings: &HealthSettings) -> Option<bool> {
+        self.probes += 1;
+        if ok {
+            self.consecutive_successes += 1;
+            self.consecutive_failures = 0;
+            if !self.healthy && self.consecutive_successes >= settings.rise.max(1) {
+                self.healthy = true;
+                return Some(true);
+            }
+        } else {
+            self.consecutive_failures += 1;
+            self.consecutive_successes = 0;
+            if self.healthy && self.consecutive_failures >= settings.fall.max(1) {
+                self.healthy = false;
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+// ===== HealthChecker =====
+
+pub struct HealthChecker {
+    settings: HealthSettings,
+    balancer: Addr<Balancer>,
+    states: Vec<ProbeState>,
+    client: Option<awc::Client>,
+}
+
+impl HealthChecker {
+    pub fn new(settings: HealthSettings, specs: &[EndpointSpec], balancer: Addr<Balancer>) -> Self {
+        let states = specs
+            .iter()
+            .map(|spec| ProbeState {
+                url: spec.url.trim_end_matches('/').to_string(),
+                healthy: true,
+                consecutive_successes: 0,
+                consecutive_failures: 0,
+                probes: 0,
+                last_probe_unix_ms: None,
+                last_result: None,
+                load: None,
+                learn_models: spec.models.is_empty(),
+            })
+            .collect();
+        Self {
+            settings,
+            balancer,
+            states,
+            client: None,
+        }
+    }
+
+    fn probe_all(&mut self, ctx: &mut Context<Self>) {
+        let client = self
+            .client
+            .get_or_insert_with(|| {
+                awc::Client::builder()
+                    .timeout(Duration::from_millis(self.settings.timeout_ms))
+                    .no_default_headers()
+                    .finish()
+            })
+            .clone();
+        for (index, state) in self.states.iter().enumerate() {
+            let probe = probe(
+                client.clone(),
+                state.url.clone(),
+                self.settings.scrape_metrics,
+                state.learn_models,
+            );
+            ctx.spawn(probe.into_actor(self).map(move |result, this, _| {
+                this.apply(index, result);
+            }));
+        }
+    }
+
+    fn apply(&mut self, index: usize, result: ProbeResult) {
+        let Some(state) = self.states.get_mut(index) else {
+            return;
+        };
+        if let Some(healthy) = state.record(result.ok, &self.settings) {
+            self.balancer.do_send(HealthChanged {
+                endpoint: index,
+                healthy,
+            });
+        }
+        state.last_probe_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_millis());
+        state.last_result = Some(result.detail);
+        if result.load.is_some() {
+            state.load = result.load;
+        }
+        if let Some(models) = result.models {
+            self.balancer.do_send(ModelsLearned {
+                endpoint: index,
+                models,
+            });
+        }
+    }
+}
+
+async fn probe(client: awc::Client, url: String, scrape: bool, learn_models: bool) -> ProbeResult {
+    let health = client.get(format!("{url}/health")).send().await;
+    let (ok, detail) = match health {
+        Ok(response) if response.status().is_success() => (true, "200 OK".to_string()),
+        Ok(response) => (false, format!("status {}", response.status())),
+        Err(e) => (false, e.to_string()),
+    };
+    let mut result = ProbeResult {
+        ok,
+        detail,
+        load: None,
+        models: None,
+    };
+    if !ok {
+        return result;
+    }
+    if scrape {
+        if let Ok(mut response) = client.get(format!("{url}/metrics")).send().await {
+            if response.status().is_success() {
+                if let Ok(body) = response.body().limit(4 * 1024 * 1024).await {
+                    result.load = ScrapedLoad::parse(&String::from_utf8_lossy(&body));
+                }
+            }
+        }
+    }
+    if learn_models {
+        if let Ok(mut response) = client.get(format!("{url}/v1/models")).send().await {
+            if let Ok(list) = response.json::<ModelList>().limit(4 * 1024 * 1024).await {
+                result.models = Some(list.data.into_iter().map(|m| m.id).collect());
+            }
+        }
+    }
+    result
+}
+
+#[derive(Deserialize)]
+struct ModelList {
+    data: Vec<ModelEntry>,
+}
+
+#[derive(Deserialize)]
+struct ModelEntry {
+    id: String,
+}
+
+impl Actor for HealthChecker {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.probe_all(ctx);
+        ctx.run_interval(
+            Duration::from_millis(self.settings.interval_ms.max(10)),
+            Self::probe_all,
+        );
+    }
+}
+
+impl Supervised for HealthChecker {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        log::warn!("health checker restarting; probing resumes");
+        self.client = None;
+    }
+}
+
+impl Handler<GetStats> for HealthChecker {
+    type Result = Stats;
+
+    fn handle(&mut self, _msg: GetStats, _ctx: &mut Self::Context) -> Stats {
+        Stats(serde_json::json!({
+            "interval_ms": self.settings.interval_ms,
+            "timeout_ms": self.settings.timeout_ms,
+            "rise": self.settings.rise,
+            "fall": self.settings.fall,
+            "endpoints": self.states,
+        }))
+    }
+}
+
+impl Handler<Fail> for HealthChecker {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Fail, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> ProbeState {
+        HealthChecker::new(
+            HealthSettings::default(),
+            &[EndpointSpec::new("http://a/")],
+            Balancer::new(Default::default(), &[]).start(),
+        )
+        .states
+        .remove(0)
+    }
+
+    #[actix_rt::test]
+    async fn falls_after_three_failures_and_rises_after_two_successes() {
+        let settings = HealthSettings::default();
+        let mut s = state();
+        assert_eq!(s.url, "http://a");
+        assert_eq!(s.record(false, &settings), None);
+        assert_eq!(s.record(false, &settings), None);
+        assert_eq!(s.record(false, &settings), Some(false));
+        assert_eq!(s.record(false, &settings), None);
+        assert_eq!(s.record(true, &settings), None);
+        assert_eq!(
+            s.record(false, &settings),
+            None,
+            "a failure resets the rise count"
+        );
+        assert_eq!(s.record(true, &settings), None);
+        assert_eq!(s.record(true, &settings), Some(true));
+        assert_eq!(s.probes, 8);
+    }
+
+    #[test]
+    fn parses_vllm_sglang_and_tgi_gauges() {
+        let vllm = "# HELP vllm:num_requests_running x\n# TYPE vllm:num_requests_running gauge\n\
+            vllm:num_requests_running{model_name=\"a\"} 3.0\nvllm:num_requests_waiting{model_name=\"a\"} 7\n\
+            vllm:kv_cache_usage_perc{model_name=\"a\"} 0.42\nvllm:other 9\n";
+        assert_eq!(
+            ScrapedLoad::parse(vllm),
+            Some(ScrapedLoad {
+                running: 3.0,
+                waiting: 7.0,
+                kv_cache_usage: Some(0.42)
+            })
+        );
+        let sglang =
+            "sglang:num_running_reqs{a=\"b\"} 2\nsglang:num_queue_reqs 1\nsglang:token_usage 0.5\n";
+        assert_eq!(ScrapedLoad::parse(sglang).unwrap().waiting, 1.0);
+        assert_eq!(
+            ScrapedLoad::parse("tgi_queue_size 4\n").unwrap().waiting,
+            4.0
+        );
+        assert_eq!(ScrapedLoad::parse("process_cpu_seconds_total 1\n"), None);
+    }
+}

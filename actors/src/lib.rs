@@ -1,0 +1,51 @@
+//! The actors of nanogate and the typed messages they exchange. No HTTP routes live here: the
+//! ingress (in the `nanogate` binary crate) calls into these actors and the snapshots they publish.
+//!
+//! # Layout
+//! - [`pool_supervisor`]: admission (a resizable gate with a bounded queue) and the pool size
+//!   decisions; [`worker`]: the reusable worker actors that carry one upstream exchange each.
+//! - [`balancer`]: the single writer of endpoint weights, health and load; it publishes a
+//!   [`balancer::BalancerView`] that the request path reads without a mailbox round trip.
+//! - [`health_checker`]: probes each backend's `/health`, scrapes its `/metrics` load gauges and
+//!   learns its `/v1/models`, and tells the balancer.
+//! - [`cache`]: the response cache (LRU, TTL, entry and byte limits, coalescing of identical misses).
+//! - [`metrics`]: counters and HDR histograms per endpoint and per model, Prometheus exposition.
+//! - [`exchange`]: one proxied request's response body, which reports its outcome when it ends.
+//!
+//! Every actor starts under an actix `Supervisor` and answers [`GetStats`] with a JSON object that
+//! `/stats` shows as-is.
+
+pub mod balancer;
+pub mod cache;
+pub mod clock;
+pub mod endpoint;
+pub mod error;
+pub mod exchange;
+pub mod health_checker;
+pub mod metrics;
+pub mod pool_supervisor;
+pub mod worker;
+
+use actix::{Message, MessageResponse};
+
+/// Asks any actor for its statistics; each answers with its own serializable struct, as JSON.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "Stats")]
+pub struct GetStats;
+
+/// One actor's statistics, as `/stats` shows them.
+#[derive(MessageResponse, Debug, Clone, PartialEq)]
+pub struct Stats(pub serde_json::Value);
+
+impl Stats {
+    /// Serializes an actor's own statistics struct.
+    pub fn of<T: serde::Serialize>(stats: &T) -> Self {
+        Self(serde_json::to_value(stats).unwrap_or_default())
+    }
+}
+
+/// Makes an actor stop as if a fault had been detected, so that its supervisor restarts it. Used by
+/// the tests that show the service keeps answering through an actor restart.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Fail;

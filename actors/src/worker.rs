@@ -1,0 +1,329 @@
+//! Workers: reusable actors that each carry one upstream exchange at a time. Each actix-web
+//! thread owns a [`WorkerPool`] (built in the `HttpServer` factory) holding its idle workers and
+//! its keep-alive `awc` client, so forwarding a request never crosses threads: the request takes
+//! a slot from the shared [`Admission`] gate, checks out an idle worker (starting one only when
+//! the pool has grown past what this thread has made), and the worker picks an endpoint from the
+//! balancer's published view and forwards. A worker goes back to the idle list when its response
+//! exchange ends; workers beyond the pool size are stopped then, so a shrink takes effect.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use awc::error::SendRequestError;
+use awc::http::header::{self, HeaderValue};
+use awc::http::Method;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::ForwardError;
+use crate::exchange::{
+    is_backend_failure, relay, Exchange, ExchangeBody, Head, Held, RelayError, Reporters,
+    RELAY_DEPTH,
+};
+use crate::pool_supervisor::{Admission, Permit};
+
+/// Upstream connection settings; defaults documented in `config/default.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSettings {
+    pub connect_timeout_ms: u64,
+    /// Until the response head arrives: for a non-streamed completion that is the whole
+    /// generation, so it is long by default.
+    pub first_byte_timeout_ms: u64,
+    /// Upstream connections open at once, over all threads. Every concurrent stream needs one
+    /// (HTTP/1.1), so this bounds the streams the gateway can hold.
+    pub max_connections: usize,
+    pub keep_alive_secs: u64,
+    pub connection_lifetime_secs: u64,
+    /// Endpoints tried per request when one fails before any byte reached the client
+    /// (connection refused or reset, a 5xx or 429 status, garbage instead of an OpenAI answer).
+    /// Timeouts are not retried: the backend may still be working on the request.
+    pub attempts: usize,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 2000,
+            first_byte_timeout_ms: 300_000,
+            max_connections: 20_000,
+            keep_alive_secs: 30,
+            connection_lifetime_secs: 300,
+            attempts: 2,
+        }
+    }
+}
+
+/// A request as the worker forwards it.
+pub struct UpstreamRequest {
+    pub method: Method,
+    /// Path and query, e.g. `/v1/chat/completions`.
+    pub path: String,
+    pub body: Bytes,
+    pub content_type: Option<HeaderValue>,
+    /// The client's own `Authorization`, passed on when the endpoint has no key of its own.
+    pub authorization: Option<HeaderValue>,
+    pub model: String,
+    pub stream: bool,
+    /// Whether a 2xx answer must be JSON or SSE (the OpenAI routes); other paths pass through.
+    pub openai_route: bool,
+}
+
+// ===== WorkerPool =====
+
+/// One thread's idle workers and upstream client.
+pub struct WorkerPool {
+    idle: RefCell<Vec<Addr<Worker>>>,
+    shared: Rc<WorkerShared>,
+    admission: Admission,
+}
+
+struct WorkerShared {
+    client: awc::Client,
+    reporters: Reporters,
+    settings: UpstreamSettings,
+}
+
+impl WorkerPool {
+    /// `threads` is how many pools share `settings.max_connections`.
+    pub fn new(
+        admission: Admission,
+        reporters: Reporters,
+        settings: UpstreamSettings,
+        threads: usize,
+    ) -> Rc<Self> {
+        let connector = awc::Connector::new()
+            .limit((settings.max_connections / threads.max(1)).max(1))
+            .timeout(Duration::from_millis(settings.connect_timeout_ms))
+            .conn_keep_alive(Duration::from_secs(settings.keep_alive_secs))
+            .conn_lifetime(Duration::from_secs(settings.connection_lifetime_secs));
+        let client = awc::Client::builder()
+            .connector(connector)
+            .timeout(Duration::from_millis(settings.first_byte_timeout_ms))
+            .disable_redirects()
+            .no_default_headers()
+            .finish();
+        Rc::new(Self {
+            idle: RefCell::new(Vec::new()),
+            shared: Rc::new(WorkerShared {
+                client,
+                reporters,
+                settings,
+            }),
+            admission,
+        })
+    }
+
+    /// Admits the request, hands it to an idle worker and waits for the response head; the
+    /// body follows through the returned [`Exchange`].
+    pub async fn forward(
+        self: &Rc<Self>,
+        request: UpstreamRequest,
+    ) -> Result<Exchange, ForwardError> {
+        let permit = self.admission.admit().await?;
+        let worker = self.checkout();
+        let (head, head_rx) = oneshot::channel();
+        let (body, body_rx) = mpsc::channel(RELAY_DEPTH);
+        worker
+            .try_send(Forward {
+                request,
+                permit,
+                head,
+                body,
+            })
+            .map_err(|_| ForwardError::WorkerGone)?;
+        let head = head_rx.await.map_err(|_| ForwardError::WorkerGone)??;
+        Ok(Exchange {
+            status: head.status,
+            headers: head.headers,
+            endpoint: head.endpoint,
+            body: ExchangeBody::new(body_rx),
+        })
+    }
+
+    fn checkout(self: &Rc<Self>) -> Addr<Worker> {
+        loop {
+            let idle = self.idle.borrow_mut().pop();
+            match idle {
+                Some(worker) if worker.connected() => return worker,
+                Some(_) => continue,
+                None => {
+                    self.admission
+                        .gate_workers()
+                        .fetch_add(1, Ordering::Relaxed);
+                    let pool = self.clone();
+                    return Worker::create(move |_| Worker { pool });
+                }
+            }
+        }
+    }
+
+    /// A worker finished its exchange: it waits for the next one, or stops when the pool has
+    /// shrunk below the workers alive.
+    fn release(&self, ctx: &mut Context<Worker>) {
+        let alive = self.admission.gate_workers();
+        if alive.load(Ordering::Relaxed) > self.admission.capacity() {
+            alive.fetch_sub(1, Ordering::Relaxed);
+            ctx.stop();
+        } else {
+            self.idle.borrow_mut().push(ctx.address());
+        }
+    }
+}
+
+// ===== Worker =====
+
+/// Carries one request to a backend: the response head goes back on `head`, the body on `body`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Forward {
+    request: UpstreamRequest,
+    permit: Permit,
+    head: oneshot::Sender<Result<Head, ForwardError>>,
+    body: mpsc::Sender<Result<Bytes, RelayError>>,
+}
+
+pub struct Worker {
+    pool: Rc<WorkerPool>,
+}
+
+impl Actor for Worker {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(1);
+    }
+}
+
+impl Handler<Forward> for Worker {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, msg: Forward, _ctx: &mut Self::Context) -> Self::Result {
+        let shared = self.pool.shared.clone();
+        let work = async move {
+            let Forward {
+                request,
+                permit,
+                mut head,
+                body,
+            } = msg;
+            let connected = tokio::select! {
+                answer = connect(&shared, request, permit) => answer,
+                () = head.closed() => return,
+            };
+            match connected {
+                Ok((response, held, started)) => {
+                    let answer = Head {
+                        status: response.status(),
+                        headers: response.headers().clone(),
+                        endpoint: held.in_flight.endpoint().id,
+                    };
+                    if head.send(Ok(answer)).is_ok() {
+                        relay(response, body, held, started).await;
+                    }
+                }
+                Err(error) => {
+                    let _ = head.send(Err(error));
+                }
+            }
+        };
+        Box::pin(
+            work.into_actor(self)
+                .map(|(), this, ctx| this.pool.release(ctx)),
+        )
+    }
+}
+
+/// Picks an endpoint and sends the request, trying another endpoint when one fails before
+/// answering; returns the response with its head read.
+async fn connect(
+    shared: &WorkerShared,
+    request: UpstreamRequest,
+    permit: Permit,
+) -> Result<(awc::ClientResponse, Held, Instant), ForwardError> {
+    let table = shared.reporters.view.table_arc();
+    let mut tried = 0u64;
+    let mut last_error = None;
+    let attempts = shared.settings.attempts.max(1);
+    for attempt in 1..=attempts {
+        let Some(endpoint) = table.pick_weighted(&request.model, tried, &mut rand::thread_rng())
+        else {
+            break;
+        };
+        if endpoint.id < 64 {
+            tried |= 1 << endpoint.id;
+        }
+        let in_flight = endpoint.begin();
+        let started = Instant::now();
+        let mut upstream = shared.client.request(
+            request.method.clone(),
+            format!("{}{}", endpoint.url, request.path),
+        );
+        if let Some(content_type) = &request.content_type {
+            upstream = upstream.insert_header((header::CONTENT_TYPE, content_type.clone()));
+        }
+        match (&endpoint.authorization, &request.authorization) {
+            (Some(key), _) => {
+                upstream = upstream.insert_header((header::AUTHORIZATION, key.as_str()))
+            }
+            (None, Some(client_key)) => {
+                upstream = upstream.insert_header((header::AUTHORIZATION, client_key.clone()))
+            }
+            (None, None) => {}
+        }
+        let error = match upstream.send_body(request.body.clone()).await {
+            Ok(response) => {
+                let status = response.status();
+                let content_type = response
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let sse = content_type.starts_with("text/event-stream");
+                let json = content_type.starts_with("application/json");
+                let garbage = request.openai_route
+                    && ((status.is_success() && !(json || sse))
+                        || (is_backend_failure(status.as_u16()) && !json));
+                let refused = is_backend_failure(status.as_u16()) && attempt < attempts;
+                if !garbage && !refused {
+                    let held = Held {
+                        in_flight,
+                        _permit: permit,
+                        reporters: shared.reporters.clone(),
+                        model: request.model,
+                    };
+                    return Ok((response, held, started));
+                }
+                ForwardError::BadResponse {
+                    endpoint: endpoint.url.clone(),
+                    reason: format!("status {status} with content type '{content_type}'"),
+                }
+            }
+            Err(SendRequestError::Timeout) => {
+                shared.reporters.outcome(endpoint.id, false);
+                return Err(ForwardError::Timeout {
+                    endpoint: endpoint.url.clone(),
+                    timeout: Duration::from_millis(shared.settings.first_byte_timeout_ms),
+                });
+            }
+            Err(SendRequestError::Connect(e)) => ForwardError::Connect {
+                endpoint: endpoint.url.clone(),
+                reason: e.to_string(),
+            },
+            Err(e) => ForwardError::BadResponse {
+                endpoint: endpoint.url.clone(),
+                reason: e.to_string(),
+            },
+        };
+        log::warn!("{error}");
+        shared.reporters.outcome(endpoint.id, false);
+        last_error = Some(error);
+    }
+    Err(last_error.unwrap_or(ForwardError::NoBackend {
+        model: request.model,
+    }))
+}

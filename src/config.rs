@@ -1,0 +1,269 @@
+//! Configuration: `config/default.toml` (embedded, so the binary always has every default), then
+//! the file given with `--config`, then `NANOGATE__SECTION__KEY` environment variables, read into
+//! typed structs and validated in one place so a mistake stops start-up with the key's name.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use nanogate_actors::balancer::BalancerSettings;
+use nanogate_actors::cache::CacheSettings;
+use nanogate_actors::endpoint::EndpointSpec;
+use nanogate_actors::health_checker::HealthSettings;
+use nanogate_actors::pool_supervisor::PoolSettings;
+use nanogate_actors::worker::UpstreamSettings;
+use serde::Deserialize;
+
+/// The documented defaults, compiled in.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub pool: PoolSettings,
+    pub balancer: BalancerSettings,
+    pub health: HealthSettings,
+    pub cache: CacheSettings,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: String,
+    pub workers: usize,
+    pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub backlog: u32,
+    pub keep_alive_secs: u64,
+    pub shutdown_grace_secs: u64,
+}
+
+impl Config {
+    /// Defaults, then `file`, then the environment; not yet validated.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(invalid(
+                    "--config",
+                    format!("file {} does not exist", path.display()),
+                ));
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("NANOGATE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        Ok(builder.build()?.try_deserialize()?)
+    }
+
+    /// The defaults alone, for the embedded demo and tests.
+    pub fn defaults() -> Self {
+        toml_defaults().expect("the embedded config/default.toml is valid")
+    }
+
+    /// Checks what types cannot: ranges, addresses, URLs, and that there is a backend.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        let s = &self.server;
+        if s.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1"));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        let p = &self.pool;
+        if p.min_workers == 0 {
+            return Err(invalid("pool.min_workers", "must be at least 1"));
+        }
+        if p.max_workers < p.min_workers {
+            return Err(invalid(
+                "pool.max_workers",
+                format!(
+                    "{} is below pool.min_workers ({})",
+                    p.max_workers, p.min_workers
+                ),
+            ));
+        }
+        if !(p.shrink_below < p.grow_above && p.shrink_below >= 0.0) {
+            return Err(invalid(
+                "pool.shrink_below",
+                "must be at least 0 and below pool.grow_above",
+            ));
+        }
+        if p.resize_interval_ms == 0 {
+            return Err(invalid("pool.resize_interval_ms", "must be at least 1"));
+        }
+        let b = &self.balancer;
+        if b.success_factor.is_nan() || b.success_factor < 1.0 {
+            return Err(invalid("balancer.success_factor", "must be at least 1.0"));
+        }
+        if !(b.failure_factor > 0.0 && b.failure_factor <= 1.0) {
+            return Err(invalid("balancer.failure_factor", "must be in (0, 1]"));
+        }
+        if !(b.min_weight > 0.0 && b.min_weight <= b.max_weight) {
+            return Err(invalid(
+                "balancer.min_weight",
+                "must be above 0 and at most balancer.max_weight",
+            ));
+        }
+        if b.mailbox == 0 {
+            return Err(invalid("balancer.mailbox", "must be at least 1"));
+        }
+        let h = &self.health;
+        if h.interval_ms == 0 || h.timeout_ms == 0 {
+            return Err(invalid(
+                "health.interval_ms",
+                "health.interval_ms and health.timeout_ms must be at least 1",
+            ));
+        }
+        if h.rise == 0 || h.fall == 0 {
+            return Err(invalid(
+                "health.rise",
+                "health.rise and health.fall must be at least 1",
+            ));
+        }
+        let u = &self.upstream;
+        if u.attempts == 0 {
+            return Err(invalid("upstream.attempts", "must be at least 1"));
+        }
+        if u.max_connections == 0 {
+            return Err(invalid("upstream.max_connections", "must be at least 1"));
+        }
+        if self.endpoints.is_empty() {
+            return Err(invalid(
+                "endpoints",
+                "no backend configured: add an [[endpoints]] table with a url (or use --backends)",
+            ));
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let key = format!("endpoints[{i}].url");
+            let rest = e
+                .url
+                .strip_prefix("http://")
+                .ok_or_else(|| invalid(&key, format!("'{}' must start with http://", e.url)))?;
+            let host = rest.split('/').next().unwrap_or("");
+            if host.is_empty() {
+                return Err(invalid(&key, format!("'{}' has no host", e.url)));
+            }
+            if !(e.weight > 0.0 && e.weight.is_finite()) {
+                return Err(invalid(format!("endpoints[{i}].weight"), "must be above 0"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.listen.parse().map_err(|e| {
+            invalid(
+                "server.listen",
+                format!(
+                    "'{}' is not an address like 127.0.0.1:8080 ({e})",
+                    self.server.listen
+                ),
+            )
+        })
+    }
+
+    /// HTTP worker threads, resolving 0 to the number of cores.
+    pub fn worker_threads(&self) -> usize {
+        match self.server.workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+fn toml_defaults() -> Result<Config, config::ConfigError> {
+    config::Config::builder()
+        .add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ))
+        .build()?
+        .try_deserialize()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_actor_defaults() {
+        let c = Config::defaults();
+        assert_eq!(c.pool, PoolSettings::default());
+        assert_eq!(c.balancer, BalancerSettings::default());
+        assert_eq!(c.health, HealthSettings::default());
+        assert_eq!(c.cache, CacheSettings::default());
+        assert_eq!(c.upstream, UpstreamSettings::default());
+        assert_eq!(c.server.max_body_bytes, 32 * 1024 * 1024);
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = Config::defaults();
+        let message = c.validate().unwrap_err().to_string();
+        assert!(message.contains("`endpoints`"), "{message}");
+        c.endpoints.push(EndpointSpec::new("ftp://x"));
+        let message = c.validate().unwrap_err().to_string();
+        assert!(message.contains("endpoints[0].url"), "{message}");
+        c.endpoints[0].url = "http://127.0.0.1:9000".into();
+        c.validate().unwrap();
+        c.pool.max_workers = 1;
+        let message = c.validate().unwrap_err().to_string();
+        assert!(message.contains("pool.max_workers"), "{message}");
+        c.pool.max_workers = 100;
+        c.server.listen = "nowhere".into();
+        let message = c.validate().unwrap_err().to_string();
+        assert!(message.contains("server.listen"), "{message}");
+    }
+
+    #[test]
+    fn a_file_overrides_defaults_and_unknown_or_mistyped_keys_are_named() {
+        let dir = std::env::temp_dir().join(format!("nanogate-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(
+            &good,
+            "[server]\nlisten = \"127.0.0.1:9999\"\n[[endpoints]]\nurl = \"http://127.0.0.1:9101\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&good)).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:9999");
+        assert_eq!(c.pool.min_workers, 10);
+        let typo = dir.join("typo.toml");
+        std::fs::write(&typo, "[pool]\nmin_wokers = 3\n").unwrap();
+        let message = Config::load(Some(&typo)).unwrap_err().to_string();
+        assert!(message.contains("min_wokers"), "{message}");
+        let mistyped = dir.join("mistyped.toml");
+        std::fs::write(&mistyped, "[pool]\nmin_workers = \"many\"\n").unwrap();
+        let message = Config::load(Some(&mistyped)).unwrap_err().to_string();
+        assert!(message.contains("min_workers"), "{message}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

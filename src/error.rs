@@ -1,0 +1,188 @@
+//! Every error the gateway answers itself, and the one place that maps each to an HTTP status and
+//! the OpenAI error shape `{"error": {"message", "type", "param", "code"}}`, so that OpenAI SDKs
+//! raise the right exception class.
+
+use std::time::Duration;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use nanogate_actors::error::ForwardError;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("We could not parse the JSON body of your request: {0}")]
+    BadJson(String),
+    #[error("Missing required parameter: '{0}'.")]
+    MissingField(&'static str),
+    #[error("Invalid value for '{field}': {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    #[error("The request body is larger than the {limit} byte limit.")]
+    TooLarge { limit: usize },
+    #[error("Invalid URL ({method} {path})")]
+    UnknownRoute { method: String, path: String },
+    #[error("The model '{0}' does not exist or is not served by any backend.")]
+    ModelNotFound(String),
+    #[error("No backend is healthy right now.")]
+    NotReady,
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error("Internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl GatewayError {
+    fn kind_and_code(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            Self::BadJson(_) => ("invalid_request_error", Some("invalid_json")),
+            Self::MissingField(_) => ("invalid_request_error", Some("missing_required_parameter")),
+            Self::InvalidField { .. } => ("invalid_request_error", Some("invalid_value")),
+            Self::TooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
+            Self::UnknownRoute { .. } => ("invalid_request_error", Some("unknown_url")),
+            Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            Self::NotReady => ("server_error", Some("no_healthy_backend")),
+            Self::Forward(f) => match f {
+                ForwardError::Overloaded { .. } => ("server_error", Some("overloaded")),
+                ForwardError::NoBackend { .. } => ("server_error", Some("no_healthy_backend")),
+                ForwardError::Connect { .. } => ("server_error", Some("upstream_unreachable")),
+                ForwardError::Timeout { .. } => ("server_error", Some("upstream_timeout")),
+                ForwardError::BadResponse { .. } => ("server_error", Some("upstream_bad_response")),
+                ForwardError::WorkerGone => ("server_error", Some("worker_restarted")),
+            },
+            Self::Internal(_) => ("server_error", None),
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::MissingField(field) | Self::InvalidField { field, .. } => Some(field),
+            Self::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Forward(ForwardError::Overloaded { retry_after, .. }) => Some(*retry_after),
+            Self::Forward(ForwardError::NoBackend { .. } | ForwardError::WorkerGone)
+            | Self::NotReady => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+}
+
+impl ResponseError for GatewayError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::BadJson(_) | Self::MissingField(_) | Self::InvalidField { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnknownRoute { .. } | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Forward(f) => match f {
+                ForwardError::Overloaded { .. }
+                | ForwardError::NoBackend { .. }
+                | ForwardError::WorkerGone => StatusCode::SERVICE_UNAVAILABLE,
+                ForwardError::Connect { .. } | ForwardError::BadResponse { .. } => {
+                    StatusCode::BAD_GATEWAY
+                }
+                ForwardError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            },
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let (kind, code) = self.kind_and_code();
+        let mut response = HttpResponse::build(self.status_code());
+        if let Some(after) = self.retry_after() {
+            response.insert_header((header::RETRY_AFTER, after.as_secs().max(1).to_string()));
+        }
+        response.json(Body {
+            error: Detail {
+                message: self.to_string(),
+                kind,
+                param: self.param(),
+                code,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::body::to_bytes;
+
+    async fn render(e: GatewayError) -> (StatusCode, Option<String>, serde_json::Value) {
+        let response = e.error_response();
+        let status = response.status();
+        let retry = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = to_bytes(response.into_body()).await.unwrap();
+        (status, retry, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[actix_rt::test]
+    async fn overload_is_503_with_retry_after_in_openai_shape() {
+        let (status, retry, body) = render(GatewayError::Forward(ForwardError::Overloaded {
+            queued: 5,
+            retry_after: Duration::from_secs(2),
+        }))
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(retry.as_deref(), Some("2"));
+        assert_eq!(body["error"]["code"], "overloaded");
+        assert_eq!(body["error"]["type"], "server_error");
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("capacity"));
+    }
+
+    #[actix_rt::test]
+    async fn each_error_has_its_status() {
+        let cases = [
+            (GatewayError::BadJson("x".into()), 400),
+            (GatewayError::MissingField("model"), 400),
+            (GatewayError::TooLarge { limit: 1 }, 413),
+            (GatewayError::ModelNotFound("m".into()), 404),
+            (
+                GatewayError::Forward(ForwardError::Timeout {
+                    endpoint: "e".into(),
+                    timeout: Duration::from_secs(1),
+                }),
+                504,
+            ),
+            (
+                GatewayError::Forward(ForwardError::Connect {
+                    endpoint: "e".into(),
+                    reason: "refused".into(),
+                }),
+                502,
+            ),
+        ];
+        for (error, status) in cases {
+            let (got, _, body) = render(error).await;
+            assert_eq!(got.as_u16(), status);
+            assert!(body["error"]["message"].is_string());
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! The ingress: actix-web routes. It validates and classifies each OpenAI request
+//! ([`request`]), answers from the cache or hands it to this thread's worker pool ([`proxy`]),
+//! and serves the operator's views: `/health`, `/ready`, `/v1/models`, `/stats`, `/metrics`
+//! ([`status`]).
+
+pub mod proxy;
+pub mod request;
+pub mod status;
+
+use std::time::Instant;
+
+use actix::Addr;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use nanogate_actors::balancer::{Balancer, BalancerView};
+use nanogate_actors::cache::Cache;
+use nanogate_actors::health_checker::HealthChecker;
+use nanogate_actors::metrics::{MetricsHandle, Observe};
+use nanogate_actors::pool_supervisor::PoolSupervisor;
+
+use crate::error::GatewayError;
+
+/// What every handler shares, across threads.
+#[derive(Clone)]
+pub struct AppState {
+    pub view: BalancerView,
+    pub balancer: Addr<Balancer>,
+    pub pool: Addr<PoolSupervisor>,
+    pub health: Addr<HealthChecker>,
+    pub cache: Addr<Cache>,
+    pub cache_enabled: bool,
+    pub metrics: MetricsHandle,
+    pub max_body_bytes: usize,
+}
+
+impl AppState {
+    /// Records a request the gateway answered itself (an error or a cache hit).
+    pub fn observe_local(
+        &self,
+        started: Instant,
+        status: u16,
+        model: Option<String>,
+        cache_hit: bool,
+    ) {
+        self.metrics.observe(Observe {
+            endpoint: None,
+            model,
+            status,
+            latency: started.elapsed(),
+            ttft: None,
+            inter_token: None,
+            cache_hit,
+            cancelled: false,
+        });
+    }
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/v1/chat/completions",
+        web::post().to(proxy::chat_completions),
+    )
+    .route("/v1/completions", web::post().to(proxy::completions))
+    .route("/v1/embeddings", web::post().to(proxy::embeddings))
+    .route("/v1/models", web::get().to(status::models))
+    .route("/health", web::get().to(status::health))
+    .route("/ready", web::get().to(status::ready))
+    .route("/stats", web::get().to(status::stats))
+    .route("/stats/{actor}", web::get().to(status::stats_of))
+    .route("/metrics", web::get().to(status::metrics))
+    .service(web::resource("/v1/{rest:.*}").to(proxy::pass_through))
+    .default_service(web::to(unknown_route));
+}
+
+async fn unknown_route(req: HttpRequest) -> HttpResponse {
+    GatewayError::UnknownRoute {
+        method: req.method().to_string(),
+        path: req.path().to_string(),
+    }
+    .error_response()
+}

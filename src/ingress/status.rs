@@ -1,0 +1,93 @@
+//! The operator's views: liveness, readiness, the models on offer, `/stats` (one JSON section
+//! per actor, as each actor reports itself) and `/metrics` (Prometheus text).
+
+use actix_web::{web, HttpResponse};
+use nanogate_actors::metrics::RenderPrometheus;
+use nanogate_actors::GetStats;
+use serde_json::{json, Value};
+
+use super::AppState;
+use crate::error::GatewayError;
+
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// Ready when at least one backend is healthy.
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let table = state.view.table();
+    let healthy = table.endpoints.iter().filter(|e| e.is_healthy()).count();
+    let body = json!({"ready": healthy > 0, "healthy_endpoints": healthy, "endpoints": table.endpoints.len()});
+    if healthy > 0 {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("retry-after", "1"))
+            .json(body)
+    }
+}
+
+/// The union of the models the healthy backends serve, in the OpenAI list shape.
+pub async fn models(state: web::Data<AppState>) -> HttpResponse {
+    let data: Vec<Value> = state
+        .view
+        .table()
+        .served_models()
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "nanogate"}))
+        .collect();
+    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+}
+
+/// The sections of `/stats`, in order.
+const SECTIONS: [&str; 5] = ["pool", "balancer", "health", "cache", "metrics"];
+
+async fn section(state: &AppState, name: &str) -> Option<Value> {
+    let answer = match name {
+        "pool" => state.pool.send(GetStats).await,
+        "balancer" => state.balancer.send(GetStats).await,
+        "health" => state.health.send(GetStats).await,
+        "cache" => state.cache.send(GetStats).await,
+        "metrics" => state.metrics.addr().send(GetStats).await,
+        _ => return None,
+    };
+    Some(answer.map_or_else(
+        |e| json!({"error": format!("the {name} actor did not answer: {e}")}),
+        |stats| stats.0,
+    ))
+}
+
+pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
+    let values = futures_util::future::join_all(SECTIONS.iter().map(|n| section(&state, n))).await;
+    let body: serde_json::Map<String, Value> = SECTIONS
+        .iter()
+        .zip(values)
+        .map(|(name, value)| (name.to_string(), value.unwrap_or(Value::Null)))
+        .collect();
+    HttpResponse::Ok().json(body)
+}
+
+pub async fn stats_of(
+    state: web::Data<AppState>,
+    actor: web::Path<String>,
+) -> Result<HttpResponse, GatewayError> {
+    match section(&state, &actor).await {
+        Some(value) => Ok(HttpResponse::Ok().json(value)),
+        None => Err(GatewayError::UnknownRoute {
+            method: "GET".into(),
+            path: format!("/stats/{actor} (sections: {})", SECTIONS.join(", ")),
+        }),
+    }
+}
+
+pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, GatewayError> {
+    let text = state
+        .metrics
+        .addr()
+        .send(RenderPrometheus)
+        .await
+        .map_err(|e| GatewayError::Internal(format!("the metrics actor did not answer: {e}")))?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(text))
+}

@@ -1,0 +1,212 @@
+//! One chat-completion request and the verdict on it.
+//!
+//! Everything that decides whether a single request succeeded, and how long
+//! it took, lives here so the scheduler in `mod.rs` only deals in outcomes.
+//! The request body is serialised once and shared, because a load generator
+//! that re-encodes JSON per request measures itself as much as the server.
+
+use std::io;
+use std::time::Duration;
+
+use awc::error::{PayloadError, SendRequestError};
+use awc::http::header;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::sse::{self, Kind};
+use super::LoadtestArgs;
+
+/// Non-streamed bodies larger than this are reported as "bad body"; real chat
+/// completions are far smaller and the cap stops a broken server from
+/// exhausting memory.
+const BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Error bodies are read only so the connection can go back to the pool.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// Why a request failed; `cause()` is the key in `Summary::failures`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Failure {
+    Connect,
+    Timeout,
+    InvalidUrl,
+    Send,
+    BadResponse,
+    OtherRequest,
+    Status(u16),
+    Body,
+    BadBody,
+    StreamError,
+    StreamIncomplete,
+}
+
+impl Failure {
+    pub fn cause(&self) -> String {
+        match self {
+            Self::Connect => "connect".into(),
+            Self::Timeout => "timeout".into(),
+            Self::InvalidUrl => "invalid url".into(),
+            Self::Send => "send error".into(),
+            Self::BadResponse => "bad response".into(),
+            Self::OtherRequest => "request error".into(),
+            Self::Status(code) => format!("status {code}"),
+            Self::Body => "body error".into(),
+            Self::BadBody => "bad body".into(),
+            Self::StreamError => "stream error".into(),
+            Self::StreamIncomplete => "stream incomplete".into(),
+        }
+    }
+
+    fn from_send(err: &SendRequestError) -> Self {
+        match err {
+            SendRequestError::Connect(_) => Self::Connect,
+            SendRequestError::Timeout => Self::Timeout,
+            SendRequestError::Url(_) => Self::InvalidUrl,
+            SendRequestError::Send(_) => Self::Send,
+            SendRequestError::Response(_) => Self::BadResponse,
+            _ => Self::OtherRequest,
+        }
+    }
+
+    /// The body deadline set via `ClientResponse::timeout` surfaces as an I/O
+    /// `TimedOut`; it is the same per-request timeout, so it gets the same cause.
+    fn from_payload(err: &PayloadError, otherwise: Self) -> Self {
+        match err {
+            PayloadError::Io(e) if e.kind() == io::ErrorKind::TimedOut => Self::Timeout,
+            _ => otherwise,
+        }
+    }
+}
+
+/// What happened to one request. Durations count from its scheduled start.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub latency: Duration,
+    pub ttft: Option<Duration>,
+    pub result: Result<(), Failure>,
+}
+
+/// Everything needed to fire the same request repeatedly.
+pub(crate) struct Target {
+    client: awc::Client,
+    url: String,
+    body: Bytes,
+    auth: Option<String>,
+    stream: bool,
+    timeout: Duration,
+}
+
+impl Target {
+    pub fn new(args: &LoadtestArgs, timeout: Duration) -> Self {
+        let mut body = json!({
+            "model": args.model,
+            "messages": [{"role": "user", "content": args.prompt}],
+            "max_tokens": args.max_tokens,
+            "stream": args.stream,
+        });
+        if args.stream {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        let client = awc::Client::builder()
+            .connector(awc::Connector::new().limit(0))
+            .timeout(timeout)
+            .finish();
+        Self {
+            client,
+            url: args.url.clone(),
+            body: Bytes::from(body.to_string()),
+            auth: args.api_key.as_ref().map(|key| format!("Bearer {key}")),
+            stream: args.stream,
+            timeout,
+        }
+    }
+
+    /// Sends one request. `scheduled` is when it should have started: in open
+    /// loop it may lie in the past when the concurrency cap delayed the send,
+    /// and counting from it keeps that queueing in the latency
+    /// (no coordinated omission).
+    pub async fn send(&self, scheduled: Instant) -> Outcome {
+        let mut ttft = None;
+        let result = self.exchange(scheduled, &mut ttft).await;
+        Outcome {
+            latency: scheduled.elapsed(),
+            ttft,
+            result,
+        }
+    }
+
+    async fn exchange(
+        &self,
+        scheduled: Instant,
+        ttft: &mut Option<Duration>,
+    ) -> Result<(), Failure> {
+        let deadline = Instant::now() + self.timeout;
+        let mut req = self
+            .client
+            .post(&self.url)
+            .insert_header((header::CONTENT_TYPE, "application/json"));
+        if let Some(auth) = &self.auth {
+            req = req.insert_header((header::AUTHORIZATION, auth.as_str()));
+        }
+        let res = req
+            .send_body(self.body.clone())
+            .await
+            .map_err(|e| Failure::from_send(&e))?;
+        // awc only bounds the wait for the response head; the body stream has
+        // no deadline unless one is set here. Give it what is left of the
+        // per-request budget so a stream is cut exactly at `--timeout` after
+        // the send, never earlier and never hanging forever.
+        let mut res = res.timeout(deadline.saturating_duration_since(Instant::now()));
+
+        if !res.status().is_success() {
+            let status = res.status().as_u16();
+            // Draining lets keep-alive reuse the connection; its content is irrelevant.
+            let _ = res.body().limit(ERROR_BODY_LIMIT).await;
+            return Err(Failure::Status(status));
+        }
+
+        if !self.stream {
+            let body = res.body().limit(BODY_LIMIT).await.map_err(|e| match e {
+                PayloadError::Overflow => Failure::BadBody,
+                e => Failure::from_payload(&e, Failure::Body),
+            })?;
+            return serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+                .map(|_| ())
+                .map_err(|_| Failure::BadBody);
+        }
+
+        let mut parser = sse::Parser::default();
+        let mut events = Vec::new();
+        let mut done = false;
+        loop {
+            let chunk = res.next().await;
+            match &chunk {
+                Some(Ok(bytes)) => parser.feed(bytes, &mut events),
+                Some(Err(e)) => return Err(Failure::from_payload(e, Failure::StreamError)),
+                None => parser.finish(&mut events),
+            }
+            for event in events.drain(..) {
+                match sse::classify(&event) {
+                    Kind::Done => done = true,
+                    // Anything after [DONE] is ignored: the stream already finished.
+                    _ if done => {}
+                    Kind::Error => return Err(Failure::StreamError),
+                    Kind::Malformed => return Err(Failure::BadBody),
+                    Kind::Content => {
+                        ttft.get_or_insert_with(|| scheduled.elapsed());
+                    }
+                    Kind::Other => {}
+                }
+            }
+            if chunk.is_none() {
+                return if done {
+                    Ok(())
+                } else {
+                    Err(Failure::StreamIncomplete)
+                };
+            }
+        }
+    }
+}

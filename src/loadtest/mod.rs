@@ -1,0 +1,181 @@
+//! `nanogate loadtest`: a load generator for OpenAI-compatible chat endpoints.
+//!
+//! It exists so the gateway (or a backend directly) can be measured with the
+//! same client behaviour every time: closed loop to find peak throughput, open
+//! loop (`--rate`) to see latency at a given arrival rate without coordinated
+//! omission, and `--stream` to measure time to first token. All requests run
+//! as futures on the current thread, which keeps the generator's own overhead
+//! predictable and needs no synchronisation around the statistics.
+
+mod client;
+mod progress;
+mod sse;
+mod summary;
+#[cfg(test)]
+mod tests;
+
+use std::future;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use tokio::time::{Instant, MissedTickBehavior};
+
+pub use summary::{Percentiles, Summary};
+
+use client::Target;
+use progress::Progress;
+use summary::Recorder;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadtestArgs {
+    /// Full URL of the endpoint, e.g. http://127.0.0.1:8080/v1/chat/completions
+    #[arg(long, value_parser = http_url)]
+    pub url: String,
+    /// Total requests to send.
+    #[arg(long, default_value_t = 1000)]
+    pub requests: u64,
+    /// Requests in flight at once (closed loop).
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Open loop: start requests at this rate per second instead of closed loop (concurrency then caps in-flight).
+    #[arg(long, value_parser = positive)]
+    pub rate: Option<f64>,
+    /// Ask for SSE streams and measure time to first token.
+    #[arg(long)]
+    pub stream: bool,
+    #[arg(long, default_value = "sim")]
+    pub model: String,
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: u32,
+    /// Prompt text sent as the user message.
+    #[arg(long, default_value = "Say hello")]
+    pub prompt: String,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 60.0, value_parser = positive)]
+    pub timeout: f64,
+    /// Bearer token to send, if any.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Print the summary as one JSON object instead of a table (for scripts).
+    #[arg(long)]
+    pub json: bool,
+    /// No live progress line (for scripts and tests).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Rejected at parse time so a typo fails fast instead of producing a run
+/// where every request fails the same way.
+fn http_url(s: &str) -> Result<String, String> {
+    let uri: awc::http::Uri = s.parse().map_err(|e| format!("{e}"))?;
+    if uri.scheme().is_none() || uri.authority().is_none() {
+        return Err(
+            "expected an absolute URL such as http://127.0.0.1:8080/v1/chat/completions".into(),
+        );
+    }
+    Ok(s.to_owned())
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(_) => Err("must be a positive number".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Upper bound on any duration derived from user numbers, so values that skip
+/// the CLI parsers (library callers) cannot overflow `Instant` arithmetic.
+const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn clamp_secs(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs).map_or(FAR, |d| d.min(FAR))
+}
+
+/// Runs the load (on the current actix/tokio runtime) and returns the summary. Shows a live indicatif progress line unless quiet.
+pub async fn run(args: &LoadtestArgs) -> Summary {
+    let target = Target::new(args, clamp_secs(args.timeout));
+    let total = args.requests;
+    // Library callers bypass the CLI parsers: zero concurrency would never
+    // start anything, and a non-positive rate can only mean closed loop.
+    let concurrency = args.concurrency.max(1);
+    let rate = args.rate.filter(|r| r.is_finite() && *r > 0.0);
+
+    let mut rec = Recorder::new();
+    let progress = Progress::new(total, args.quiet);
+    let mut ticker = tokio::time::interval(progress::REFRESH);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+
+    let start = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    let mut started = 0u64;
+    loop {
+        // Start everything that is due and fits under the cap; remember when
+        // the next one is due if it is not yet.
+        let mut next_due = None;
+        while started < total && in_flight.len() < concurrency {
+            let due = match rate {
+                None => Instant::now(),
+                Some(rate) => start + clamp_secs(started as f64 / rate),
+            };
+            if due > Instant::now() {
+                next_due = Some(due);
+                break;
+            }
+            in_flight.push(target.send(due));
+            started += 1;
+        }
+        if in_flight.is_empty() && started >= total {
+            break;
+        }
+        tokio::select! {
+            Some(outcome) = in_flight.next(), if !in_flight.is_empty() => rec.record(&outcome),
+            () = sleep_until(next_due) => {}
+            _ = ticker.tick() => progress.update(&rec, start.elapsed()),
+        }
+    }
+    let elapsed = start.elapsed();
+    progress.update(&rec, elapsed);
+    progress.finish();
+    rec.summary(elapsed)
+}
+
+/// Waits for the next scheduled start, or forever when nothing is scheduled.
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod cli {
+    use clap::Parser;
+
+    use super::LoadtestArgs;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: LoadtestArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<LoadtestArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("loadtest").chain(argv.iter().copied()))
+            .map(|cli| cli.args)
+    }
+
+    #[test]
+    fn defaults_and_validation() {
+        let a = parse(&["--url", "http://127.0.0.1:8080/v1/chat/completions"]).expect("valid");
+        assert_eq!((a.requests, a.concurrency, a.max_tokens), (1000, 16, 16));
+        assert_eq!((a.model.as_str(), a.timeout, a.rate), ("sim", 60.0, None));
+        assert!(!a.stream && !a.json && !a.quiet && a.api_key.is_none());
+
+        let url = ["--url", "http://h/"];
+        assert!(parse(&[&url[..], &["--rate", "0"]].concat()).is_err());
+        assert!(parse(&[&url[..], &["--timeout", "-1"]].concat()).is_err());
+        assert!(parse(&[&url[..], &["--rate", "2.5"]].concat()).is_ok());
+        assert!(parse(&["--url", "/v1/chat/completions"]).is_err());
+    }
+}

@@ -1,0 +1,192 @@
+//! Runtime switches and counters of one simulator, shared by its handlers and its owner.
+//!
+//! Counters are plain atomics because every request touches them; the switches live in a
+//! `watch` channel because waiting requests must be *woken* when the server goes down or stops
+//! hanging, which an atomic cannot do.
+
+use std::sync::{
+    atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+    Arc,
+};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// Point-in-time copy of the counters, served as `GET /sim/stats`.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct SimStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub requests: u64,
+    pub completed: u64,
+    pub cancelled: u64,
+    pub errors: u64,
+}
+
+/// The fault switches, published together so a waiter sees a consistent set.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Switches {
+    pub down: bool,
+    pub hang: bool,
+    pub garbage: bool,
+    /// Bumped on every up-to-down transition, so a sequence that started before the outage is
+    /// cut even if the server is already back up by the time it looks.
+    #[serde(skip)]
+    pub down_epoch: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub requests: AtomicU64,
+    pub completed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub errors: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generation_tokens: AtomicU64,
+}
+
+/// Runtime switches of a running simulator, shared with its handlers.
+pub struct SimControl {
+    switches: watch::Sender<Switches>,
+    error_rate_bits: AtomicU64,
+    pub(crate) counters: Counters,
+}
+
+impl SimControl {
+    pub(crate) fn new(error_rate: f64) -> Self {
+        let control = Self {
+            switches: watch::Sender::new(Switches::default()),
+            error_rate_bits: AtomicU64::new(0),
+            counters: Counters::default(),
+        };
+        control.set_error_rate(error_rate);
+        control
+    }
+
+    /// Down: every route except `/sim/*` answers 503 and closes the connection, and in-flight
+    /// sequences are cut mid-stream, as when a GPU server dies.
+    pub fn set_down(&self, down: bool) {
+        self.switches.send_if_modified(|s| {
+            if s.down == down {
+                return false;
+            }
+            s.down = down;
+            if down {
+                s.down_epoch += 1;
+            }
+            true
+        });
+    }
+
+    /// Hang: every new request (including `/health`) gets no answer until switched off, like a
+    /// vLLM that has bound its port but not loaded its model.
+    pub fn set_hang(&self, hang: bool) {
+        self.switches
+            .send_if_modified(|s| std::mem::replace(&mut s.hang, hang) != hang);
+    }
+
+    /// Garbage: inference routes answer 200 with an HTML body, as a misrouted proxy would.
+    pub fn set_garbage(&self, garbage: bool) {
+        self.switches
+            .send_if_modified(|s| std::mem::replace(&mut s.garbage, garbage) != garbage);
+    }
+
+    /// Clamped to 0..=1 (NaN counts as 0) so a bad value cannot make the draw panic.
+    pub fn set_error_rate(&self, rate: f64) {
+        let rate = if rate.is_nan() {
+            0.0
+        } else {
+            rate.clamp(0.0, 1.0)
+        };
+        self.error_rate_bits.store(rate.to_bits(), Relaxed);
+    }
+
+    pub fn snapshot(&self) -> SimStats {
+        let c = &self.counters;
+        SimStats {
+            running: c.running.load(Relaxed),
+            waiting: c.waiting.load(Relaxed),
+            requests: c.requests.load(Relaxed),
+            completed: c.completed.load(Relaxed),
+            cancelled: c.cancelled.load(Relaxed),
+            errors: c.errors.load(Relaxed),
+        }
+    }
+
+    pub(crate) fn error_rate(&self) -> f64 {
+        f64::from_bits(self.error_rate_bits.load(Relaxed))
+    }
+
+    pub(crate) fn switches(&self) -> Switches {
+        *self.switches.borrow()
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Switches> {
+        self.switches.subscribe()
+    }
+}
+
+/// How a request ended; decides which counter its [`Ticket`] bumps when dropped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Still running: if dropped like this, the client went away.
+    Open,
+    Completed,
+    Failed,
+}
+
+/// One accepted request. Counting happens on drop so that every exit path, including the
+/// handler future being dropped when the client disconnects, lands in exactly one counter.
+pub(crate) struct Ticket {
+    control: Arc<SimControl>,
+    outcome: Outcome,
+}
+
+impl Ticket {
+    pub fn new(control: Arc<SimControl>) -> Self {
+        control.counters.requests.fetch_add(1, Relaxed);
+        Self {
+            control,
+            outcome: Outcome::Open,
+        }
+    }
+
+    pub fn complete(&mut self) {
+        self.outcome = Outcome::Completed;
+    }
+
+    pub fn fail(&mut self) {
+        self.outcome = Outcome::Failed;
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let c = &self.control.counters;
+        let counter = match self.outcome {
+            Outcome::Open => &c.cancelled,
+            Outcome::Completed => &c.completed,
+            Outcome::Failed => &c.errors,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+/// Holds a gauge up by one for as long as it lives (`waiting` while queued, `running` while in
+/// the batch), so a dropped future can never leave a gauge stuck.
+pub(crate) struct GaugeGuard<'a>(&'a AtomicUsize);
+
+impl<'a> GaugeGuard<'a> {
+    pub fn raise(gauge: &'a AtomicUsize) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}

@@ -1,0 +1,223 @@
+//! End-to-end check of the simulator over real HTTP on an ephemeral port: wire shapes,
+//! streaming order, health and metrics, the down switch and cancellation accounting.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use super::{start, SimConfig, SimHandle, SimStats};
+
+/// Fast enough that a whole request takes well under a millisecond of simulated GPU time.
+fn fast() -> SimConfig {
+    SimConfig {
+        speed: 100.0,
+        ..SimConfig::default()
+    }
+}
+
+async fn eventually(sim: &SimHandle, what: &str, done: impl Fn(&SimStats) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let stats = sim.control.snapshot();
+        if done(&stats) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {stats:?}");
+        actix_rt::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn chat(max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": "sim",
+        "messages": [{"role": "user", "content": "sixteen chars!!!"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "stream_options": {"include_usage": true},
+    })
+}
+
+#[actix_rt::test]
+async fn behaves_like_vllm_over_http() {
+    let sim = start(([127, 0, 0, 1], 0).into(), fast())
+        .await
+        .expect("simulator binds");
+    let client = awc::Client::default();
+    let url = |path: &str| format!("{}{path}", sim.url());
+
+    // Non-streaming chat: the full OpenAI shape.
+    let mut res = client
+        .post(url("/v1/chat/completions"))
+        .send_json(&chat(3, false))
+        .await
+        .expect("chat answers");
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.expect("chat JSON");
+    assert!(body["id"]
+        .as_str()
+        .is_some_and(|id| id.starts_with("chatcmpl-")));
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "sim");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(body["choices"][0]["message"]["content"], "tok0 tok1 tok2 ");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert!(body["choices"][0]["logprobs"].is_null());
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7})
+    );
+
+    // Streaming: role, tokens, finish, usage, [DONE], in that order.
+    let mut res = client
+        .post(url("/v1/chat/completions"))
+        .send_json(&chat(2, true))
+        .await
+        .expect("stream answers");
+    assert_eq!(res.status(), 200);
+    let text = res.body().await.expect("stream body");
+    let events: Vec<&str> = std::str::from_utf8(&text)
+        .expect("utf-8")
+        .split_terminator("\n\n")
+        .map(|e| e.strip_prefix("data: ").expect("data event"))
+        .collect();
+    assert_eq!(events.len(), 6, "{events:?}");
+    assert_eq!(events[5], "[DONE]");
+    let chunks: Vec<Value> = events[..5]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk JSON"))
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    assert_eq!(
+        chunks[1]["choices"][0]["delta"],
+        json!({"content": "tok0 "})
+    );
+    assert_eq!(
+        chunks[2]["choices"][0]["delta"],
+        json!({"content": "tok1 "})
+    );
+    assert_eq!(chunks[3]["choices"][0]["delta"], json!({}));
+    assert_eq!(chunks[3]["choices"][0]["finish_reason"], "length");
+    assert_eq!(chunks[4]["choices"], json!([]));
+    assert_eq!(chunks[4]["usage"]["total_tokens"], 6);
+
+    // Health is an empty 200; metrics carry vLLM names.
+    let mut res = client.get(url("/health")).send().await.expect("health");
+    assert_eq!(res.status(), 200);
+    assert!(res.body().await.expect("health body").is_empty());
+    let mut res = client.get(url("/metrics")).send().await.expect("metrics");
+    let metrics = res.body().await.expect("metrics body");
+    let metrics = std::str::from_utf8(&metrics).expect("utf-8");
+    assert!(metrics.contains("vllm:num_requests_running{model_name=\"sim\"} 0"));
+
+    let mut res = client.get(url("/v1/models")).send().await.expect("models");
+    let body: Value = res.json().await.expect("models JSON");
+    assert_eq!(body["data"][0]["id"], "sim");
+    assert_eq!(body["data"][0]["owned_by"], "nanogate-simulator");
+    let mut res = client
+        .post(url("/v1/embeddings"))
+        .send_json(&json!({"model": "sim", "input": ["a", "b"]}))
+        .await
+        .expect("embeddings answer");
+    let body: Value = res.json().await.expect("embeddings JSON");
+    assert_eq!(body["data"][1]["index"], 1);
+    assert_eq!(
+        body["data"][1]["embedding"].as_array().map(Vec::len),
+        Some(8)
+    );
+    let res = client.get(url("/nope")).send().await.expect("404 answers");
+    assert_eq!(res.status(), 404);
+
+    // Garbage: a 200 that is not JSON.
+    sim.control.set_garbage(true);
+    let res = client
+        .post(url("/v1/chat/completions"))
+        .send_json(&chat(1, false))
+        .await
+        .expect("garbage answers");
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers().get("content-type").map(|v| v.as_bytes()),
+        Some(&b"text/html"[..])
+    );
+    sim.control.set_garbage(false);
+
+    // Hang: not even /health answers until unhung.
+    sim.control.set_hang(true);
+    let hung = client
+        .get(url("/health"))
+        .timeout(Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(hung.is_err(), "a hung server must not answer");
+    sim.control.set_hang(false);
+
+    // Unknown model.
+    let mut res = client
+        .post(url("/v1/completions"))
+        .send_json(&json!({"model": "nope", "prompt": "x"}))
+        .await
+        .expect("completions answers");
+    assert_eq!(res.status(), 404);
+    let body: Value = res.json().await.expect("error JSON");
+    assert_eq!(body["error"]["code"], "model_not_found");
+
+    // A client that walks away mid-stream frees its slot at once.
+    let mut res = client
+        .post(url("/v1/chat/completions"))
+        .send_json(&chat(1_000_000, true))
+        .await
+        .expect("long stream answers");
+    let first = res.next().await.expect("a chunk").expect("chunk bytes");
+    assert!(first.starts_with(b"data: "));
+    assert_eq!(sim.control.snapshot().running, 1);
+    drop(res);
+    eventually(&sim, "cancelled stream", |s| {
+        s.running == 0 && s.cancelled == 1
+    })
+    .await;
+
+    // Going down cuts a live stream and answers 503 to new requests.
+    let mut res = client
+        .post(url("/v1/chat/completions"))
+        .send_json(&chat(1_000_000, true))
+        .await
+        .expect("long stream answers");
+    res.next().await.expect("a chunk").expect("chunk bytes");
+    sim.control.set_down(true);
+    // awc ends a chunked body cut by EOF like a complete one, so the sign of the cut is the
+    // missing `[DONE]` (and the connection being gone).
+    let mut tail = Vec::new();
+    while let Some(chunk) = res.next().await {
+        match chunk {
+            Ok(bytes) => tail.extend_from_slice(&bytes),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        !tail.ends_with(b"data: [DONE]\n\n"),
+        "the stream must be cut"
+    );
+    let res = awc::Client::default()
+        .get(url("/health"))
+        .send()
+        .await
+        .expect("down server still answers");
+    assert_eq!(res.status(), 503);
+    assert_eq!(
+        res.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    eventually(&sim, "cut stream", |s| s.running == 0 && s.errors == 2).await;
+    sim.control.set_down(false);
+
+    let stats = sim.control.snapshot();
+    assert_eq!((stats.requests, stats.completed), (6, 3));
+    sim.stop().await;
+}

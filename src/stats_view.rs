@@ -1,0 +1,173 @@
+//! `nanogate stats`: a running gateway's `/stats`, laid out for a terminal.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+/// Fetches `{url}/stats` and renders it.
+pub async fn fetch(url: &str) -> Result<String, String> {
+    let client = awc::Client::default();
+    let target = format!("{}/stats", url.trim_end_matches('/'));
+    let mut response = client
+        .get(&target)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {target}: {e}"))?;
+    let stats: Value = response
+        .json()
+        .limit(16 * 1024 * 1024)
+        .await
+        .map_err(|e| format!("{target} did not answer JSON: {e}"))?;
+    Ok(render(&stats))
+}
+
+fn num(v: &Value) -> String {
+    match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() != 0.0 => format!("{f:.2}"),
+            _ => n.to_string(),
+        },
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn latency(v: &Value) -> String {
+    if v.is_null() {
+        return "-".into();
+    }
+    format!(
+        "p50 {} p90 {} p99 {} (min {} avg {} max {}) ms",
+        num(&v["p50"]),
+        num(&v["p90"]),
+        num(&v["p99"]),
+        num(&v["min"]),
+        num(&v["avg"]),
+        num(&v["max"])
+    )
+}
+
+/// The text view of a `/stats` object.
+pub fn render(s: &Value) -> String {
+    let mut out = String::new();
+    let p = &s["pool"];
+    let _ = writeln!(
+        out,
+        "pool      size {} (min {}, max {})  workers {}  busy {}  queued {}  refused {}",
+        num(&p["current"]),
+        num(&p["min"]),
+        num(&p["max"]),
+        num(&p["workers"]),
+        num(&p["busy"]),
+        num(&p["queued"]),
+        num(&p["refused"])
+    );
+    if let Some(r) = p.get("last_resize").filter(|r| !r.is_null()) {
+        let _ = writeln!(
+            out,
+            "          last resize {} -> {}: {}",
+            num(&r["from"]),
+            num(&r["to"]),
+            num(&r["why"])
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nendpoints (policy {})",
+        num(&s["balancer"]["policy"])
+    );
+    let probes = s["health"]["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for (i, e) in s["balancer"]["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let probe = probes.get(i).cloned().unwrap_or(Value::Null);
+        let load = &probe["load"];
+        let _ = writeln!(
+            out,
+            "  {:<28} {:<9} weight {:>5}  in-flight {:>4}  probe {} (ok {} / fail {})  backend running {} waiting {}",
+            num(&e["url"]),
+            if e["healthy"].as_bool() == Some(true) { "healthy" } else { "DOWN" },
+            num(&e["weight"]),
+            num(&e["in_flight"]),
+            num(&probe["last_result"]),
+            num(&probe["consecutive_successes"]),
+            num(&probe["consecutive_failures"]),
+            num(&load["running"]),
+            num(&load["waiting"]),
+        );
+    }
+    let c = &s["cache"];
+    let _ = writeln!(
+        out,
+        "\ncache     entries {}  bytes {}  hits {}  misses {}  coalesced {}  evictions {}  expirations {}",
+        num(&c["entries"]),
+        num(&c["bytes"]),
+        num(&c["hits"]),
+        num(&c["misses"]),
+        num(&c["coalesced"]),
+        num(&c["evictions"]),
+        num(&c["expirations"])
+    );
+    let m = &s["metrics"];
+    let series = |out: &mut String, name: &str, v: &Value| {
+        let _ = writeln!(
+            out,
+            "  {:<28} requests {}  errors {} ({:.2}%)  rps {}\n  {:<28} latency {}\n  {:<28} ttft    {}",
+            name,
+            num(&v["requests"]),
+            num(&v["errors"]),
+            v["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            num(&v["rps"]),
+            "",
+            latency(&v["latency_ms"]),
+            "",
+            latency(&v["ttft_ms"]),
+        );
+    };
+    let _ = writeln!(out, "\ntraffic");
+    series(&mut out, "all", &m["overall"]);
+    for section in ["endpoints", "models"] {
+        if let Some(map) = m[section].as_object() {
+            for (name, v) in map {
+                series(&mut out, name, v);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_section() {
+        let stats = serde_json::json!({
+            "pool": {"current": 10, "min": 10, "max": 5000, "workers": 3, "busy": 1, "queued": 0, "refused": 0, "last_resize": null},
+            "balancer": {"policy": "weighted", "endpoints": [{"url": "http://a", "healthy": true, "weight": 1.1, "in_flight": 2}]},
+            "health": {"endpoints": [{"last_result": "200 OK", "consecutive_successes": 4, "consecutive_failures": 0, "load": {"running": 3.0, "waiting": 0.0}}]},
+            "cache": {"entries": 1, "hits": 5},
+            "metrics": {"overall": {"requests": 9, "errors": 1, "error_rate": 0.111, "rps": 2.5, "latency_ms": {"p50": 1.5}}, "endpoints": {}, "models": {"sim": {"requests": 9}}}
+        });
+        let text = render(&stats);
+        for needle in [
+            "size 10",
+            "http://a",
+            "healthy",
+            "200 OK",
+            "hits 5",
+            "requests 9",
+            "11.10%",
+            "sim",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Helpers for the integration tests: simulated backends and a gateway in this process on
+//! ephemeral 127.0.0.1 ports, and a client that speaks to them over real HTTP.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use awc::http::header::HeaderMap;
+use awc::http::StatusCode;
+use bytes::Bytes;
+use nanogate::config::Config;
+use nanogate::gateway::{Gateway, Signals};
+use nanogate::simulator::{self, SimConfig, SimHandle};
+use nanogate_actors::endpoint::EndpointSpec;
+use serde_json::{json, Value};
+
+pub const LOOPBACK: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// A simulated GPU fast enough that tests take milliseconds.
+pub fn fast() -> SimConfig {
+    SimConfig {
+        speed: 20.0,
+        ..SimConfig::default()
+    }
+}
+
+/// A simulated GPU that streams one token every `step_ms`.
+pub fn paced(step_ms: u64) -> SimConfig {
+    SimConfig {
+        decode_step_ms: step_ms,
+        ttft_base_ms: 1,
+        batch_slowdown: 0.0,
+        ..SimConfig::default()
+    }
+}
+
+pub async fn sims(configs: Vec<SimConfig>) -> Vec<SimHandle> {
+    let mut out = Vec::new();
+    for config in configs {
+        out.push(
+            simulator::start(LOOPBACK, config)
+                .await
+                .expect("simulator starts"),
+        );
+    }
+    out
+}
+
+/// Gateway settings for tests: quick health checks that react to one failed probe.
+pub fn config(backends: &[SimHandle]) -> Config {
+    let mut config = Config::defaults();
+    config.server.listen = "127.0.0.1:0".into();
+    config.server.workers = 2;
+    config.health.interval_ms = 100;
+    config.health.timeout_ms = 500;
+    config.health.rise = 1;
+    config.health.fall = 1;
+    config.endpoints = backends
+        .iter()
+        .map(|b| EndpointSpec::new(b.url()))
+        .collect();
+    config
+}
+
+pub async fn gateway(config: Config) -> Gateway {
+    Gateway::start(config, Signals::Ignore)
+        .await
+        .expect("gateway starts")
+}
+
+pub fn client() -> awc::Client {
+    awc::Client::builder()
+        .connector(awc::Connector::new().limit(0))
+        .timeout(Duration::from_secs(20))
+        .finish()
+}
+
+pub fn chat(max_tokens: u32) -> Value {
+    json!({"model": "sim", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": max_tokens})
+}
+
+pub fn chat_stream(max_tokens: u32) -> Value {
+    json!({"model": "sim", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": max_tokens,
+           "stream": true, "stream_options": {"include_usage": true}})
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+    }
+}
+
+pub async fn post_raw(client: &awc::Client, url: &str, body: impl Into<Bytes>) -> Answer {
+    let mut response = client
+        .post(url)
+        .insert_header(("content-type", "application/json"))
+        .send_body(body.into())
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let body = response.body().limit(64 << 20).await.expect("body");
+    Answer {
+        status: response.status(),
+        headers: response.headers().clone(),
+        body,
+    }
+}
+
+pub async fn post(client: &awc::Client, url: &str, body: &Value) -> Answer {
+    post_raw(client, url, serde_json::to_vec(body).unwrap()).await
+}
+
+pub async fn get(client: &awc::Client, url: &str) -> Answer {
+    let mut response = client
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let body = response.body().limit(64 << 20).await.expect("body");
+    Answer {
+        status: response.status(),
+        headers: response.headers().clone(),
+        body,
+    }
+}
+
+/// The `data:` payloads of an SSE body, in order.
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| event.trim().strip_prefix("data:"))
+        .map(|data| data.trim().to_string())
+        .collect()
+}
+
+/// Polls `check` until it holds or `within` passes; returns whether it held.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A gateway's /stats.
+pub async fn stats(client: &awc::Client, gateway: &Gateway) -> Value {
+    get(client, &format!("{}/stats", gateway.url()))
+        .await
+        .json()
+}
