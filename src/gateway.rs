@@ -12,10 +12,10 @@ use actix_web::{web, App, HttpServer};
 use nanogate_actors::balancer::Balancer;
 use nanogate_actors::cache::Cache;
 use nanogate_actors::clock;
-use nanogate_actors::exchange::Reporters;
 use nanogate_actors::health_checker::HealthChecker;
 use nanogate_actors::metrics::Metrics;
 use nanogate_actors::pool_supervisor::{Admission, PoolSupervisor};
+use nanogate_actors::report::Reporters;
 use nanogate_actors::worker::WorkerPool;
 
 use crate::config::{Config, ConfigError};

@@ -20,6 +20,14 @@ async fn stats_and_metrics_describe_the_traffic() {
         assert_eq!(post(&client, &url, &chat_stream(3)).await.status, 200);
     }
     assert_eq!(post_raw(&client, &url, "{").await.status, 400);
+    let settled = eventually(Duration::from_secs(2), || async {
+        stats(&client, &gw).await["metrics"]["overall"]["requests"] == 14
+    })
+    .await;
+    assert!(
+        settled,
+        "every request is counted once the threads' batches are flushed"
+    );
     let s = stats(&client, &gw).await;
     let pool = &s["pool"];
     for key in ["current", "busy", "queued", "min", "max", "last_resize"] {

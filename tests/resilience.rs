@@ -321,6 +321,14 @@ async fn failed_actors_are_restarted_and_the_service_keeps_answering() {
     for _ in 0..5 {
         assert_eq!(post(&client, &url, &chat(1)).await.status, 200);
     }
+    let counted = eventually(Duration::from_secs(2), || async {
+        stats(&client, &gw).await["metrics"]["overall"]["requests"]
+            .as_u64()
+            .unwrap()
+            >= 6
+    })
+    .await;
+    assert!(counted, "counters survive the restart");
     let stats = stats(&client, &gw).await;
     for section in ["pool", "balancer", "health", "cache", "metrics"] {
         assert!(

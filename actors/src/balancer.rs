@@ -70,10 +70,11 @@ impl BalancerView {
         self.table.load_full()
     }
 
-    /// Sends an outcome without waiting; when the mailbox is full the fact is dropped and counted.
-    pub fn report(&self, balancer: &Addr<Balancer>, outcome: Outcome) {
-        if balancer.try_send(outcome).is_err() {
-            self.dropped_outcomes.fetch_add(1, Ordering::Relaxed);
+    /// Sends outcomes without waiting; when the mailbox is full they are dropped and counted.
+    pub fn report(&self, balancer: &Addr<Balancer>, outcomes: Outcomes) {
+        let count = outcomes.0.len() as u64;
+        if balancer.try_send(outcomes).is_err() {
+            self.dropped_outcomes.fetch_add(count, Ordering::Relaxed);
         }
     }
 }
@@ -81,12 +82,16 @@ impl BalancerView {
 // ===== messages =====
 
 /// How one request went on one endpoint.
-#[derive(Message, Debug, Clone, Copy)]
-#[rtype(result = "()")]
+#[derive(Debug, Clone, Copy)]
 pub struct Outcome {
     pub endpoint: usize,
     pub success: bool,
 }
+
+/// A thread's batch of outcomes, in the order they happened.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Outcomes(pub Vec<Outcome>);
 
 /// The health checker's verdict changed.
 #[derive(Message, Debug, Clone, Copy)]
@@ -161,13 +166,19 @@ impl Supervised for Balancer {
     }
 }
 
-impl Handler<Outcome> for Balancer {
+impl Handler<Outcomes> for Balancer {
     type Result = ();
 
-    fn handle(&mut self, msg: Outcome, _ctx: &mut Self::Context) {
-        self.outcomes += 1;
-        if let Some(endpoint) = self.endpoint(msg.endpoint) {
-            endpoint.set_weight(self.settings.next_weight(endpoint.weight(), msg.success));
+    fn handle(&mut self, msg: Outcomes, _ctx: &mut Self::Context) {
+        let table = self.view.table();
+        for outcome in msg.0 {
+            self.outcomes += 1;
+            if let Some(endpoint) = table.endpoints.get(outcome.endpoint) {
+                endpoint.set_weight(
+                    self.settings
+                        .next_weight(endpoint.weight(), outcome.success),
+                );
+            }
         }
     }
 }
@@ -294,10 +305,10 @@ mod tests {
         let balancer = Balancer::new(BalancerSettings::default(), &specs);
         let view = balancer.view();
         let addr = balancer.start();
-        addr.send(Outcome {
+        addr.send(Outcomes(vec![Outcome {
             endpoint: 0,
             success: false,
-        })
+        }]))
         .await
         .unwrap();
         addr.send(HealthChanged {

@@ -10,35 +10,21 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use actix::Addr;
 use awc::http::header::HeaderMap;
 use awc::http::StatusCode;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::balancer::{Balancer, BalancerView, Outcome};
+use std::rc::Rc;
+
 use crate::endpoint::InFlight;
-use crate::metrics::{MetricsHandle, Observe};
+use crate::metrics::Observe;
 use crate::pool_supervisor::Permit;
+use crate::report::ThreadReports;
 
 /// Chunks that may wait between the upstream read and the client write.
 pub(crate) const RELAY_DEPTH: usize = 16;
-
-/// Where an exchange reports when it ends.
-#[derive(Clone)]
-pub struct Reporters {
-    pub balancer: Addr<Balancer>,
-    pub view: BalancerView,
-    pub metrics: MetricsHandle,
-}
-
-impl Reporters {
-    pub fn outcome(&self, endpoint: usize, success: bool) {
-        self.view
-            .report(&self.balancer, Outcome { endpoint, success });
-    }
-}
 
 /// A response from a backend: head received, body still to come.
 pub struct Exchange {
@@ -85,7 +71,7 @@ pub(crate) struct Held {
     pub in_flight: InFlight,
     /// The worker slot, given back when the exchange ends.
     pub _permit: Permit,
-    pub reporters: Reporters,
+    pub reports: Rc<ThreadReports>,
     pub model: String,
 }
 
@@ -209,17 +195,16 @@ fn report(held: Held, status: u16, ending: Ending, timing: &Timing, started: Ins
     let endpoint = held.in_flight.endpoint().id;
     let (status, cancelled) = match ending {
         Ending::Complete => {
-            held.reporters
-                .outcome(endpoint, !is_backend_failure(status));
+            held.reports.outcome(endpoint, !is_backend_failure(status));
             (status, false)
         }
         Ending::Broken => {
-            held.reporters.outcome(endpoint, false);
+            held.reports.outcome(endpoint, false);
             (502, false)
         }
         Ending::Cancelled => (499, true),
     };
-    held.reporters.metrics.observe(Observe {
+    held.reports.observe(Observe {
         endpoint: Some(endpoint),
         model: Some(held.model),
         status,

@@ -10,7 +10,8 @@
 //!   learns its `/v1/models`, and tells the balancer.
 //! - [`cache`]: the response cache (LRU, TTL, entry and byte limits, coalescing of identical misses).
 //! - [`metrics`]: counters and HDR histograms per endpoint and per model, Prometheus exposition.
-//! - [`exchange`]: one proxied request's response body, which reports its outcome when it ends.
+//! - [`exchange`]: the relay of one upstream response to the client; [`report`]: the per-thread
+//!   batches in which the request path tells the balancer and metrics what happened.
 //!
 //! Every actor starts under an actix `Supervisor` and answers [`GetStats`] with a JSON object that
 //! `/stats` shows as-is.
@@ -24,6 +25,7 @@ pub mod exchange;
 pub mod health_checker;
 pub mod metrics;
 pub mod pool_supervisor;
+pub mod report;
 pub mod worker;
 
 use actix::{Message, MessageResponse};

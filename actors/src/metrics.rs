@@ -49,6 +49,11 @@ pub struct Observe {
     pub cancelled: bool,
 }
 
+/// A thread's batch of observations.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct Observations(pub Vec<Observe>);
+
 /// Renders the Prometheus text exposition.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "String")]
@@ -65,6 +70,13 @@ impl MetricsHandle {
     pub fn observe(&self, observation: Observe) {
         if self.addr.try_send(observation).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn observe_all(&self, observations: Vec<Observe>) {
+        let count = observations.len() as u64;
+        if self.addr.try_send(Observations(observations)).is_err() {
+            self.dropped.fetch_add(count, Ordering::Relaxed);
         }
     }
 
@@ -420,6 +432,22 @@ impl Handler<Observe> for Metrics {
     type Result = ();
 
     fn handle(&mut self, o: Observe, _ctx: &mut Self::Context) {
+        self.record(o);
+    }
+}
+
+impl Handler<Observations> for Metrics {
+    type Result = ();
+
+    fn handle(&mut self, batch: Observations, _ctx: &mut Self::Context) {
+        for o in batch.0 {
+            self.record(o);
+        }
+    }
+}
+
+impl Metrics {
+    fn record(&mut self, o: Observe) {
         let now = self.clock.now();
         self.overall.record(&o, now);
         if let Some(id) = o.endpoint {

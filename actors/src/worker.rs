@@ -21,10 +21,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ForwardError;
 use crate::exchange::{
-    is_backend_failure, relay, Exchange, ExchangeBody, Head, Held, RelayError, Reporters,
-    RELAY_DEPTH,
+    is_backend_failure, relay, Exchange, ExchangeBody, Head, Held, RelayError, RELAY_DEPTH,
 };
 use crate::pool_supervisor::{Admission, Permit};
+use crate::report::{Reporters, ThreadReports};
 
 /// Upstream connection settings; defaults documented in `config/default.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,12 +84,13 @@ pub struct WorkerPool {
 
 struct WorkerShared {
     client: awc::Client,
-    reporters: Reporters,
+    reports: Rc<ThreadReports>,
     settings: UpstreamSettings,
 }
 
 impl WorkerPool {
-    /// `threads` is how many pools share `settings.max_connections`.
+    /// `threads` is how many pools share `settings.max_connections`. Must be called on the HTTP
+    /// thread that will use the pool (the `HttpServer` factory).
     pub fn new(
         admission: Admission,
         reporters: Reporters,
@@ -111,7 +112,7 @@ impl WorkerPool {
             idle: RefCell::new(Vec::new()),
             shared: Rc::new(WorkerShared {
                 client,
-                reporters,
+                reports: ThreadReports::start(reporters),
                 settings,
             }),
             admission,
@@ -245,7 +246,7 @@ async fn connect(
     request: UpstreamRequest,
     permit: Permit,
 ) -> Result<(awc::ClientResponse, Held, Instant), ForwardError> {
-    let table = shared.reporters.view.table_arc();
+    let table = shared.reports.view().table_arc();
     let mut tried = 0u64;
     let mut last_error = None;
     let attempts = shared.settings.attempts.max(1);
@@ -293,7 +294,7 @@ async fn connect(
                     let held = Held {
                         in_flight,
                         _permit: permit,
-                        reporters: shared.reporters.clone(),
+                        reports: shared.reports.clone(),
                         model: request.model,
                     };
                     return Ok((response, held, started));
@@ -304,7 +305,7 @@ async fn connect(
                 }
             }
             Err(SendRequestError::Timeout) => {
-                shared.reporters.outcome(endpoint.id, false);
+                shared.reports.outcome(endpoint.id, false);
                 return Err(ForwardError::Timeout {
                     endpoint: endpoint.url.clone(),
                     timeout: Duration::from_millis(shared.settings.first_byte_timeout_ms),
@@ -320,7 +321,7 @@ async fn connect(
             },
         };
         log::warn!("{error}");
-        shared.reporters.outcome(endpoint.id, false);
+        shared.reports.outcome(endpoint.id, false);
         last_error = Some(error);
     }
     Err(last_error.unwrap_or(ForwardError::NoBackend {

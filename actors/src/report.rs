@@ -1,0 +1,103 @@
+//! How the request path tells the balancer and the metrics actor what happened. Each HTTP thread
+//! gathers its outcomes and observations in a [`ThreadReports`] batch and sends them every
+//! [`FLUSH_EVERY`] or every [`BATCH`] facts, whichever comes first: one cross-thread message per
+//! batch instead of two per request, so a lightly loaded gateway does not wake the control-plane
+//! thread for every request. Weights and counters lag by at most one flush interval.
+
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use actix::Addr;
+
+use crate::balancer::{Balancer, BalancerView, Outcome, Outcomes};
+use crate::metrics::{MetricsHandle, Observe};
+
+/// Longest a fact waits in a thread's batch.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(10);
+/// Facts that make a batch go at once.
+pub const BATCH: usize = 128;
+
+/// Where facts go; shared by every thread.
+#[derive(Clone)]
+pub struct Reporters {
+    pub balancer: Addr<Balancer>,
+    pub view: BalancerView,
+    pub metrics: MetricsHandle,
+}
+
+/// One thread's pending facts.
+pub struct ThreadReports {
+    to: Reporters,
+    outcomes: RefCell<Vec<Outcome>>,
+    observations: RefCell<Vec<Observe>>,
+}
+
+impl ThreadReports {
+    /// Creates this thread's batch and the timer that flushes it; the timer ends with the batch.
+    /// Must be called on the thread that will use it, inside its actix runtime.
+    pub fn start(to: Reporters) -> Rc<Self> {
+        let reports = Rc::new(Self {
+            to,
+            outcomes: RefCell::new(Vec::with_capacity(BATCH)),
+            observations: RefCell::new(Vec::with_capacity(BATCH)),
+        });
+        let weak: Weak<Self> = Rc::downgrade(&reports);
+        actix_rt::spawn(async move {
+            let mut tick = actix_rt::time::interval(FLUSH_EVERY);
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(reports) => reports.flush(),
+                    None => break,
+                }
+            }
+        });
+        reports
+    }
+
+    pub fn view(&self) -> &BalancerView {
+        &self.to.view
+    }
+
+    pub fn outcome(&self, endpoint: usize, success: bool) {
+        let full = {
+            let mut outcomes = self.outcomes.borrow_mut();
+            outcomes.push(Outcome { endpoint, success });
+            outcomes.len() >= BATCH
+        };
+        if full {
+            self.flush_outcomes();
+        }
+    }
+
+    pub fn observe(&self, observation: Observe) {
+        let full = {
+            let mut observations = self.observations.borrow_mut();
+            observations.push(observation);
+            observations.len() >= BATCH
+        };
+        if full {
+            self.flush_observations();
+        }
+    }
+
+    pub fn flush(&self) {
+        self.flush_outcomes();
+        self.flush_observations();
+    }
+
+    fn flush_outcomes(&self) {
+        let outcomes = std::mem::take(&mut *self.outcomes.borrow_mut());
+        if !outcomes.is_empty() {
+            self.to.view.report(&self.to.balancer, Outcomes(outcomes));
+        }
+    }
+
+    fn flush_observations(&self) {
+        let observations = std::mem::take(&mut *self.observations.borrow_mut());
+        if !observations.is_empty() {
+            self.to.metrics.observe_all(observations);
+        }
+    }
+}
