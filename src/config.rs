@@ -7,7 +7,7 @@ use std::path::Path;
 
 use nanogate_actors::balancer::BalancerSettings;
 use nanogate_actors::cache::CacheSettings;
-use nanogate_actors::endpoint::EndpointSpec;
+use nanogate_actors::endpoint::{EndpointSpec, MAX_ENDPOINTS};
 use nanogate_actors::health_checker::HealthSettings;
 use nanogate_actors::pool_supervisor::PoolSettings;
 use nanogate_actors::worker::UpstreamSettings;
@@ -40,8 +40,25 @@ pub struct Config {
     pub balancer: BalancerSettings,
     pub health: HealthSettings,
     pub cache: CacheSettings,
+    pub affinity: AffinitySettings,
+    pub admin: AdminSettings,
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
+}
+
+/// Where a request's affinity key comes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffinitySettings {
+    pub header: String,
+    pub prefix_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Empty: the admin routes are off.
+    pub token: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +70,7 @@ pub struct ServerSettings {
     pub max_connections: usize,
     pub backlog: u32,
     pub keep_alive_secs: u64,
+    pub shutdown_delay_ms: u64,
     pub shutdown_grace_secs: u64,
 }
 
@@ -134,6 +152,24 @@ impl Config {
         if b.mailbox == 0 {
             return Err(invalid("balancer.mailbox", "must be at least 1"));
         }
+        if b.affinity_load_factor.is_nan() || b.affinity_load_factor < 1.0 {
+            return Err(invalid(
+                "balancer.affinity_load_factor",
+                "must be at least 1.0",
+            ));
+        }
+        if b.eject_after_failures == 0 {
+            return Err(invalid(
+                "balancer.eject_after_failures",
+                "must be at least 1",
+            ));
+        }
+        if b.max_ejection_cooldown_ms < b.ejection_cooldown_ms {
+            return Err(invalid(
+                "balancer.max_ejection_cooldown_ms",
+                "must be at least balancer.ejection_cooldown_ms",
+            ));
+        }
         let h = &self.health;
         if h.interval_ms == 0 || h.timeout_ms == 0 {
             return Err(invalid(
@@ -154,6 +190,39 @@ impl Config {
         if u.max_connections == 0 {
             return Err(invalid("upstream.max_connections", "must be at least 1"));
         }
+        if !(0.0..=1.0).contains(&u.retry_ratio) {
+            return Err(invalid("upstream.retry_ratio", "must be between 0 and 1"));
+        }
+        for (key, value) in [
+            ("upstream.idle_timeout_ms", u.idle_timeout_ms),
+            ("upstream.request_timeout_ms", u.request_timeout_ms),
+            ("upstream.first_byte_timeout_ms", u.first_byte_timeout_ms),
+            ("upstream.connect_timeout_ms", u.connect_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self
+            .affinity
+            .header
+            .parse::<actix_web::http::header::HeaderName>()
+            .is_err()
+        {
+            return Err(invalid(
+                "affinity.header",
+                "is not a valid HTTP header name",
+            ));
+        }
+        if self.endpoints.len() > MAX_ENDPOINTS {
+            return Err(invalid(
+                "endpoints",
+                format!(
+                    "{} configured; at most {MAX_ENDPOINTS} are supported",
+                    self.endpoints.len()
+                ),
+            ));
+        }
         if self.endpoints.is_empty() {
             return Err(invalid(
                 "endpoints",
@@ -161,20 +230,16 @@ impl Config {
             ));
         }
         for (i, e) in self.endpoints.iter().enumerate() {
-            let key = format!("endpoints[{i}].url");
-            let rest = e
-                .url
-                .strip_prefix("http://")
-                .ok_or_else(|| invalid(&key, format!("'{}' must start with http://", e.url)))?;
-            let host = rest.split('/').next().unwrap_or("");
-            if host.is_empty() {
-                return Err(invalid(&key, format!("'{}' has no host", e.url)));
-            }
-            if !(e.weight > 0.0 && e.weight.is_finite()) {
-                return Err(invalid(format!("endpoints[{i}].weight"), "must be above 0"));
-            }
+            check_endpoint(e, &format!("endpoints[{i}]"))?;
         }
         Ok(())
+    }
+
+    /// Only the `[[endpoints]]` of `file`, validated: what SIGHUP reloads.
+    pub fn reload_endpoints(file: &Path) -> Result<Vec<EndpointSpec>, ConfigError> {
+        let config = Self::load(Some(file))?;
+        config.validate()?;
+        Ok(config.endpoints)
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
@@ -196,6 +261,27 @@ impl Config {
             n => n,
         }
     }
+}
+
+/// Checks one endpoint spec; `key` names it in the message (`endpoints[2]`, or the admin body).
+pub fn check_endpoint(e: &EndpointSpec, key: &str) -> Result<(), ConfigError> {
+    let rest = e.url.strip_prefix("http://").ok_or_else(|| {
+        invalid(
+            format!("{key}.url"),
+            format!("'{}' must start with http://", e.url),
+        )
+    })?;
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() {
+        return Err(invalid(
+            format!("{key}.url"),
+            format!("'{}' has no host", e.url),
+        ));
+    }
+    if !(e.weight > 0.0 && e.weight.is_finite()) {
+        return Err(invalid(format!("{key}.weight"), "must be above 0"));
+    }
+    Ok(())
 }
 
 fn toml_defaults() -> Result<Config, config::ConfigError> {

@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use nanogate_actors::endpoint::EndpointSpec;
 
 use crate::config::Config;
-use crate::gateway::{Gateway, Signals};
+use crate::gateway::Gateway;
+use crate::signals;
 use crate::simulator::{self, SimConfig};
 
 /// The demo fleet: (name, speed, latency spike rate).
@@ -36,7 +37,8 @@ pub async fn run(listen: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
     config.server.listen = listen.to_string();
     config.health.interval_ms = 2000;
     config.health.fall = 2;
-    let gateway = Gateway::start(config, Signals::Handle).await?;
+    let gateway = Gateway::start(config).await?;
+    signals::install(&gateway, None)?;
     let url = gateway.url();
     log::info!("nanogate listening on {url}");
     log::info!(

@@ -23,8 +23,12 @@ pub enum GatewayError {
     UnknownRoute { method: String, path: String },
     #[error("The model '{0}' does not exist or is not served by any backend.")]
     ModelNotFound(String),
-    #[error("No backend is healthy right now.")]
-    NotReady,
+    #[error("A valid admin bearer token is required.")]
+    Unauthorized,
+    #[error("No endpoint has id {0}.")]
+    NoSuchEndpoint(usize),
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Forward(#[from] ForwardError),
     #[error("Internal error: {0}")]
@@ -54,7 +58,9 @@ impl GatewayError {
             Self::TooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
             Self::UnknownRoute { .. } => ("invalid_request_error", Some("unknown_url")),
             Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
-            Self::NotReady => ("server_error", Some("no_healthy_backend")),
+            Self::Unauthorized => ("authentication_error", Some("invalid_admin_token")),
+            Self::NoSuchEndpoint(_) => ("invalid_request_error", Some("endpoint_not_found")),
+            Self::Conflict(_) => ("invalid_request_error", Some("conflict")),
             Self::Forward(f) => match f {
                 ForwardError::Overloaded { .. } => ("server_error", Some("overloaded")),
                 ForwardError::NoBackend { .. } => ("server_error", Some("no_healthy_backend")),
@@ -78,8 +84,9 @@ impl GatewayError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Forward(ForwardError::Overloaded { retry_after, .. }) => Some(*retry_after),
-            Self::Forward(ForwardError::NoBackend { .. } | ForwardError::WorkerGone)
-            | Self::NotReady => Some(Duration::from_secs(1)),
+            Self::Forward(ForwardError::NoBackend { .. } | ForwardError::WorkerGone) => {
+                Some(Duration::from_secs(1))
+            }
             _ => None,
         }
     }
@@ -92,8 +99,11 @@ impl ResponseError for GatewayError {
                 StatusCode::BAD_REQUEST
             }
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnknownRoute { .. } | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
-            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UnknownRoute { .. } | Self::ModelNotFound(_) | Self::NoSuchEndpoint(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Forward(f) => match f {
                 ForwardError::Overloaded { .. }
                 | ForwardError::NoBackend { .. }

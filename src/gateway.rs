@@ -4,6 +4,8 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Arbiter, Supervisor};
@@ -16,6 +18,7 @@ use nanogate_actors::health_checker::HealthChecker;
 use nanogate_actors::metrics::Metrics;
 use nanogate_actors::pool_supervisor::{Admission, PoolSupervisor};
 use nanogate_actors::report::Reporters;
+use nanogate_actors::retry_budget::RetryBudget;
 use nanogate_actors::worker::WorkerPool;
 
 use crate::config::{Config, ConfigError};
@@ -29,14 +32,6 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: io::Error },
 }
 
-/// Whether the server reacts to SIGINT/SIGTERM itself (the service) or only to [`Gateway::stop`]
-/// (tests, which run many gateways in one process).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signals {
-    Handle,
-    Ignore,
-}
-
 /// A running gateway.
 pub struct Gateway {
     pub addr: SocketAddr,
@@ -44,11 +39,13 @@ pub struct Gateway {
     server: ServerHandle,
     running: actix_rt::task::JoinHandle<io::Result<()>>,
     control: Arbiter,
+    shutdown_delay: Duration,
 }
 
 impl Gateway {
     /// Validates `config`, starts the actors and the HTTP server on the current actix system.
-    pub async fn start(config: Config, signals: Signals) -> Result<Self, StartError> {
+    /// Signals are not handled here (see `signals`), so tests can run many gateways at once.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
         config.validate()?;
         let listen = config.listen_addr()?;
         let control = Arbiter::new();
@@ -56,7 +53,16 @@ impl Gateway {
         let clock = clock::system();
 
         let admission = Admission::new(&config.pool);
-        let balancer = Balancer::new(config.balancer.clone(), &config.endpoints);
+        let retry_budget = Arc::new(RetryBudget::new(
+            config.upstream.retry_ratio,
+            config.upstream.retry_burst,
+        ));
+        let balancer = Balancer::new(
+            config.balancer.clone(),
+            &config.endpoints,
+            clock.clone(),
+            retry_budget.clone(),
+        );
         let view = balancer.view();
         let balancer = Supervisor::start_in_arbiter(&arbiter, move |_| balancer);
         let pool = {
@@ -66,13 +72,10 @@ impl Gateway {
             })
         };
         let health = {
-            let (settings, specs, balancer) = (
-                config.health.clone(),
-                config.endpoints.clone(),
-                balancer.clone(),
-            );
+            let (settings, view, balancer) =
+                (config.health.clone(), view.clone(), balancer.clone());
             Supervisor::start_in_arbiter(&arbiter, move |_| {
-                HealthChecker::new(settings, &specs, balancer)
+                HealthChecker::new(settings, view, balancer)
             })
         };
         let cache = {
@@ -90,6 +93,11 @@ impl Gateway {
             cache_enabled: config.cache.enabled,
             metrics: metrics.clone(),
             max_body_bytes: config.server.max_body_bytes,
+            affinity: config.affinity.clone(),
+            request_timeout: Duration::from_millis(config.upstream.request_timeout_ms),
+            admin_authorization: (!config.admin.token.is_empty())
+                .then(|| format!("Bearer {}", config.admin.token)),
+            shutting_down: Arc::new(AtomicBool::new(false)),
         };
         let reporters = Reporters {
             balancer,
@@ -104,6 +112,7 @@ impl Gateway {
                 admission.clone(),
                 reporters.clone(),
                 upstream.clone(),
+                retry_budget.clone(),
                 threads,
             );
             App::new()
@@ -115,11 +124,15 @@ impl Gateway {
         .backlog(config.server.backlog)
         .max_connections(config.server.max_connections)
         .keep_alive(Duration::from_secs(config.server.keep_alive_secs))
-        .shutdown_timeout(config.server.shutdown_grace_secs);
-        let server = match signals {
-            Signals::Handle => server,
-            Signals::Ignore => server.disable_signals(),
-        };
+        .shutdown_timeout(config.server.shutdown_grace_secs)
+        .on_connect(|connection, _| {
+            // Responses are written as they come (SSE chunks, a body's last bytes): Nagle's
+            // algorithm would hold small writes back for the client's delayed ACK, up to 40 ms.
+            if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                let _ = tcp.set_nodelay(true);
+            }
+        })
+        .disable_signals();
         let server = server.bind(listen).map_err(|source| StartError::Bind {
             addr: listen,
             source,
@@ -134,6 +147,7 @@ impl Gateway {
             server: handle,
             running,
             control,
+            shutdown_delay: Duration::from_millis(config.server.shutdown_delay_ms),
         })
     }
 
@@ -156,6 +170,35 @@ impl Gateway {
     pub async fn stop(self, graceful: bool) {
         self.server.stop(graceful).await;
         self.control.stop();
+    }
+
+    /// A handle that begins the graceful shutdown from elsewhere (a signal handler, a test):
+    /// `/ready` turns 503, no new connections are accepted, and in-flight requests get
+    /// `server.shutdown_grace_secs` to finish before the server stops.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            server: self.server.clone(),
+            shutting_down: self.state.shutting_down.clone(),
+            delay: self.shutdown_delay,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    server: ServerHandle,
+    shutting_down: Arc<AtomicBool>,
+    delay: Duration,
+}
+
+impl ShutdownHandle {
+    /// Turns `/ready` 503, keeps serving for `server.shutdown_delay_ms` so load balancers take
+    /// the instance out, then stops accepting and waits for in-flight requests (at most
+    /// `server.shutdown_grace_secs`).
+    pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        actix_rt::time::sleep(self.delay).await;
+        self.server.stop(true).await;
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`ingress`]: the actix-web routes (OpenAI API, `/health`, `/ready`, `/stats`, `/metrics`),
 //!   request validation and the one place errors become HTTP ([`error`]).
 //! - [`gateway`]: wiring of the actors (crate `nanogate-actors`) and the HTTP server;
+//!   [`signals`]: graceful shutdown on SIGTERM and endpoint reload on SIGHUP;
 //!   [`config`]: typed, validated configuration over `config/default.toml`.
 //! - [`simulator`]: a fake GPU inference server (continuous batching, SSE, vLLM metrics, faults)
 //!   so everything runs and is tested without a GPU; [`demo`] starts three of them behind a gateway.
@@ -16,5 +17,6 @@ pub mod error;
 pub mod gateway;
 pub mod ingress;
 pub mod loadtest;
+pub mod signals;
 pub mod simulator;
 pub mod stats_view;

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use nanogate::config::Config;
-use nanogate::gateway::{raise_open_file_limit, Gateway, Signals};
+use nanogate::gateway::{raise_open_file_limit, Gateway};
 use nanogate::loadtest::{self, LoadtestArgs};
 use nanogate::simulator::{self, SimConfig};
-use nanogate::{demo, stats_view};
+use nanogate::{demo, signals, stats_view};
 use nanogate_actors::endpoint::EndpointSpec;
 
 #[derive(Parser)]
@@ -82,16 +82,17 @@ async fn run(command: Command) -> Result<(), String> {
             listen,
             backends,
         } => {
-            let mut config = Config::load(config.as_deref()).map_err(|e| e.to_string())?;
+            let file = config;
+            let mut config = Config::load(file.as_deref()).map_err(|e| e.to_string())?;
             if let Some(listen) = listen {
                 config.server.listen = listen;
             }
+            let reload_from = if backends.is_empty() { file } else { None };
             if !backends.is_empty() {
                 config.endpoints = backends.into_iter().map(EndpointSpec::new).collect();
             }
-            let gateway = Gateway::start(config, Signals::Handle)
-                .await
-                .map_err(|e| e.to_string())?;
+            let gateway = Gateway::start(config).await.map_err(|e| e.to_string())?;
+            signals::install(&gateway, reload_from).map_err(|e| e.to_string())?;
             log::info!("nanogate listening on {}", gateway.url());
             gateway.wait().await.map_err(|e| e.to_string())
         }

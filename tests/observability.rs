@@ -6,11 +6,14 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use nanogate_actors::policy::PolicyKind;
 
 #[actix_rt::test]
 async fn stats_and_metrics_describe_the_traffic() {
     let backends = sims(vec![fast(), fast()]).await;
-    let gw = gateway(config(&backends)).await;
+    let mut cfg = config(&backends);
+    cfg.balancer.policy = PolicyKind::RoundRobin;
+    let gw = gateway(cfg).await;
     let client = client();
     let url = format!("{}/v1/chat/completions", gw.url());
     for _ in 0..10 {

@@ -1,39 +1,68 @@
-//! The balancer: single writer of endpoint weights, health and the model map, publishing a
-//! [`BalancerView`] that workers pick from without waiting on this actor's mailbox.
+//! The balancer: single writer of the endpoint set and of each endpoint's weight, health,
+//! circuit, latency estimate and reported load. It publishes a [`BalancerView`] (an `ArcSwap` of
+//! the [`RoutingTable`]) that workers pick from without waiting on this actor's mailbox; facts
+//! arrive as fire-and-forget messages (outcome batches from the HTTP threads, verdicts and load
+//! from the health checker) and operators change the endpoint set through the admin API and
+//! config reloads.
 //!
-//! Policy `weighted`: every endpoint starts at its configured weight (1.0 by default); a success
+//! Weights (policy `weighted`): every endpoint starts at its configured weight; a success
 //! multiplies it by `success_factor` (capped at `max_weight`), a failure by `failure_factor`
-//! (floored at `min_weight`); a pick is weighted random among healthy endpoints serving the model.
+//! (floored at `min_weight`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
-use crate::endpoint::{Endpoint, EndpointSpec, RoutingTable};
+use crate::breaker::{Breaker, BreakerSettings, Circuit};
+use crate::clock::SharedClock;
+use crate::endpoint::{Endpoint, EndpointSpec, RoutingTable, MAX_ENDPOINTS};
+use crate::policy::p2c::PeakEwma;
+use crate::policy::{PolicyKind, PolicySettings};
+use crate::retry_budget::RetryBudget;
 use crate::{Fail, GetStats, Stats};
 
-/// Tuning of the weighted policy; defaults documented in `config/default.toml`.
+/// How often open circuits are checked for the end of their cool-down.
+const BREAKER_TICK: Duration = Duration::from_millis(50);
+
+/// Routing policy and its tuning; defaults documented in `config/default.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BalancerSettings {
+    pub policy: PolicyKind,
+    pub affinity_load_factor: f64,
+    /// Time constant of the latency estimate's decay.
+    pub latency_decay_ms: u64,
     pub success_factor: f64,
     pub failure_factor: f64,
     pub max_weight: f64,
     pub min_weight: f64,
-    /// Mailbox size; outcomes beyond it are dropped and counted rather than queued without bound.
+    pub eject_after_failures: u32,
+    pub ejection_cooldown_ms: u64,
+    pub max_ejection_cooldown_ms: u64,
+    /// Mailbox size; outcome batches beyond it are dropped and counted rather than queued
+    /// without bound.
     pub mailbox: usize,
 }
 
 impl Default for BalancerSettings {
     fn default() -> Self {
+        let policy = PolicySettings::default();
+        let breaker = BreakerSettings::default();
         Self {
+            policy: policy.policy,
+            affinity_load_factor: policy.affinity_load_factor,
+            latency_decay_ms: 10_000,
             success_factor: 1.1,
             failure_factor: 0.5,
             max_weight: 10.0,
             min_weight: 0.1,
+            eject_after_failures: breaker.eject_after_failures,
+            ejection_cooldown_ms: breaker.cooldown_ms,
+            max_ejection_cooldown_ms: breaker.max_cooldown_ms,
             mailbox: 65_536,
         }
     }
@@ -46,6 +75,21 @@ impl BalancerSettings {
             (weight * self.success_factor).min(self.max_weight)
         } else {
             (weight * self.failure_factor).max(self.min_weight)
+        }
+    }
+
+    pub fn policy_settings(&self) -> PolicySettings {
+        PolicySettings {
+            policy: self.policy,
+            affinity_load_factor: self.affinity_load_factor,
+        }
+    }
+
+    pub fn breaker_settings(&self) -> BreakerSettings {
+        BreakerSettings {
+            eject_after_failures: self.eject_after_failures,
+            cooldown_ms: self.ejection_cooldown_ms,
+            max_cooldown_ms: self.max_ejection_cooldown_ms,
         }
     }
 }
@@ -84,8 +128,11 @@ impl BalancerView {
 /// How one request went on one endpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
+    /// The endpoint's id.
     pub endpoint: usize,
     pub success: bool,
+    /// Time to the first byte of the body, when the backend answered.
+    pub latency: Option<Duration>,
 }
 
 /// A thread's batch of outcomes, in the order they happened.
@@ -109,46 +156,159 @@ pub struct ModelsLearned {
     pub models: Vec<String>,
 }
 
+/// The load an endpoint reported on its `/metrics`.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct BackendLoad {
+    pub endpoint: usize,
+    pub running: f64,
+    pub waiting: f64,
+    pub kv_cache: f64,
+}
+
+/// Adds an endpoint; answers its id.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<usize, String>")]
+pub struct AddEndpoint(pub EndpointSpec);
+
+/// Removes an endpoint: no new requests; requests on it finish. Answers whether it existed.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "bool")]
+pub struct RemoveEndpoint(pub usize);
+
+/// Stops new requests to an endpoint while its in-flight ones finish (or, with `false`, lets it
+/// take traffic again). Answers whether it existed.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "bool")]
+pub struct DrainEndpoint {
+    pub endpoint: usize,
+    pub drain: bool,
+}
+
+/// Makes the endpoint set equal to `specs` (a config reload): endpoints whose URL is kept keep
+/// their state, new ones are added, missing ones are removed.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reloaded")]
+pub struct ReplaceEndpoints(pub Vec<EndpointSpec>);
+
+#[derive(MessageResponse, Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Reloaded {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub kept: usize,
+}
+
 // ===== Balancer =====
+
+/// What the balancer knows about one endpoint beyond what it publishes.
+struct Entry {
+    endpoint: Arc<Endpoint>,
+    spec: EndpointSpec,
+    /// Known models (`None` until configured or learned).
+    models: Option<Vec<String>>,
+    breaker: Breaker,
+    latency: PeakEwma,
+}
 
 pub struct Balancer {
     settings: BalancerSettings,
+    clock: SharedClock,
     view: BalancerView,
-    /// Known models per endpoint (`None` until configured or learned).
-    models: Vec<Option<Vec<String>>>,
+    entries: Vec<Entry>,
+    next_id: usize,
+    retry_budget: Arc<RetryBudget>,
     outcomes: u64,
 }
 
 impl Balancer {
     /// Builds the actor and the view it publishes.
-    pub fn new(settings: BalancerSettings, specs: &[EndpointSpec]) -> Self {
-        let endpoints: Vec<Arc<Endpoint>> = specs
-            .iter()
-            .enumerate()
-            .map(|(id, spec)| Arc::new(Endpoint::new(id, spec)))
-            .collect();
-        let models: Vec<Option<Vec<String>>> = specs
-            .iter()
-            .map(|spec| (!spec.models.is_empty()).then(|| spec.models.clone()))
-            .collect();
-        let table = RoutingTable::new(endpoints, &models);
-        Self {
-            settings,
+    pub fn new(
+        settings: BalancerSettings,
+        specs: &[EndpointSpec],
+        clock: SharedClock,
+        retry_budget: Arc<RetryBudget>,
+    ) -> Self {
+        let empty = RoutingTable::new(Vec::new(), &[], &settings.policy_settings());
+        let mut balancer = Self {
             view: BalancerView {
-                table: Arc::new(ArcSwap::from_pointee(table)),
+                table: Arc::new(ArcSwap::from_pointee(empty)),
                 dropped_outcomes: Arc::new(AtomicU64::new(0)),
             },
-            models,
+            settings,
+            clock,
+            entries: Vec::new(),
+            next_id: 0,
+            retry_budget,
             outcomes: 0,
+        };
+        for spec in specs {
+            balancer.insert(spec.clone());
         }
+        balancer.publish();
+        balancer
     }
 
     pub fn view(&self) -> BalancerView {
         self.view.clone()
     }
 
-    fn endpoint(&self, id: usize) -> Option<Arc<Endpoint>> {
-        self.view.table().endpoints.get(id).cloned()
+    fn insert(&mut self, spec: EndpointSpec) -> usize {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.entries.push(Entry {
+            endpoint: Arc::new(Endpoint::new(id, &spec)),
+            models: (!spec.models.is_empty()).then(|| spec.models.clone()),
+            spec,
+            breaker: Breaker::default(),
+            latency: PeakEwma::new(),
+        });
+        id
+    }
+
+    /// Rebuilds the routing table after the endpoint set or a model list changed.
+    fn publish(&mut self) {
+        let endpoints = self.entries.iter().map(|e| e.endpoint.clone()).collect();
+        let models: Vec<Option<Vec<String>>> =
+            self.entries.iter().map(|e| e.models.clone()).collect();
+        let table = RoutingTable::new(endpoints, &models, &self.settings.policy_settings());
+        self.view.table.store(Arc::new(table));
+    }
+
+    fn entry(&mut self, id: usize) -> Option<&mut Entry> {
+        self.entries.iter_mut().find(|e| e.endpoint.id == id)
+    }
+
+    fn record(&mut self, outcome: Outcome) {
+        self.outcomes += 1;
+        let now = self.clock.now();
+        let settings = self.settings.clone();
+        let Some(entry) = self.entry(outcome.endpoint) else {
+            return;
+        };
+        let endpoint = entry.endpoint.clone();
+        endpoint.set_weight(settings.next_weight(endpoint.weight(), outcome.success));
+        if let Some(latency) = outcome.latency {
+            let tau = Duration::from_millis(settings.latency_decay_ms.max(1));
+            endpoint.set_latency_ms(entry.latency.observe(latency, now, tau));
+        }
+        let changed = entry
+            .breaker
+            .record(outcome.success, now, &settings.breaker_settings());
+        endpoint.set_circuit(
+            entry.breaker.circuit(),
+            entry.breaker.consecutive_failures(),
+        );
+        if let Some(circuit) = changed {
+            log_circuit(&endpoint, circuit);
+        }
+    }
+}
+
+fn log_circuit(endpoint: &Endpoint, circuit: Circuit) {
+    match circuit {
+        Circuit::Open => log::warn!("endpoint {} ejected after live failures", endpoint.url),
+        Circuit::HalfOpen => log::info!("endpoint {} half-open: one trial request", endpoint.url),
+        Circuit::Closed => log::info!("endpoint {} back in rotation", endpoint.url),
     }
 }
 
@@ -157,12 +317,23 @@ impl Actor for Balancer {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.settings.mailbox);
+        ctx.run_interval(BREAKER_TICK, |this, _| {
+            let now = this.clock.now();
+            for entry in &mut this.entries {
+                if let Some(circuit) = entry.breaker.tick(now) {
+                    entry
+                        .endpoint
+                        .set_circuit(circuit, entry.breaker.consecutive_failures());
+                    log_circuit(&entry.endpoint, circuit);
+                }
+            }
+        });
     }
 }
 
 impl Supervised for Balancer {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
-        log::warn!("balancer restarting; endpoint weights and health are kept");
+        log::warn!("balancer restarting; endpoints and their state are kept");
     }
 }
 
@@ -170,15 +341,8 @@ impl Handler<Outcomes> for Balancer {
     type Result = ();
 
     fn handle(&mut self, msg: Outcomes, _ctx: &mut Self::Context) {
-        let table = self.view.table();
         for outcome in msg.0 {
-            self.outcomes += 1;
-            if let Some(endpoint) = table.endpoints.get(outcome.endpoint) {
-                endpoint.set_weight(
-                    self.settings
-                        .next_weight(endpoint.weight(), outcome.success),
-                );
-            }
+            self.record(outcome);
         }
     }
 }
@@ -187,13 +351,10 @@ impl Handler<HealthChanged> for Balancer {
     type Result = ();
 
     fn handle(&mut self, msg: HealthChanged, _ctx: &mut Self::Context) {
-        if let Some(endpoint) = self.endpoint(msg.endpoint) {
-            log::info!(
-                "endpoint {} is now {}",
-                endpoint.url,
-                if msg.healthy { "healthy" } else { "unhealthy" }
-            );
-            endpoint.set_healthy(msg.healthy);
+        if let Some(entry) = self.entry(msg.endpoint) {
+            let state = if msg.healthy { "healthy" } else { "unhealthy" };
+            log::info!("endpoint {} is now {state}", entry.endpoint.url);
+            entry.endpoint.set_healthy(msg.healthy);
         }
     }
 }
@@ -202,26 +363,126 @@ impl Handler<ModelsLearned> for Balancer {
     type Result = ();
 
     fn handle(&mut self, msg: ModelsLearned, _ctx: &mut Self::Context) {
-        let Some(slot) = self.models.get_mut(msg.endpoint) else {
+        let Some(entry) = self.entry(msg.endpoint) else {
             return;
         };
-        if slot.as_ref() == Some(&msg.models) {
+        if entry.models.as_ref() == Some(&msg.models) {
             return;
         }
-        *slot = Some(msg.models);
-        let endpoints = self.view.table().endpoints.clone();
-        self.view
-            .table
-            .store(Arc::new(RoutingTable::new(endpoints, &self.models)));
+        entry.models = Some(msg.models);
+        self.publish();
+    }
+}
+
+impl Handler<BackendLoad> for Balancer {
+    type Result = ();
+
+    fn handle(&mut self, msg: BackendLoad, _ctx: &mut Self::Context) {
+        if let Some(entry) = self.entry(msg.endpoint) {
+            entry
+                .endpoint
+                .set_reported_load(msg.running, msg.waiting, msg.kv_cache);
+        }
+    }
+}
+
+impl Handler<AddEndpoint> for Balancer {
+    type Result = Result<usize, String>;
+
+    fn handle(&mut self, msg: AddEndpoint, _ctx: &mut Self::Context) -> Self::Result {
+        let url = msg.0.base_url().to_string();
+        if self.entries.iter().any(|e| e.endpoint.url == url) {
+            return Err(format!("an endpoint with url {url} exists already"));
+        }
+        if self.entries.len() >= MAX_ENDPOINTS {
+            return Err(format!("at most {MAX_ENDPOINTS} endpoints are supported"));
+        }
+        let id = self.insert(msg.0);
+        self.publish();
+        log::info!("endpoint {url} added as #{id}");
+        Ok(id)
+    }
+}
+
+impl Handler<RemoveEndpoint> for Balancer {
+    type Result = bool;
+
+    fn handle(&mut self, msg: RemoveEndpoint, _ctx: &mut Self::Context) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|e| e.endpoint.id != msg.0);
+        let removed = self.entries.len() < before;
+        if removed {
+            self.publish();
+            log::info!("endpoint #{} removed", msg.0);
+        }
+        removed
+    }
+}
+
+impl Handler<DrainEndpoint> for Balancer {
+    type Result = bool;
+
+    fn handle(&mut self, msg: DrainEndpoint, _ctx: &mut Self::Context) -> bool {
+        match self.entry(msg.endpoint) {
+            Some(entry) => {
+                entry.endpoint.set_draining(msg.drain);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Handler<ReplaceEndpoints> for Balancer {
+    type Result = Reloaded;
+
+    fn handle(&mut self, msg: ReplaceEndpoints, _ctx: &mut Self::Context) -> Reloaded {
+        let mut reloaded = Reloaded::default();
+        let wanted: Vec<String> = msg.0.iter().map(|s| s.base_url().to_string()).collect();
+        self.entries.retain(|e| {
+            let keep = wanted.contains(&e.endpoint.url);
+            if !keep {
+                reloaded.removed.push(e.endpoint.url.clone());
+            }
+            keep
+        });
+        for spec in msg.0.into_iter().take(MAX_ENDPOINTS) {
+            match self
+                .entries
+                .iter()
+                .position(|e| e.endpoint.url == spec.base_url())
+            {
+                Some(_) => reloaded.kept += 1,
+                None => {
+                    reloaded.added.push(spec.base_url().to_string());
+                    self.insert(spec);
+                }
+            }
+        }
+        self.publish();
+        log::info!(
+            "endpoints reloaded: {} added, {} removed, {} kept",
+            reloaded.added.len(),
+            reloaded.removed.len(),
+            reloaded.kept
+        );
+        reloaded
     }
 }
 
 #[derive(Serialize)]
 struct EndpointStats {
+    id: usize,
     url: String,
     weight: f64,
     in_flight: u32,
     healthy: bool,
+    draining: bool,
+    circuit: Circuit,
+    consecutive_failures: u32,
+    ejections: u32,
+    reopens_in_ms: Option<u128>,
+    latency_ewma_ms: f64,
     models: Option<Vec<String>>,
 }
 
@@ -231,29 +492,40 @@ struct BalancerStats {
     endpoints: Vec<EndpointStats>,
     outcomes: u64,
     dropped_outcomes: u64,
+    retry_budget: crate::retry_budget::RetryBudgetStats,
 }
 
 impl Handler<GetStats> for Balancer {
     type Result = Stats;
 
     fn handle(&mut self, _msg: GetStats, _ctx: &mut Self::Context) -> Stats {
-        let table = self.view.table();
+        let now = self.clock.now();
         let stats = BalancerStats {
-            policy: "weighted",
-            endpoints: table
-                .endpoints
+            policy: self.settings.policy.name(),
+            endpoints: self
+                .entries
                 .iter()
-                .zip(&self.models)
-                .map(|(e, models)| EndpointStats {
-                    url: e.url.clone(),
-                    weight: e.weight(),
-                    in_flight: e.in_flight(),
-                    healthy: e.is_healthy(),
-                    models: models.clone(),
+                .map(|entry| {
+                    let e = &entry.endpoint;
+                    EndpointStats {
+                        id: e.id,
+                        url: e.url.clone(),
+                        weight: e.weight(),
+                        in_flight: e.in_flight(),
+                        healthy: e.is_healthy(),
+                        draining: e.is_draining(),
+                        circuit: entry.breaker.circuit(),
+                        consecutive_failures: entry.breaker.consecutive_failures(),
+                        ejections: entry.breaker.ejections(),
+                        reopens_in_ms: entry.breaker.reopens_in(now).map(|d| d.as_millis()),
+                        latency_ewma_ms: e.latency_ms(),
+                        models: entry.models.clone(),
+                    }
                 })
                 .collect(),
             outcomes: self.outcomes,
             dropped_outcomes: self.view.dropped_outcomes.load(Ordering::Relaxed),
+            retry_budget: self.retry_budget.stats(),
         };
         Stats::of(&stats)
     }
@@ -267,9 +539,32 @@ impl Handler<Fail> for Balancer {
     }
 }
 
+/// The configured specs of the current endpoints, for the admin API's listing.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "Vec<(usize, EndpointSpec)>")]
+pub struct ListEndpoints;
+
+impl Handler<ListEndpoints> for Balancer {
+    type Result = MessageResult<ListEndpoints>;
+
+    fn handle(&mut self, _msg: ListEndpoints, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.entries
+                .iter()
+                .map(|e| (e.endpoint.id, e.spec.clone()))
+                .collect(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{system, ManualClock};
+
+    fn budget() -> Arc<RetryBudget> {
+        Arc::new(RetryBudget::new(0.2, 10))
+    }
 
     #[test]
     fn weight_grows_by_a_tenth_and_caps() {
@@ -287,30 +582,21 @@ mod tests {
         assert_eq!(s.next_weight(0.1, false), 0.1);
     }
 
-    #[test]
-    fn a_failure_undoes_about_seven_successes() {
-        let s = BalancerSettings::default();
-        let mut w = 1.0;
-        w = s.next_weight(w, false);
-        for _ in 0..7 {
-            w = s.next_weight(w, true);
-        }
-        assert!((w - 0.5 * 1.1f64.powi(7)).abs() < 1e-12);
-        assert!(w < 1.0);
+    fn outcome(endpoint: usize, success: bool) -> Outcomes {
+        Outcomes(vec![Outcome {
+            endpoint,
+            success,
+            latency: Some(Duration::from_millis(100)),
+        }])
     }
 
     #[actix_rt::test]
-    async fn outcomes_and_health_reach_the_published_view() {
+    async fn outcomes_health_and_models_reach_the_published_view() {
         let specs = vec![EndpointSpec::new("http://a"), EndpointSpec::new("http://b")];
-        let balancer = Balancer::new(BalancerSettings::default(), &specs);
+        let balancer = Balancer::new(BalancerSettings::default(), &specs, system(), budget());
         let view = balancer.view();
         let addr = balancer.start();
-        addr.send(Outcomes(vec![Outcome {
-            endpoint: 0,
-            success: false,
-        }]))
-        .await
-        .unwrap();
+        addr.send(outcome(0, false)).await.unwrap();
         addr.send(HealthChanged {
             endpoint: 1,
             healthy: false,
@@ -325,8 +611,88 @@ mod tests {
         .unwrap();
         let table = view.table();
         assert_eq!(table.endpoints[0].weight(), 0.5);
+        assert_eq!(table.endpoints[0].latency_ms(), 100.0);
         assert!(!table.endpoints[1].is_healthy());
         assert!(table.knows_model("m"));
         assert_eq!(table.served_models(), vec!["m".to_string()]);
+    }
+
+    #[actix_rt::test]
+    async fn consecutive_failures_eject_and_the_cooldown_brings_a_trial() {
+        let clock = ManualClock::default();
+        let specs = vec![EndpointSpec::new("http://a")];
+        let balancer = Balancer::new(
+            BalancerSettings::default(),
+            &specs,
+            Arc::new(clock.clone()),
+            budget(),
+        );
+        let view = balancer.view();
+        let addr = balancer.start();
+        for _ in 0..3 {
+            addr.send(outcome(0, false)).await.unwrap();
+        }
+        assert_eq!(view.table().endpoints[0].circuit(), Circuit::Open);
+        assert!(!view.table().endpoints[0].is_available());
+        clock.advance(Duration::from_secs(2));
+        actix_rt::time::sleep(BREAKER_TICK * 3).await;
+        assert_eq!(view.table().endpoints[0].circuit(), Circuit::HalfOpen);
+        addr.send(outcome(0, true)).await.unwrap();
+        assert_eq!(view.table().endpoints[0].circuit(), Circuit::Closed);
+    }
+
+    #[actix_rt::test]
+    async fn endpoints_are_added_drained_removed_and_reloaded_keeping_state() {
+        let specs = vec![
+            EndpointSpec::new("http://a"),
+            EndpointSpec::new("http://b/"),
+        ];
+        let balancer = Balancer::new(BalancerSettings::default(), &specs, system(), budget());
+        let view = balancer.view();
+        let addr = balancer.start();
+        addr.send(outcome(1, false)).await.unwrap();
+        let c = addr
+            .send(AddEndpoint(EndpointSpec::new("http://c")))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(c, 2);
+        assert!(addr
+            .send(AddEndpoint(EndpointSpec::new("http://c/")))
+            .await
+            .unwrap()
+            .is_err());
+        assert!(addr
+            .send(DrainEndpoint {
+                endpoint: 0,
+                drain: true
+            })
+            .await
+            .unwrap());
+        assert!(view.table().by_id(0).unwrap().is_draining());
+        let reloaded = addr
+            .send(ReplaceEndpoints(vec![
+                EndpointSpec::new("http://b"),
+                EndpointSpec::new("http://d"),
+            ]))
+            .await
+            .unwrap();
+        assert_eq!(reloaded.added, vec!["http://d".to_string()]);
+        assert_eq!(
+            reloaded.removed,
+            vec!["http://a".to_string(), "http://c".to_string()]
+        );
+        assert_eq!(reloaded.kept, 1);
+        let table = view.table();
+        let urls: Vec<&str> = table.endpoints.iter().map(|e| e.url.as_str()).collect();
+        assert_eq!(urls, vec!["http://b", "http://d"]);
+        assert_eq!(
+            table.by_id(1).unwrap().weight(),
+            0.5,
+            "a kept endpoint keeps its state"
+        );
+        assert!(addr.send(RemoveEndpoint(1)).await.unwrap());
+        assert!(!addr.send(RemoveEndpoint(1)).await.unwrap());
+        assert_eq!(view.table().endpoints.len(), 1);
     }
 }

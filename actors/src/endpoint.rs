@@ -1,14 +1,20 @@
 //! Backends as the request path sees them: a published, immutable [`RoutingTable`] of
-//! [`Endpoint`]s whose fast-changing facts (weight, health, in-flight count, reported load) are
-//! atomics. The balancer actor is the only writer of weight, health and load; workers only
-//! increment and decrement in-flight counts.
+//! [`Endpoint`]s whose fast-changing facts (weight, health, circuit, latency estimate, reported
+//! load, in-flight count) are atomics. The balancer actor is the only writer of those facts except
+//! the in-flight count, which workers move as requests start and end.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use rand::Rng;
+use rand::RngCore;
 use serde::{Deserialize, Serialize};
+
+use crate::breaker::Circuit;
+use crate::policy::{self, Policy, PolicyKind};
+
+/// Most endpoints a routing table holds; [`Bits`] has one bit per table slot.
+pub const MAX_ENDPOINTS: usize = 256;
 
 /// One backend as configured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,7 +29,7 @@ pub struct EndpointSpec {
     #[serde(default)]
     pub models: Vec<String>,
     /// Sent upstream as `Authorization: Bearer ...` when set.
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub api_key: Option<String>,
 }
 
@@ -40,41 +46,65 @@ impl EndpointSpec {
             api_key: None,
         }
     }
+
+    /// The URL without a trailing slash: the identity of a backend across reloads.
+    pub fn base_url(&self) -> &str {
+        self.url.trim_end_matches('/')
+    }
 }
 
 /// A backend's live state, shared between the balancer (writer) and the request path (reader).
 #[derive(Debug)]
 pub struct Endpoint {
+    /// Stable for the endpoint's life, also across config reloads and admin changes.
     pub id: usize,
     /// Base URL without a trailing slash.
     pub url: String,
     /// The full `Authorization` header value to send upstream, when configured.
     pub authorization: Option<String>,
+    /// Whether its models come from its `/v1/models` rather than from the config.
+    pub learns_models: bool,
     in_flight: AtomicU32,
     weight_bits: AtomicU64,
     healthy: AtomicBool,
+    draining: AtomicBool,
+    circuit: AtomicU8,
+    consecutive_failures: AtomicU32,
+    latency_ms_bits: AtomicU64,
+    reported_running_bits: AtomicU64,
+    reported_waiting_bits: AtomicU64,
+    kv_cache_bits: AtomicU64,
 }
 
 impl Endpoint {
     pub fn new(id: usize, spec: &EndpointSpec) -> Self {
         Self {
             id,
-            url: spec.url.trim_end_matches('/').to_string(),
+            url: spec.base_url().to_string(),
             authorization: spec.api_key.as_ref().map(|key| format!("Bearer {key}")),
+            learns_models: spec.models.is_empty(),
             in_flight: AtomicU32::new(0),
             weight_bits: AtomicU64::new(spec.weight.to_bits()),
             healthy: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            circuit: AtomicU8::new(Circuit::Closed.as_u8()),
+            consecutive_failures: AtomicU32::new(0),
+            latency_ms_bits: AtomicU64::new(0f64.to_bits()),
+            reported_running_bits: AtomicU64::new(0f64.to_bits()),
+            reported_waiting_bits: AtomicU64::new(0f64.to_bits()),
+            kv_cache_bits: AtomicU64::new(0f64.to_bits()),
         }
     }
 
     pub fn weight(&self) -> f64 {
-        f64::from_bits(self.weight_bits.load(Ordering::Relaxed))
+        load_f64(&self.weight_bits)
     }
 
     pub(crate) fn set_weight(&self, weight: f64) {
-        self.weight_bits.store(weight.to_bits(), Ordering::Relaxed);
+        store_f64(&self.weight_bits, weight);
     }
 
+    /// The health checker's verdict.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
@@ -83,8 +113,66 @@ impl Endpoint {
         self.healthy.store(healthy, Ordering::Relaxed);
     }
 
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    pub fn circuit(&self) -> Circuit {
+        Circuit::from_u8(self.circuit.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_circuit(&self, circuit: Circuit, consecutive_failures: u32) {
+        self.circuit.store(circuit.as_u8(), Ordering::Relaxed);
+        self.consecutive_failures
+            .store(consecutive_failures, Ordering::Relaxed);
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Peak-EWMA of time to first byte, in milliseconds (0 until measured).
+    pub fn latency_ms(&self) -> f64 {
+        load_f64(&self.latency_ms_bits)
+    }
+
+    pub(crate) fn set_latency_ms(&self, ms: f64) {
+        store_f64(&self.latency_ms_bits, ms);
+    }
+
+    /// What the backend says it runs and queues (from its `/metrics`), and its KV-cache use.
+    pub fn reported_load(&self) -> (f64, f64, f64) {
+        (
+            load_f64(&self.reported_running_bits),
+            load_f64(&self.reported_waiting_bits),
+            load_f64(&self.kv_cache_bits),
+        )
+    }
+
+    pub(crate) fn set_reported_load(&self, running: f64, waiting: f64, kv_cache: f64) {
+        store_f64(&self.reported_running_bits, running);
+        store_f64(&self.reported_waiting_bits, waiting);
+        store_f64(&self.kv_cache_bits, kv_cache);
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Takes traffic: healthy, not draining, circuit closed, or half-open with no request on it
+    /// (the one trial request).
+    pub fn is_available(&self) -> bool {
+        self.is_healthy()
+            && !self.is_draining()
+            && match self.circuit() {
+                Circuit::Closed => true,
+                Circuit::Open => false,
+                Circuit::HalfOpen => self.in_flight() == 0,
+            }
     }
 
     /// Counts a request as running on this endpoint until the returned guard drops.
@@ -92,6 +180,14 @@ impl Endpoint {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
+}
+
+fn load_f64(a: &AtomicU64) -> f64 {
+    f64::from_bits(a.load(Ordering::Relaxed))
+}
+
+fn store_f64(a: &AtomicU64, v: f64) {
+    a.store(v.to_bits(), Ordering::Relaxed);
 }
 
 /// One request running on an endpoint; dropping it ends the count, however the request ended.
@@ -110,59 +206,146 @@ impl Drop for InFlight {
     }
 }
 
+// ===== Bits =====
+
+/// A set of routing-table slots, on the stack: picks allocate nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bits([u64; MAX_ENDPOINTS / 64]);
+
+impl Bits {
+    pub fn insert(&mut self, i: usize) {
+        if i < MAX_ENDPOINTS {
+            self.0[i / 64] |= 1 << (i % 64);
+        }
+    }
+
+    pub fn contains(&self, i: usize) -> bool {
+        i < MAX_ENDPOINTS && self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(word, bits)| {
+            let mut bits = *bits;
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let bit = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    word * 64 + bit
+                })
+            })
+        })
+    }
+}
+
+// ===== RoutingTable =====
+
+/// What a pick is for.
+#[derive(Debug, Clone, Copy)]
+pub struct PickRequest<'a> {
+    pub model: &'a str,
+    /// Table slots already tried by this request.
+    pub exclude: Bits,
+    /// Hash of the request's affinity key (session, user or prompt prefix), when it has one.
+    pub affinity: Option<u64>,
+}
+
+/// The endpoints a pick may choose from, as table slots.
+pub struct Eligible<'a> {
+    pub table: &'a RoutingTable,
+    pub slots: Bits,
+    pub affinity: Option<u64>,
+}
+
+impl Eligible<'_> {
+    pub fn endpoint(&self, slot: usize) -> &Arc<Endpoint> {
+        &self.table.endpoints[slot]
+    }
+}
+
 /// The immutable snapshot the request path routes with. Rebuilt by the balancer only when the set
 /// of endpoints or the models they serve change; everything else changes through atomics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RoutingTable {
     pub endpoints: Vec<Arc<Endpoint>>,
-    /// Model name → indices into `endpoints` of the backends known to serve it.
-    by_model: HashMap<String, Vec<usize>>,
+    /// Model name → the slots of the backends known to serve it.
+    by_model: HashMap<String, Bits>,
     /// Backends whose models are not known yet: they are tried for any model.
-    unknown_models: Vec<usize>,
-    /// Every backend, for requests that name no model (pass-through routes).
-    all: Vec<usize>,
+    unknown_models: Bits,
+    policy: Box<dyn Policy>,
 }
 
 impl RoutingTable {
-    /// `models[i]` is what endpoint `i` is known to serve; `None` means not known yet.
-    pub fn new(endpoints: Vec<Arc<Endpoint>>, models: &[Option<Vec<String>>]) -> Self {
-        let mut by_model: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut unknown_models = Vec::new();
-        for (index, served) in models.iter().enumerate().take(endpoints.len()) {
+    /// `models[i]` is what endpoint `i` is known to serve; `None` means not known yet. Endpoints
+    /// beyond [`MAX_ENDPOINTS`] are ignored (configuration refuses them).
+    pub fn new(
+        endpoints: Vec<Arc<Endpoint>>,
+        models: &[Option<Vec<String>>],
+        policy: &policy::PolicySettings,
+    ) -> Self {
+        let mut endpoints = endpoints;
+        endpoints.truncate(MAX_ENDPOINTS);
+        let mut by_model: HashMap<String, Bits> = HashMap::new();
+        let mut unknown_models = Bits::default();
+        for (slot, served) in models.iter().enumerate().take(endpoints.len()) {
             match served {
                 Some(names) => {
                     for name in names {
-                        by_model.entry(name.clone()).or_default().push(index);
+                        by_model.entry(name.clone()).or_default().insert(slot);
                     }
                 }
-                None => unknown_models.push(index),
+                None => unknown_models.insert(slot),
             }
         }
+        let policy = policy::build(policy, &endpoints);
         Self {
-            all: (0..endpoints.len()).collect(),
             endpoints,
             by_model,
             unknown_models,
+            policy,
         }
     }
 
-    /// The endpoints that may serve `model`; an empty model means any endpoint.
-    fn candidates<'a>(&'a self, model: &str) -> impl Iterator<Item = &'a Arc<Endpoint>> + 'a {
-        let (known, unknown) = if model.is_empty() {
-            (Some(&self.all), &[][..])
-        } else {
-            (self.by_model.get(model), &self.unknown_models[..])
-        };
-        known
-            .into_iter()
-            .flatten()
-            .chain(unknown.iter())
-            .map(move |&index| &self.endpoints[index])
+    pub fn policy(&self) -> PolicyKind {
+        self.policy.kind()
     }
 
-    /// Whether any backend (healthy or not) may serve `model`: the difference between a 404 and a 503.
+    /// The slot of the endpoint with this id.
+    pub fn slot_of(&self, id: usize) -> Option<usize> {
+        self.endpoints.iter().position(|e| e.id == id)
+    }
+
+    pub fn by_id(&self, id: usize) -> Option<&Arc<Endpoint>> {
+        self.endpoints.iter().find(|e| e.id == id)
+    }
+
+    /// The slots that may serve `model` (any endpoint when `model` is empty).
+    fn serving(&self, model: &str) -> Bits {
+        if model.is_empty() {
+            let mut all = Bits::default();
+            (0..self.endpoints.len()).for_each(|i| all.insert(i));
+            return all;
+        }
+        let mut slots = self.unknown_models;
+        if let Some(known) = self.by_model.get(model) {
+            for (word, bits) in slots.0.iter_mut().zip(known.0) {
+                *word |= bits;
+            }
+        }
+        slots
+    }
+
+    /// Whether any backend (healthy or not) may serve `model`: the difference between a 404 and
+    /// a 503.
     pub fn knows_model(&self, model: &str) -> bool {
-        self.candidates(model).next().is_some()
+        !self.serving(model).is_empty()
     }
 
     /// The models the healthy backends are known to serve, sorted.
@@ -170,52 +353,71 @@ impl RoutingTable {
         let mut names: Vec<String> = self
             .by_model
             .iter()
-            .filter(|(_, indices)| indices.iter().any(|&i| self.endpoints[i].is_healthy()))
+            .filter(|(_, slots)| slots.iter().any(|i| self.endpoints[i].is_healthy()))
             .map(|(name, _)| name.clone())
             .collect();
         names.sort();
         names
     }
 
-    /// Weighted random choice among the healthy endpoints serving `model`, skipping those whose
-    /// id is set in `exclude` (a bit per endpoint id, for trying another endpoint).
-    pub fn pick_weighted<R: Rng>(
-        &self,
-        model: &str,
-        exclude: u64,
-        rng: &mut R,
-    ) -> Option<&Arc<Endpoint>> {
-        let eligible =
-            |e: &&Arc<Endpoint>| e.is_healthy() && (e.id >= 64 || exclude & (1 << e.id) == 0);
-        let total: f64 = self
-            .candidates(model)
-            .filter(eligible)
-            .map(|e| e.weight())
-            .sum();
-        if total <= 0.0 {
-            return None;
-        }
-        let mut point = rng.gen_range(0.0..total);
-        let mut last = None;
-        for endpoint in self.candidates(model).filter(eligible) {
-            let weight = endpoint.weight();
-            if point < weight {
-                return Some(endpoint);
+    fn eligible(&self, request: &PickRequest<'_>, accept: impl Fn(&Endpoint) -> bool) -> Bits {
+        let mut slots = Bits::default();
+        for slot in self.serving(request.model).iter() {
+            if !request.exclude.contains(slot) && accept(&self.endpoints[slot]) {
+                slots.insert(slot);
             }
-            point -= weight;
-            last = Some(endpoint);
         }
-        last
+        slots
+    }
+
+    /// Chooses an endpoint with the table's policy among the available ones serving the model.
+    /// When every such endpoint is ejected by its circuit breaker (but still passes health
+    /// checks), the least-bad one is tried rather than refusing everything.
+    pub fn pick(
+        &self,
+        request: &PickRequest<'_>,
+        rng: &mut dyn RngCore,
+    ) -> Option<(usize, &Arc<Endpoint>)> {
+        let slots = self.eligible(request, Endpoint::is_available);
+        if !slots.is_empty() {
+            let eligible = Eligible {
+                table: self,
+                slots,
+                affinity: request.affinity,
+            };
+            let slot = self.policy.pick(&eligible, rng)?;
+            return Some((slot, &self.endpoints[slot]));
+        }
+        let ejected = self.eligible(request, |e| e.is_healthy() && !e.is_draining());
+        ejected
+            .iter()
+            .min_by_key(|&slot| {
+                let e = &self.endpoints[slot];
+                (e.consecutive_failures(), e.in_flight())
+            })
+            .map(|slot| (slot, &self.endpoints[slot]))
+    }
+
+    /// Whether a pick could find another endpoint for this request.
+    pub fn has_alternative(&self, request: &PickRequest<'_>) -> bool {
+        !self
+            .eligible(request, |e| e.is_healthy() && !e.is_draining())
+            .is_empty()
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::policy::PolicySettings;
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
 
-    fn table(weights: &[f64], models: &[Option<Vec<String>>]) -> RoutingTable {
+    pub fn table_with(
+        policy: PolicyKind,
+        weights: &[f64],
+        models: &[Option<Vec<String>>],
+    ) -> RoutingTable {
         let endpoints = weights
             .iter()
             .enumerate()
@@ -225,47 +427,86 @@ mod tests {
                 Arc::new(Endpoint::new(id, &spec))
             })
             .collect();
-        RoutingTable::new(endpoints, models)
+        let settings = PolicySettings {
+            policy,
+            ..PolicySettings::default()
+        };
+        RoutingTable::new(endpoints, models, &settings)
+    }
+
+    pub fn request(model: &str) -> PickRequest<'_> {
+        PickRequest {
+            model,
+            exclude: Bits::default(),
+            affinity: None,
+        }
     }
 
     #[test]
-    fn weighted_pick_follows_weights() {
-        let t = table(&[1.0, 3.0], &[None, None]);
-        let mut rng = SmallRng::seed_from_u64(7);
-        let mut counts = [0u32; 2];
-        for _ in 0..40_000 {
-            counts[t.pick_weighted("m", 0, &mut rng).unwrap().id] += 1;
+    fn bits_iterate_in_order() {
+        let mut b = Bits::default();
+        for i in [3, 64, 200, 0] {
+            b.insert(i);
         }
-        let share = counts[1] as f64 / 40_000.0;
+        assert_eq!(b.iter().collect::<Vec<_>>(), vec![0, 3, 64, 200]);
+        assert_eq!(b.len(), 4);
+        assert!(b.contains(64) && !b.contains(65));
+    }
+
+    #[test]
+    fn unavailable_and_excluded_endpoints_are_skipped() {
+        let t = table_with(PolicyKind::Weighted, &[1.0, 1.0, 1.0], &[None, None, None]);
+        t.endpoints[0].set_healthy(false);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut r = request("m");
+        r.exclude.insert(1);
+        for _ in 0..100 {
+            assert_eq!(t.pick(&r, &mut rng).unwrap().0, 2);
+        }
+        t.endpoints[2].set_draining(true);
+        assert!(t.pick(&r, &mut rng).is_none());
+        assert!(!t.has_alternative(&r));
+    }
+
+    #[test]
+    fn when_every_endpoint_is_ejected_the_least_bad_is_tried() {
+        let t = table_with(PolicyKind::Weighted, &[1.0, 1.0], &[None, None]);
+        t.endpoints[0].set_circuit(Circuit::Open, 7);
+        t.endpoints[1].set_circuit(Circuit::Open, 3);
+        let mut rng = SmallRng::seed_from_u64(1);
+        assert_eq!(t.pick(&request("m"), &mut rng).unwrap().0, 1);
+        t.endpoints[1].set_healthy(false);
+        assert_eq!(t.pick(&request("m"), &mut rng).unwrap().0, 0);
+        t.endpoints[0].set_healthy(false);
         assert!(
-            (share - 0.75).abs() < 0.02,
-            "share of the heavier endpoint: {share}"
+            t.pick(&request("m"), &mut rng).is_none(),
+            "health-check failures are not tried"
         );
     }
 
     #[test]
-    fn unhealthy_and_excluded_endpoints_are_skipped() {
-        let t = table(&[1.0, 1.0, 1.0], &[None, None, None]);
-        t.endpoints[0].set_healthy(false);
-        let mut rng = SmallRng::seed_from_u64(1);
-        for _ in 0..1000 {
-            assert_eq!(t.pick_weighted("m", 1 << 1, &mut rng).unwrap().id, 2);
-        }
-        t.endpoints[2].set_healthy(false);
-        assert!(t.pick_weighted("m", 1 << 1, &mut rng).is_none());
+    fn a_half_open_endpoint_takes_one_trial_request_at_a_time() {
+        let t = table_with(PolicyKind::Weighted, &[1.0], &[None]);
+        t.endpoints[0].set_circuit(Circuit::HalfOpen, 3);
+        assert!(t.endpoints[0].is_available());
+        let trial = t.endpoints[0].begin();
+        assert!(!t.endpoints[0].is_available());
+        drop(trial);
+        assert!(t.endpoints[0].is_available());
     }
 
     #[test]
     fn models_restrict_candidates() {
-        let t = table(
+        let t = table_with(
+            PolicyKind::Weighted,
             &[1.0, 1.0],
             &[Some(vec!["a".into()]), Some(vec!["b".into()])],
         );
         let mut rng = SmallRng::seed_from_u64(3);
-        assert_eq!(t.pick_weighted("b", 0, &mut rng).unwrap().id, 1);
-        assert!(t.pick_weighted("c", 0, &mut rng).is_none());
+        assert_eq!(t.pick(&request("b"), &mut rng).unwrap().0, 1);
+        assert!(t.pick(&request("c"), &mut rng).is_none());
         assert!(
-            t.pick_weighted("", 0, &mut rng).is_some(),
+            t.pick(&request(""), &mut rng).is_some(),
             "no model: any endpoint"
         );
         assert!(!t.knows_model("c"));
@@ -274,7 +515,7 @@ mod tests {
 
     #[test]
     fn in_flight_guard_counts_down_on_drop() {
-        let t = table(&[1.0], &[None]);
+        let t = table_with(PolicyKind::Weighted, &[1.0], &[None]);
         let guard = t.endpoints[0].begin();
         assert_eq!(t.endpoints[0].in_flight(), 1);
         drop(guard);

@@ -79,12 +79,21 @@ pub(crate) struct Held {
 /// error instead of returning a silently truncated answer.
 const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the backend failed while streaming the response\",\"type\":\"server_error\",\"code\":\"upstream_stream_error\"}}\n\n";
 
-/// Copies the upstream body into the channel until it ends, fails, or the client goes away.
+/// Limits on a relay: the longest silence between chunks and the request's deadline.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RelayLimits {
+    pub idle: Duration,
+    pub deadline: Instant,
+}
+
+/// Copies the upstream body into the channel until it ends, fails, stalls, passes its deadline,
+/// or the client goes away.
 pub(crate) async fn relay(
     mut upstream: awc::ClientResponse,
     chunks: mpsc::Sender<Result<Bytes, RelayError>>,
     held: Held,
     started: Instant,
+    limits: RelayLimits,
 ) {
     let status = upstream.status().as_u16();
     let sse = upstream
@@ -93,10 +102,24 @@ pub(crate) async fn relay(
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let mut timing = Timing::default();
     let mut tail = StreamTail::default();
+    let idle = tokio::time::sleep(limits.idle);
+    tokio::pin!(idle);
     let ending = loop {
+        let wake = (Instant::now() + limits.idle).min(limits.deadline);
+        idle.as_mut().reset(wake.into());
         let next = tokio::select! {
             next = upstream.next() => next,
             () = chunks.closed() => break Ending::Cancelled,
+            () = idle.as_mut() => {
+                let why = if Instant::now() >= limits.deadline {
+                    "the request's deadline passed"
+                } else {
+                    "the backend went silent"
+                };
+                log::warn!("{why} after {} chunks; ending the response", timing.chunks);
+                let _ = chunks.send(failure(sse, why)).await;
+                break Ending::Broken;
+            }
         };
         match next {
             Some(Ok(chunk)) => {
@@ -139,6 +162,16 @@ pub(crate) async fn relay(
         }
     };
     report(held, status, ending, &timing, started);
+}
+
+/// What the client gets when the body fails mid-way: an SSE error event for a stream, a broken
+/// body (the connection is closed) otherwise.
+fn failure(sse: bool, why: &str) -> Result<Bytes, RelayError> {
+    if sse {
+        Ok(Bytes::from_static(STREAM_ERROR_EVENT))
+    } else {
+        Err(RelayError(why.to_string()))
+    }
 }
 
 /// The last bytes of an SSE stream. A backend that dies mid-stream may close the connection in a
@@ -195,11 +228,13 @@ fn report(held: Held, status: u16, ending: Ending, timing: &Timing, started: Ins
     let endpoint = held.in_flight.endpoint().id;
     let (status, cancelled) = match ending {
         Ending::Complete => {
-            held.reports.outcome(endpoint, !is_backend_failure(status));
+            let ok = !is_backend_failure(status);
+            held.reports
+                .outcome(endpoint, ok, timing.first_chunk.or(Some(started.elapsed())));
             (status, false)
         }
         Ending::Broken => {
-            held.reports.outcome(endpoint, false);
+            held.reports.outcome(endpoint, false, None);
             (502, false)
         }
         Ending::Cancelled => (499, true),

@@ -1,17 +1,19 @@
 //! The health checker: probes `GET {url}/health` on an interval with a short timeout (a vLLM
 //! that is still loading accepts connections but does not answer, so a timeout means "not
 //! ready"), applies rise/fall thresholds so one lost probe does not flap an endpoint, and tells
-//! the balancer when an endpoint's verdict changes. On a healthy endpoint it also scrapes the load
-//! gauges vLLM, SGLang, TGI and llama.cpp publish on `/metrics`, and learns the models of
-//! endpoints configured without a model list from their `/v1/models`.
+//! the balancer when an endpoint's verdict changes. It also reads the load gauges vLLM, SGLang,
+//! TGI and llama.cpp publish on `/metrics` (on a shorter interval, for the `least_load` policy),
+//! and learns the models of endpoints configured without a model list from their `/v1/models`.
+//! It probes whatever endpoints the balancer's published table holds, so endpoints added or
+//! removed at runtime are picked up on the next round.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::balancer::{Balancer, HealthChanged, ModelsLearned};
-use crate::endpoint::EndpointSpec;
+use crate::balancer::{BackendLoad, Balancer, BalancerView, HealthChanged, ModelsLearned};
 use crate::{Fail, GetStats, Stats};
 
 /// Probe schedule and thresholds; defaults documented in `config/default.toml`.
@@ -24,7 +26,9 @@ pub struct HealthSettings {
     pub rise: u32,
     /// Consecutive bad probes that take a healthy endpoint out.
     pub fall: u32,
-    pub scrape_metrics: bool,
+    /// How often healthy backends' `/metrics` load gauges are read (0: never). The `least_load`
+    /// policy routes on them, so this is much shorter than the health interval.
+    pub load_interval_ms: u64,
 }
 
 impl Default for HealthSettings {
@@ -34,7 +38,7 @@ impl Default for HealthSettings {
             timeout_ms: 5_000,
             rise: 2,
             fall: 3,
-            scrape_metrics: true,
+            load_interval_ms: 1_000,
         }
     }
 }
@@ -106,7 +110,6 @@ impl ScrapedLoad {
 struct ProbeResult {
     ok: bool,
     detail: String,
-    load: Option<ScrapedLoad>,
     models: Option<Vec<String>>,
 }
 
@@ -121,8 +124,6 @@ pub struct ProbeState {
     pub last_probe_unix_ms: Option<u128>,
     pub last_result: Option<String>,
     pub load: Option<ScrapedLoad>,
-    #[serde(skip)]
-    learn_models: bool,
 }
 
 impl ProbeState {
@@ -153,64 +154,94 @@ impl ProbeState {
 pub struct HealthChecker {
     settings: HealthSettings,
     balancer: Addr<Balancer>,
-    states: Vec<ProbeState>,
+    view: BalancerView,
+    /// Probe state per endpoint id.
+    states: HashMap<usize, ProbeState>,
     client: Option<awc::Client>,
 }
 
 impl HealthChecker {
-    pub fn new(settings: HealthSettings, specs: &[EndpointSpec], balancer: Addr<Balancer>) -> Self {
-        let states = specs
-            .iter()
-            .map(|spec| ProbeState {
-                url: spec.url.trim_end_matches('/').to_string(),
-                healthy: true,
-                consecutive_successes: 0,
-                consecutive_failures: 0,
-                probes: 0,
-                last_probe_unix_ms: None,
-                last_result: None,
-                load: None,
-                learn_models: spec.models.is_empty(),
-            })
-            .collect();
+    pub fn new(settings: HealthSettings, view: BalancerView, balancer: Addr<Balancer>) -> Self {
         Self {
             settings,
             balancer,
-            states,
+            view,
+            states: HashMap::new(),
             client: None,
         }
     }
 
-    fn probe_all(&mut self, ctx: &mut Context<Self>) {
-        let client = self
-            .client
+    fn client(&mut self) -> awc::Client {
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        self.client
             .get_or_insert_with(|| {
                 awc::Client::builder()
-                    .timeout(Duration::from_millis(self.settings.timeout_ms))
+                    .timeout(timeout)
                     .no_default_headers()
                     .finish()
             })
-            .clone();
-        for (index, state) in self.states.iter().enumerate() {
-            let probe = probe(
-                client.clone(),
-                state.url.clone(),
-                self.settings.scrape_metrics,
-                state.learn_models,
-            );
+            .clone()
+    }
+
+    fn probe_all(&mut self, ctx: &mut Context<Self>) {
+        let client = self.client();
+        let table = self.view.table_arc();
+        self.states
+            .retain(|id, _| table.endpoints.iter().any(|e| e.id == *id));
+        for endpoint in &table.endpoints {
+            let state = self
+                .states
+                .entry(endpoint.id)
+                .or_insert_with(|| ProbeState {
+                    url: endpoint.url.clone(),
+                    healthy: endpoint.is_healthy(),
+                    consecutive_successes: 0,
+                    consecutive_failures: 0,
+                    probes: 0,
+                    last_probe_unix_ms: None,
+                    last_result: None,
+                    load: None,
+                });
+            let id = endpoint.id;
+            let probe = probe(client.clone(), state.url.clone(), endpoint.learns_models);
             ctx.spawn(probe.into_actor(self).map(move |result, this, _| {
-                this.apply(index, result);
+                this.apply(id, result);
             }));
         }
     }
 
-    fn apply(&mut self, index: usize, result: ProbeResult) {
-        let Some(state) = self.states.get_mut(index) else {
+    fn scrape_all(&mut self, ctx: &mut Context<Self>) {
+        let client = self.client();
+        for endpoint in &self.view.table_arc().endpoints {
+            if !endpoint.is_healthy() {
+                continue;
+            }
+            let id = endpoint.id;
+            let scrape = scrape(client.clone(), endpoint.url.clone());
+            ctx.spawn(scrape.into_actor(self).map(move |load, this, _| {
+                let Some(load) = load else {
+                    return;
+                };
+                this.balancer.do_send(BackendLoad {
+                    endpoint: id,
+                    running: load.running,
+                    waiting: load.waiting,
+                    kv_cache: load.kv_cache_usage.unwrap_or(0.0),
+                });
+                if let Some(state) = this.states.get_mut(&id) {
+                    state.load = Some(load);
+                }
+            }));
+        }
+    }
+
+    fn apply(&mut self, id: usize, result: ProbeResult) {
+        let Some(state) = self.states.get_mut(&id) else {
             return;
         };
         if let Some(healthy) = state.record(result.ok, &self.settings) {
             self.balancer.do_send(HealthChanged {
-                endpoint: index,
+                endpoint: id,
                 healthy,
             });
         }
@@ -219,19 +250,16 @@ impl HealthChecker {
             .ok()
             .map(|d| d.as_millis());
         state.last_result = Some(result.detail);
-        if result.load.is_some() {
-            state.load = result.load;
-        }
         if let Some(models) = result.models {
             self.balancer.do_send(ModelsLearned {
-                endpoint: index,
+                endpoint: id,
                 models,
             });
         }
     }
 }
 
-async fn probe(client: awc::Client, url: String, scrape: bool, learn_models: bool) -> ProbeResult {
+async fn probe(client: awc::Client, url: String, learn_models: bool) -> ProbeResult {
     let health = client.get(format!("{url}/health")).send().await;
     let (ok, detail) = match health {
         Ok(response) if response.status().is_success() => (true, "200 OK".to_string()),
@@ -241,22 +269,9 @@ async fn probe(client: awc::Client, url: String, scrape: bool, learn_models: boo
     let mut result = ProbeResult {
         ok,
         detail,
-        load: None,
         models: None,
     };
-    if !ok {
-        return result;
-    }
-    if scrape {
-        if let Ok(mut response) = client.get(format!("{url}/metrics")).send().await {
-            if response.status().is_success() {
-                if let Ok(body) = response.body().limit(4 * 1024 * 1024).await {
-                    result.load = ScrapedLoad::parse(&String::from_utf8_lossy(&body));
-                }
-            }
-        }
-    }
-    if learn_models {
+    if ok && learn_models {
         if let Ok(mut response) = client.get(format!("{url}/v1/models")).send().await {
             if let Ok(list) = response.json::<ModelList>().limit(4 * 1024 * 1024).await {
                 result.models = Some(list.data.into_iter().map(|m| m.id).collect());
@@ -264,6 +279,15 @@ async fn probe(client: awc::Client, url: String, scrape: bool, learn_models: boo
         }
     }
     result
+}
+
+async fn scrape(client: awc::Client, url: String) -> Option<ScrapedLoad> {
+    let mut response = client.get(format!("{url}/metrics")).send().await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let body = response.body().limit(4 * 1024 * 1024).await.ok()?;
+    ScrapedLoad::parse(&String::from_utf8_lossy(&body))
 }
 
 #[derive(Deserialize)]
@@ -285,6 +309,13 @@ impl Actor for HealthChecker {
             Duration::from_millis(self.settings.interval_ms.max(10)),
             Self::probe_all,
         );
+        if self.settings.load_interval_ms > 0 {
+            self.scrape_all(ctx);
+            ctx.run_interval(
+                Duration::from_millis(self.settings.load_interval_ms.max(10)),
+                Self::scrape_all,
+            );
+        }
     }
 }
 
@@ -299,12 +330,23 @@ impl Handler<GetStats> for HealthChecker {
     type Result = Stats;
 
     fn handle(&mut self, _msg: GetStats, _ctx: &mut Self::Context) -> Stats {
+        let mut endpoints: Vec<(&usize, &ProbeState)> = self.states.iter().collect();
+        endpoints.sort_by_key(|(id, _)| **id);
+        let endpoints: Vec<serde_json::Value> = endpoints
+            .into_iter()
+            .map(|(id, state)| {
+                let mut v = serde_json::to_value(state).unwrap_or_default();
+                v["id"] = (*id).into();
+                v
+            })
+            .collect();
         Stats(serde_json::json!({
             "interval_ms": self.settings.interval_ms,
             "timeout_ms": self.settings.timeout_ms,
+            "load_interval_ms": self.settings.load_interval_ms,
             "rise": self.settings.rise,
             "fall": self.settings.fall,
-            "endpoints": self.states,
+            "endpoints": endpoints,
         }))
     }
 }
@@ -322,20 +364,22 @@ mod tests {
     use super::*;
 
     fn state() -> ProbeState {
-        HealthChecker::new(
-            HealthSettings::default(),
-            &[EndpointSpec::new("http://a/")],
-            Balancer::new(Default::default(), &[]).start(),
-        )
-        .states
-        .remove(0)
+        ProbeState {
+            url: "http://a".into(),
+            healthy: true,
+            consecutive_successes: 0,
+            consecutive_failures: 0,
+            probes: 0,
+            last_probe_unix_ms: None,
+            last_result: None,
+            load: None,
+        }
     }
 
-    #[actix_rt::test]
-    async fn falls_after_three_failures_and_rises_after_two_successes() {
+    #[test]
+    fn falls_after_three_failures_and_rises_after_two_successes() {
         let settings = HealthSettings::default();
         let mut s = state();
-        assert_eq!(s.url, "http://a");
         assert_eq!(s.record(false, &settings), None);
         assert_eq!(s.record(false, &settings), None);
         assert_eq!(s.record(false, &settings), Some(false));

@@ -4,8 +4,10 @@
 //! # Layout
 //! - [`pool_supervisor`]: admission (a resizable gate with a bounded queue) and the pool size
 //!   decisions; [`worker`]: the reusable worker actors that carry one upstream exchange each.
-//! - [`balancer`]: the single writer of endpoint weights, health and load; it publishes a
-//!   [`balancer::BalancerView`] that the request path reads without a mailbox round trip.
+//! - [`balancer`]: the single writer of the endpoint set and each endpoint's weight, health,
+//!   circuit ([`breaker`]) and latency; it publishes a [`balancer::BalancerView`] that the request
+//!   path reads without a mailbox round trip, and picks with one of the [`policy`] types.
+//! - [`retry_budget`]: the gateway-wide cap on retries.
 //! - [`health_checker`]: probes each backend's `/health`, scrapes its `/metrics` load gauges and
 //!   learns its `/v1/models`, and tells the balancer.
 //! - [`cache`]: the response cache (LRU, TTL, entry and byte limits, coalescing of identical misses).
@@ -17,6 +19,7 @@
 //! `/stats` shows as-is.
 
 pub mod balancer;
+pub mod breaker;
 pub mod cache;
 pub mod clock;
 pub mod endpoint;
@@ -24,8 +27,10 @@ pub mod error;
 pub mod exchange;
 pub mod health_checker;
 pub mod metrics;
+pub mod policy;
 pub mod pool_supervisor;
 pub mod report;
+pub mod retry_budget;
 pub mod worker;
 
 use actix::{Message, MessageResponse};

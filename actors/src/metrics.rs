@@ -404,8 +404,7 @@ impl Metrics {
             Some(id) => self
                 .view
                 .table()
-                .endpoints
-                .get(id)
+                .by_id(id)
                 .map(|e| e.url.clone())
                 .unwrap_or_else(|| format!("#{id}")),
             None if cache_hit => "cache".to_string(),

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -145,8 +145,9 @@ impl Admission {
         }
     }
 
-    /// Takes a worker slot, waiting in the bounded queue when all are busy.
-    pub async fn admit(&self) -> Result<Permit, ForwardError> {
+    /// Takes a worker slot, waiting in the bounded queue when all are busy, but not past the
+    /// request's deadline.
+    pub async fn admit(&self, deadline: Instant) -> Result<Permit, ForwardError> {
         let gate = &self.gate;
         if let Ok(permit) = gate.slots.clone().try_acquire_owned() {
             return Ok(self.admitted(permit));
@@ -159,8 +160,10 @@ impl Admission {
         }
         self.note_peak(queued);
         self.signal_pressure();
-        let waited =
-            tokio::time::timeout(gate.queue_timeout, gate.slots.clone().acquire_owned()).await;
+        let wait = gate
+            .queue_timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let waited = tokio::time::timeout(wait, gate.slots.clone().acquire_owned()).await;
         drop(guard);
         match waited {
             Ok(Ok(permit)) => Ok(self.admitted(permit)),
@@ -415,6 +418,10 @@ mod tests {
         assert_eq!(s.resize(100, 0.3), None);
     }
 
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
     fn settings(min: usize, queue_limit: usize) -> PoolSettings {
         PoolSettings {
             min_workers: min,
@@ -427,13 +434,13 @@ mod tests {
     #[actix_rt::test]
     async fn full_queue_is_refused_with_retry_after() {
         let admission = Admission::new(&settings(1, 1));
-        let held = admission.admit().await.unwrap();
+        let held = admission.admit(far()).await.unwrap();
         let waiting = {
             let a = admission.clone();
-            actix_rt::spawn(async move { a.admit().await.is_ok() })
+            actix_rt::spawn(async move { a.admit(far()).await.is_ok() })
         };
         tokio::task::yield_now().await;
-        match admission.admit().await {
+        match admission.admit(far()).await {
             Err(ForwardError::Overloaded { retry_after, .. }) => {
                 assert_eq!(retry_after, Duration::from_secs(1))
             }
@@ -451,8 +458,8 @@ mod tests {
     #[actix_rt::test]
     async fn queue_wait_times_out() {
         let admission = Admission::new(&settings(1, 10));
-        let _held = admission.admit().await.unwrap();
-        assert!(admission.admit().await.is_err());
+        let _held = admission.admit(far()).await.unwrap();
+        assert!(admission.admit(far()).await.is_err());
         assert_eq!(admission.queued(), 0);
         assert_eq!(admission.refused(), 1);
     }
@@ -461,23 +468,27 @@ mod tests {
     async fn shrinking_below_busy_retires_slots_as_they_return() {
         let admission = Admission::new(&settings(4, 0));
         let permits: Vec<Permit> =
-            futures_util::future::join_all((0..4).map(|_| admission.admit()))
+            futures_util::future::join_all((0..4).map(|_| admission.admit(far())))
                 .await
                 .into_iter()
                 .map(Result::unwrap)
                 .collect();
         admission.set_capacity(2);
         drop(permits);
-        let a = admission.admit().await.unwrap();
-        let b = admission.admit().await.unwrap();
-        assert!(admission.admit().await.is_err(), "only two slots remain");
+        let a = admission.admit(far()).await.unwrap();
+        let b = admission.admit(far()).await.unwrap();
+        assert!(
+            admission.admit(far()).await.is_err(),
+            "only two slots remain"
+        );
         drop((a, b));
         admission.set_capacity(3);
-        let _held: Vec<Permit> = futures_util::future::join_all((0..3).map(|_| admission.admit()))
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let _held: Vec<Permit> =
+            futures_util::future::join_all((0..3).map(|_| admission.admit(far())))
+                .await
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
     }
 
     #[actix_rt::test]
@@ -489,9 +500,9 @@ mod tests {
         let admission = Admission::new(&settings);
         PoolSupervisor::new(settings, admission.clone()).start();
         tokio::task::yield_now().await;
-        let first = admission.admit().await.unwrap();
-        let second = admission.admit().await.unwrap();
-        let third = tokio::time::timeout(Duration::from_secs(1), admission.admit()).await;
+        let first = admission.admit(far()).await.unwrap();
+        let second = admission.admit(far()).await.unwrap();
+        let third = tokio::time::timeout(Duration::from_secs(1), admission.admit(far())).await;
         assert!(
             matches!(third, Ok(Ok(_))),
             "the pool grew while the request queued"

@@ -60,13 +60,19 @@ impl ThreadReports {
         &self.to.view
     }
 
-    pub fn outcome(&self, endpoint: usize, success: bool) {
-        let full = {
+    /// Records how a request went. A failure is sent at once, so that consecutive failures
+    /// eject an endpoint without waiting for the next flush.
+    pub fn outcome(&self, endpoint: usize, success: bool, latency: Option<Duration>) {
+        let flush = {
             let mut outcomes = self.outcomes.borrow_mut();
-            outcomes.push(Outcome { endpoint, success });
-            outcomes.len() >= BATCH
+            outcomes.push(Outcome {
+                endpoint,
+                success,
+                latency,
+            });
+            !success || outcomes.len() >= BATCH
         };
-        if full {
+        if flush {
             self.flush_outcomes();
         }
     }

@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -19,12 +20,15 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::endpoint::{Bits, PickRequest};
 use crate::error::ForwardError;
 use crate::exchange::{
-    is_backend_failure, relay, Exchange, ExchangeBody, Head, Held, RelayError, RELAY_DEPTH,
+    is_backend_failure, relay, Exchange, ExchangeBody, Head, Held, RelayError, RelayLimits,
+    RELAY_DEPTH,
 };
 use crate::pool_supervisor::{Admission, Permit};
 use crate::report::{Reporters, ThreadReports};
+use crate::retry_budget::RetryBudget;
 
 /// Upstream connection settings; defaults documented in `config/default.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,10 +43,18 @@ pub struct UpstreamSettings {
     pub max_connections: usize,
     pub keep_alive_secs: u64,
     pub connection_lifetime_secs: u64,
+    /// Longest silence between two chunks of a response body before it is given up.
+    pub idle_timeout_ms: u64,
+    /// Longest a whole request may take (a client's deadline header may shorten it).
+    pub request_timeout_ms: u64,
     /// Endpoints tried per request when one fails before any byte reached the client
-    /// (connection refused or reset, a 5xx or 429 status, garbage instead of an OpenAI answer).
-    /// Timeouts are not retried: the backend may still be working on the request.
+    /// (connection refused or reset, no answer within the first-byte timeout, a 5xx or 429
+    /// status, garbage instead of an OpenAI answer), within the request's deadline.
     pub attempts: usize,
+    /// Retries allowed per request over time, gateway-wide (the retry budget).
+    pub retry_ratio: f64,
+    /// Retries available at once when the budget is full.
+    pub retry_burst: u32,
 }
 
 impl Default for UpstreamSettings {
@@ -53,7 +65,11 @@ impl Default for UpstreamSettings {
             max_connections: 20_000,
             keep_alive_secs: 30,
             connection_lifetime_secs: 300,
-            attempts: 2,
+            idle_timeout_ms: 60_000,
+            request_timeout_ms: 600_000,
+            attempts: 3,
+            retry_ratio: 0.2,
+            retry_burst: 20,
         }
     }
 }
@@ -71,6 +87,10 @@ pub struct UpstreamRequest {
     pub stream: bool,
     /// Whether a 2xx answer must be JSON or SSE (the OpenAI routes); other paths pass through.
     pub openai_route: bool,
+    /// Hash of the affinity key (session, user, or prompt prefix).
+    pub affinity: Option<u64>,
+    /// When the whole request must be done: the client's deadline or `request_timeout_ms`.
+    pub deadline: Instant,
 }
 
 // ===== WorkerPool =====
@@ -86,6 +106,7 @@ struct WorkerShared {
     client: awc::Client,
     reports: Rc<ThreadReports>,
     settings: UpstreamSettings,
+    retry_budget: Arc<RetryBudget>,
 }
 
 impl WorkerPool {
@@ -95,6 +116,7 @@ impl WorkerPool {
         admission: Admission,
         reporters: Reporters,
         settings: UpstreamSettings,
+        retry_budget: Arc<RetryBudget>,
         threads: usize,
     ) -> Rc<Self> {
         let connector = awc::Connector::new()
@@ -114,6 +136,7 @@ impl WorkerPool {
                 client,
                 reports: ThreadReports::start(reporters),
                 settings,
+                retry_budget,
             }),
             admission,
         })
@@ -125,7 +148,7 @@ impl WorkerPool {
         self: &Rc<Self>,
         request: UpstreamRequest,
     ) -> Result<Exchange, ForwardError> {
-        let permit = self.admission.admit().await?;
+        let permit = self.admission.admit(request.deadline).await?;
         let worker = self.checkout();
         let (head, head_rx) = oneshot::channel();
         let (body, body_rx) = mpsc::channel(RELAY_DEPTH);
@@ -212,6 +235,10 @@ impl Handler<Forward> for Worker {
                 mut head,
                 body,
             } = msg;
+            let limits = RelayLimits {
+                idle: Duration::from_millis(shared.settings.idle_timeout_ms),
+                deadline: request.deadline,
+            };
             let connected = tokio::select! {
                 answer = connect(&shared, request, permit) => answer,
                 () = head.closed() => return,
@@ -224,7 +251,7 @@ impl Handler<Forward> for Worker {
                         endpoint: held.in_flight.endpoint().id,
                     };
                     if head.send(Ok(answer)).is_ok() {
-                        relay(response, body, held, started).await;
+                        relay(response, body, held, started, limits).await;
                     }
                 }
                 Err(error) => {
@@ -240,30 +267,49 @@ impl Handler<Forward> for Worker {
 }
 
 /// Picks an endpoint and sends the request, trying another endpoint when one fails before
-/// answering; returns the response with its head read.
+/// answering (within the per-request attempt limit and the gateway-wide retry budget); returns
+/// the response with its head read.
 async fn connect(
     shared: &WorkerShared,
     request: UpstreamRequest,
     permit: Permit,
 ) -> Result<(awc::ClientResponse, Held, Instant), ForwardError> {
     let table = shared.reports.view().table_arc();
-    let mut tried = 0u64;
-    let mut last_error = None;
+    let budget = &shared.retry_budget;
+    budget.deposit();
+    let mut pick = PickRequest {
+        model: &request.model,
+        exclude: Bits::default(),
+        affinity: request.affinity,
+    };
     let attempts = shared.settings.attempts.max(1);
+    // A retry needs an attempt left, another endpoint, and a token from the gateway-wide budget.
+    let may_retry = |attempt: usize, pick: &PickRequest<'_>| {
+        attempt < attempts && table.has_alternative(pick) && budget.try_retry()
+    };
+    let mut last_error = None;
     for attempt in 1..=attempts {
-        let Some(endpoint) = table.pick_weighted(&request.model, tried, &mut rand::thread_rng())
-        else {
+        let Some((slot, endpoint)) = table.pick(&pick, &mut rand::thread_rng()) else {
             break;
         };
-        if endpoint.id < 64 {
-            tried |= 1 << endpoint.id;
+        pick.exclude.insert(slot);
+        let left = request.deadline.saturating_duration_since(Instant::now());
+        let first_byte = Duration::from_millis(shared.settings.first_byte_timeout_ms).min(left);
+        if first_byte.is_zero() {
+            return Err(ForwardError::Timeout {
+                endpoint: endpoint.url.clone(),
+                timeout: Duration::ZERO,
+            });
         }
         let in_flight = endpoint.begin();
         let started = Instant::now();
-        let mut upstream = shared.client.request(
-            request.method.clone(),
-            format!("{}{}", endpoint.url, request.path),
-        );
+        let mut upstream = shared
+            .client
+            .request(
+                request.method.clone(),
+                format!("{}{}", endpoint.url, request.path),
+            )
+            .timeout(first_byte);
         if let Some(content_type) = &request.content_type {
             upstream = upstream.insert_header((header::CONTENT_TYPE, content_type.clone()));
         }
@@ -276,6 +322,8 @@ async fn connect(
             }
             (None, None) => {}
         }
+        // Whether a retry was already granted (a refused answer is dropped only once it is).
+        let mut granted = None;
         let error = match upstream.send_body(request.body.clone()).await {
             Ok(response) => {
                 let status = response.status();
@@ -289,8 +337,10 @@ async fn connect(
                 let garbage = request.openai_route
                     && ((status.is_success() && !(json || sse))
                         || (is_backend_failure(status.as_u16()) && !json));
-                let refused = is_backend_failure(status.as_u16()) && attempt < attempts;
-                if !garbage && !refused {
+                if !garbage && is_backend_failure(status.as_u16()) {
+                    granted = Some(may_retry(attempt, &pick));
+                }
+                if !garbage && granted != Some(true) {
                     let held = Held {
                         in_flight,
                         _permit: permit,
@@ -304,13 +354,10 @@ async fn connect(
                     reason: format!("status {status} with content type '{content_type}'"),
                 }
             }
-            Err(SendRequestError::Timeout) => {
-                shared.reports.outcome(endpoint.id, false);
-                return Err(ForwardError::Timeout {
-                    endpoint: endpoint.url.clone(),
-                    timeout: Duration::from_millis(shared.settings.first_byte_timeout_ms),
-                });
-            }
+            Err(SendRequestError::Timeout) => ForwardError::Timeout {
+                endpoint: endpoint.url.clone(),
+                timeout: first_byte,
+            },
             Err(SendRequestError::Connect(e)) => ForwardError::Connect {
                 endpoint: endpoint.url.clone(),
                 reason: e.to_string(),
@@ -321,8 +368,12 @@ async fn connect(
             },
         };
         log::warn!("{error}");
-        shared.reports.outcome(endpoint.id, false);
+        shared.reports.outcome(endpoint.id, false, None);
+        let retry = granted.unwrap_or_else(|| may_retry(attempt, &pick));
         last_error = Some(error);
+        if !retry {
+            break;
+        }
     }
     Err(last_error.unwrap_or(ForwardError::NoBackend {
         model: request.model,

@@ -1,13 +1,16 @@
 //! The ingress: actix-web routes. It validates and classifies each OpenAI request
 //! ([`request`]), answers from the cache or hands it to this thread's worker pool ([`proxy`]),
 //! and serves the operator's views: `/health`, `/ready`, `/v1/models`, `/stats`, `/metrics`
-//! ([`status`]).
+//! ([`status`]) and the token-protected `/admin/endpoints` ([`admin`]).
 
+pub mod admin;
 pub mod proxy;
 pub mod request;
 pub mod status;
 
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
@@ -17,6 +20,7 @@ use nanogate_actors::health_checker::HealthChecker;
 use nanogate_actors::metrics::{MetricsHandle, Observe};
 use nanogate_actors::pool_supervisor::PoolSupervisor;
 
+use crate::config::AffinitySettings;
 use crate::error::GatewayError;
 
 /// What every handler shares, across threads.
@@ -30,6 +34,12 @@ pub struct AppState {
     pub cache_enabled: bool,
     pub metrics: MetricsHandle,
     pub max_body_bytes: usize,
+    pub affinity: AffinitySettings,
+    pub request_timeout: Duration,
+    /// `Bearer <token>` for the admin routes; `None` turns them off.
+    pub admin_authorization: Option<String>,
+    /// Set when shutdown begins: `/ready` answers 503 from then on.
+    pub shutting_down: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -67,6 +77,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route("/stats", web::get().to(status::stats))
     .route("/stats/{actor}", web::get().to(status::stats_of))
     .route("/metrics", web::get().to(status::metrics))
+    .configure(admin::routes)
     .service(web::resource("/v1/{rest:.*}").to(proxy::pass_through))
     .default_service(web::to(unknown_route));
 }

@@ -14,7 +14,7 @@ use nanogate_actors::cache::{CachedResponse, FillGuard, Lookup, LookupResult};
 use nanogate_actors::exchange::Exchange;
 use nanogate_actors::worker::{UpstreamRequest, WorkerPool};
 
-use super::request::{classify, read_body, Classified, Operation};
+use super::request::{classify, deadline, read_body, Classified, Operation};
 use super::AppState;
 use crate::error::GatewayError;
 
@@ -74,7 +74,8 @@ pub async fn pass_through(
             .uri()
             .path_and_query()
             .map_or_else(|| req.path().to_string(), |p| p.to_string());
-        let upstream = upstream_request(&req, req.method().clone(), path, body, model, false);
+        let mut upstream = upstream_request(&req, &state, req.method().clone(), path, body, model);
+        upstream.openai_route = false;
         Ok(relay(pool.forward(upstream).await?))
     };
     answer.await.unwrap_or_else(|e| fail(&state, started, e))
@@ -112,20 +113,16 @@ async fn serve(
         model,
         stream,
         cacheable,
-    } = classify(operation, &body, req.headers())?;
+        affinity,
+    } = classify(operation, &body, req.headers(), &state.affinity)?;
     if !state.view.table().knows_model(&model) {
         return Err(GatewayError::ModelNotFound(model));
     }
     let key = (cacheable && state.cache_enabled).then(|| cache_key(operation, &body));
-    let mut upstream = upstream_request(
-        req,
-        Method::POST,
-        operation.path().to_string(),
-        body,
-        model,
-        true,
-    );
+    let path = operation.path().to_string();
+    let mut upstream = upstream_request(req, state, Method::POST, path, body, model);
     upstream.stream = stream;
+    upstream.affinity = affinity;
     let Some(key) = key else {
         return Ok(relay(pool.forward(upstream).await?));
     };
@@ -149,11 +146,11 @@ async fn serve(
 
 fn upstream_request(
     req: &HttpRequest,
+    state: &AppState,
     method: Method,
     path: String,
     body: bytes::Bytes,
     model: String,
-    openai_route: bool,
 ) -> UpstreamRequest {
     UpstreamRequest {
         method,
@@ -163,7 +160,9 @@ fn upstream_request(
         authorization: req.headers().get(header::AUTHORIZATION).cloned(),
         model,
         stream: false,
-        openai_route,
+        openai_route: true,
+        affinity: None,
+        deadline: deadline(req.headers(), state.request_timeout),
     }
 }
 

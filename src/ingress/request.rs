@@ -7,9 +7,13 @@ use actix_web::http::header::{self, HeaderMap};
 use actix_web::web;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use serde::de::IgnoredAny;
-use serde::Deserialize;
+use std::time::{Duration, Instant};
 
+use nanogate_actors::policy::affinity::stable_hash;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::config::AffinitySettings;
 use crate::error::GatewayError;
 
 /// Which OpenAI operation a route is, and so which fields it requires.
@@ -33,16 +37,26 @@ impl Operation {
 /// Request header that opts a request into the cache whatever its sampling settings.
 pub const CACHE_OPT_IN: &str = "x-nanogate-cache";
 
+/// Request header with a client's deadline for the whole request, in milliseconds.
+pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
+/// The OpenAI SDKs send their timeout in seconds under this name.
+pub const SDK_TIMEOUT_HEADER: &str = "x-stainless-timeout";
+
 #[derive(Deserialize)]
 struct Fields<'a> {
     #[serde(borrow)]
     model: Option<Text<'a>>,
-    messages: Option<Vec<IgnoredAny>>,
-    prompt: Option<IgnoredAny>,
-    input: Option<IgnoredAny>,
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input: Option<&'a RawValue>,
     stream: Option<bool>,
     temperature: Option<f64>,
     seed: Option<i64>,
+    #[serde(borrow)]
+    user: Option<Text<'a>>,
 }
 
 /// A string that may or may not have escapes in it.
@@ -54,9 +68,9 @@ enum Text<'a> {
 }
 
 impl Text<'_> {
-    fn into_string(self) -> String {
+    fn as_str(&self) -> &str {
         match self {
-            Text::Borrowed(s) => s.to_string(),
+            Text::Borrowed(s) => s,
             Text::Owned(s) => s,
         }
     }
@@ -68,6 +82,8 @@ pub struct Classified {
     pub model: String,
     pub stream: bool,
     pub cacheable: bool,
+    /// Hash of the affinity key: the affinity header, else `user`, else the prompt's prefix.
+    pub affinity: Option<u64>,
 }
 
 /// Reads the body, refusing more than `limit` bytes (by `Content-Length` at once, else as it
@@ -96,11 +112,12 @@ pub async fn read_body(
     Ok(body.freeze())
 }
 
-/// Validates the fields `operation` requires and decides streaming and cacheability.
+/// Validates the fields `operation` requires and decides streaming, cacheability and affinity.
 pub fn classify(
     operation: Operation,
     body: &[u8],
     headers: &HeaderMap,
+    affinity: &AffinitySettings,
 ) -> Result<Classified, GatewayError> {
     let fields: Fields = serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
@@ -112,8 +129,8 @@ pub fn classify(
             GatewayError::BadJson(e.to_string())
         }
     })?;
-    let model = match fields.model {
-        Some(model) => model.into_string(),
+    let model = match &fields.model {
+        Some(model) => model.as_str().to_string(),
         None => return Err(GatewayError::MissingField("model")),
     };
     if model.is_empty() {
@@ -122,17 +139,19 @@ pub fn classify(
             reason: "must not be empty".into(),
         });
     }
-    match operation {
-        Operation::ChatCompletions if fields.messages.is_none() => {
-            return Err(GatewayError::MissingField("messages"))
-        }
-        Operation::Completions if fields.prompt.is_none() => {
-            return Err(GatewayError::MissingField("prompt"))
-        }
-        Operation::Embeddings if fields.input.is_none() => {
-            return Err(GatewayError::MissingField("input"))
-        }
-        _ => {}
+    let (name, content) = match operation {
+        Operation::ChatCompletions => ("messages", fields.messages),
+        Operation::Completions => ("prompt", fields.prompt),
+        Operation::Embeddings => ("input", fields.input),
+    };
+    let Some(content) = content else {
+        return Err(GatewayError::MissingField(name));
+    };
+    if operation == Operation::ChatCompletions && !content.get().starts_with('[') {
+        return Err(GatewayError::InvalidField {
+            field: "messages",
+            reason: "must be an array of messages".into(),
+        });
     }
     let stream = fields.stream.unwrap_or(false);
     let deterministic = operation == Operation::Embeddings
@@ -145,11 +164,39 @@ pub fn classify(
         .get(header::CACHE_CONTROL)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"));
+    let key = headers
+        .get(affinity.header.as_str())
+        .map(|v| (b'h', v.as_bytes()))
+        .filter(|(_, v)| !v.is_empty())
+        .or_else(|| fields.user.as_ref().map(|u| (b'u', u.as_str().as_bytes())))
+        .unwrap_or_else(|| {
+            let raw = content.get().as_bytes();
+            (b'p', &raw[..raw.len().min(affinity.prefix_bytes)])
+        });
+    let mut tagged = Vec::with_capacity(key.1.len() + 1);
+    tagged.push(key.0);
+    tagged.extend_from_slice(key.1);
     Ok(Classified {
         model,
         stream,
         cacheable: !stream && !bypass && (deterministic || opted_in),
+        affinity: Some(stable_hash(&tagged)),
     })
+}
+
+/// When the request must be done: `limit` from now, or sooner if the client asks.
+pub fn deadline(headers: &HeaderMap, limit: Duration) -> Instant {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let asked = header(TIMEOUT_HEADER)
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .or_else(|| {
+            header(SDK_TIMEOUT_HEADER)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map(|s| Duration::from_secs_f64(s.min(limit.as_secs_f64())))
+        });
+    Instant::now() + asked.map_or(limit, |a| a.min(limit))
 }
 
 #[cfg(test)]
@@ -157,11 +204,19 @@ mod tests {
     use super::*;
     use actix_web::http::header::HeaderValue;
 
+    fn affinity() -> AffinitySettings {
+        AffinitySettings {
+            header: "x-session-id".into(),
+            prefix_bytes: 32,
+        }
+    }
+
     fn chat(body: &str) -> Result<Classified, GatewayError> {
         classify(
             Operation::ChatCompletions,
             body.as_bytes(),
             &HeaderMap::new(),
+            &affinity(),
         )
     }
 
@@ -215,7 +270,7 @@ mod tests {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         let body = br#"{"model":"m","messages":[],"temperature":0}"#;
         assert!(
-            !classify(Operation::ChatCompletions, body, &headers)
+            !classify(Operation::ChatCompletions, body, &headers, &affinity())
                 .unwrap()
                 .cacheable
         );
@@ -226,7 +281,7 @@ mod tests {
         );
         let body = br#"{"model":"m","messages":[]}"#;
         assert!(
-            classify(Operation::ChatCompletions, body, &headers)
+            classify(Operation::ChatCompletions, body, &headers, &affinity())
                 .unwrap()
                 .cacheable
         );
@@ -234,7 +289,76 @@ mod tests {
             Operation::Embeddings,
             br#"{"model":"m","input":"x"}"#,
             &HeaderMap::new(),
+            &affinity(),
         );
         assert!(embeddings.unwrap().cacheable);
+    }
+}
+
+#[cfg(test)]
+mod affinity_tests {
+    use super::*;
+    use actix_web::http::header::{HeaderName, HeaderValue};
+
+    fn key(body: &str, session: Option<&str>) -> Option<u64> {
+        let settings = AffinitySettings {
+            header: "x-session-id".into(),
+            prefix_bytes: 40,
+        };
+        let mut headers = HeaderMap::new();
+        if let Some(s) = session {
+            headers.insert(
+                HeaderName::from_static("x-session-id"),
+                HeaderValue::from_str(s).unwrap(),
+            );
+        }
+        classify(
+            Operation::ChatCompletions,
+            body.as_bytes(),
+            &headers,
+            &settings,
+        )
+        .unwrap()
+        .affinity
+    }
+
+    #[test]
+    fn shared_prompt_prefixes_share_a_key_and_sessions_or_users_override_it() {
+        let system = r#"{"role":"system","content":"You are a careful assistant who"}"#;
+        let a = format!(r#"{{"model":"m","messages":[{system},{{"role":"user","content":"a"}}]}}"#);
+        let b = format!(r#"{{"model":"m","messages":[{system},{{"role":"user","content":"b"}}]}}"#);
+        let other = r#"{"model":"m","messages":[{"role":"system","content":"Something else entirely, really"}]}"#;
+        assert_eq!(key(&a, None), key(&b, None), "same 40-byte prefix");
+        assert_ne!(key(&a, None), key(other, None));
+        assert_eq!(
+            key(&a, Some("s1")),
+            key(other, Some("s1")),
+            "the session wins"
+        );
+        let with_user = r#"{"model":"m","messages":[],"user":"u1"}"#;
+        let with_user_too =
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"user":"u1"}"#;
+        assert_eq!(key(with_user, None), key(with_user_too, None));
+    }
+
+    #[test]
+    fn the_deadline_is_the_client_s_when_shorter() {
+        let limit = Duration::from_secs(600);
+        let mut headers = HeaderMap::new();
+        let now = Instant::now();
+        assert!(deadline(&headers, limit) >= now + limit);
+        headers.insert(
+            HeaderName::from_static(TIMEOUT_HEADER),
+            HeaderValue::from_static("1500"),
+        );
+        let d = deadline(&headers, limit);
+        assert!(d >= now + Duration::from_millis(1500) && d < now + Duration::from_secs(2));
+        let mut sdk = HeaderMap::new();
+        sdk.insert(
+            HeaderName::from_static(SDK_TIMEOUT_HEADER),
+            HeaderValue::from_static("2.5"),
+        );
+        let d = deadline(&sdk, limit);
+        assert!(d >= now + Duration::from_millis(2500) && d < now + Duration::from_secs(3));
     }
 }

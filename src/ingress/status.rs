@@ -1,6 +1,8 @@
 //! The operator's views: liveness, readiness, the models on offer, `/stats` (one JSON section
 //! per actor, as each actor reports itself) and `/metrics` (Prometheus text).
 
+use std::sync::atomic::Ordering;
+
 use actix_web::{web, HttpResponse};
 use nanogate_actors::metrics::RenderPrometheus;
 use nanogate_actors::GetStats;
@@ -13,12 +15,14 @@ pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// Ready when at least one backend is healthy.
+/// Ready when at least one backend is healthy and the gateway is not shutting down.
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let table = state.view.table();
     let healthy = table.endpoints.iter().filter(|e| e.is_healthy()).count();
-    let body = json!({"ready": healthy > 0, "healthy_endpoints": healthy, "endpoints": table.endpoints.len()});
-    if healthy > 0 {
+    let stopping = state.shutting_down.load(Ordering::Relaxed);
+    let ready = healthy > 0 && !stopping;
+    let body = json!({"ready": ready, "shutting_down": stopping, "healthy_endpoints": healthy, "endpoints": table.endpoints.len()});
+    if ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable()

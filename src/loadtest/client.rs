@@ -2,8 +2,8 @@
 //!
 //! Everything that decides whether a single request succeeded, and how long
 //! it took, lives here so the scheduler in `mod.rs` only deals in outcomes.
-//! The request body is serialised once and shared, because a load generator
-//! that re-encodes JSON per request measures itself as much as the server.
+//! Bodies come from the [`Workload`], which never re-encodes JSON per request,
+//! because a load generator that does measures itself as much as the server.
 
 use std::io;
 use std::time::Duration;
@@ -12,10 +12,10 @@ use awc::error::{PayloadError, SendRequestError};
 use awc::http::header;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use serde_json::json;
 use tokio::time::Instant;
 
 use super::sse::{self, Kind};
+use super::workload::Workload;
 use super::LoadtestArgs;
 
 /// Non-streamed bodies larger than this are reported as "bad body"; real chat
@@ -92,7 +92,7 @@ pub(crate) struct Outcome {
 pub(crate) struct Target {
     client: awc::Client,
     url: String,
-    body: Bytes,
+    workload: Workload,
     auth: Option<String>,
     stream: bool,
     timeout: Duration,
@@ -100,15 +100,6 @@ pub(crate) struct Target {
 
 impl Target {
     pub fn new(args: &LoadtestArgs, timeout: Duration) -> Self {
-        let mut body = json!({
-            "model": args.model,
-            "messages": [{"role": "user", "content": args.prompt}],
-            "max_tokens": args.max_tokens,
-            "stream": args.stream,
-        });
-        if args.stream {
-            body["stream_options"] = json!({"include_usage": true});
-        }
         let client = awc::Client::builder()
             .connector(awc::Connector::new().limit(0))
             .timeout(timeout)
@@ -116,20 +107,22 @@ impl Target {
         Self {
             client,
             url: args.url.clone(),
-            body: Bytes::from(body.to_string()),
+            workload: Workload::new(args),
             auth: args.api_key.as_ref().map(|key| format!("Bearer {key}")),
             stream: args.stream,
             timeout,
         }
     }
 
-    /// Sends one request. `scheduled` is when it should have started: in open
+    /// Sends request number `n`. `scheduled` is when it should have started: in open
     /// loop it may lie in the past when the concurrency cap delayed the send,
     /// and counting from it keeps that queueing in the latency
     /// (no coordinated omission).
-    pub async fn send(&self, scheduled: Instant) -> Outcome {
+    pub async fn send(&self, n: u64, scheduled: Instant) -> Outcome {
         let mut ttft = None;
-        let result = self.exchange(scheduled, &mut ttft).await;
+        let result = self
+            .exchange(self.workload.body(n), scheduled, &mut ttft)
+            .await;
         Outcome {
             latency: scheduled.elapsed(),
             ttft,
@@ -139,6 +132,7 @@ impl Target {
 
     async fn exchange(
         &self,
+        body: Bytes,
         scheduled: Instant,
         ttft: &mut Option<Duration>,
     ) -> Result<(), Failure> {
@@ -151,7 +145,7 @@ impl Target {
             req = req.insert_header((header::AUTHORIZATION, auth.as_str()));
         }
         let res = req
-            .send_body(self.body.clone())
+            .send_body(body)
             .await
             .map_err(|e| Failure::from_send(&e))?;
         // awc only bounds the wait for the response head; the body stream has

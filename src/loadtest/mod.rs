@@ -6,6 +6,8 @@
 //! omission, and `--stream` to measure time to first token. All requests run
 //! as futures on the current thread, which keeps the generator's own overhead
 //! predictable and needs no synchronisation around the statistics.
+//! `--prefixes` switches to the shared-system-prompt workload (see
+//! [`workload`]) that prefix-cache-aware routing is benchmarked with.
 
 mod client;
 mod progress;
@@ -13,6 +15,7 @@ mod sse;
 mod summary;
 #[cfg(test)]
 mod tests;
+mod workload;
 
 use std::future;
 use std::time::Duration;
@@ -47,9 +50,19 @@ pub struct LoadtestArgs {
     pub model: String,
     #[arg(long, default_value_t = 16)]
     pub max_tokens: u32,
-    /// Prompt text sent as the user message.
+    /// Prompt text sent as the user message (when --prefixes is 0).
     #[arg(long, default_value = "Say hello")]
     pub prompt: String,
+    /// Shared-prefix workload: this many distinct system prompts, each request sending one
+    /// (picked uniformly) plus a unique user question; 0 sends --prompt every time.
+    #[arg(long, default_value_t = 0)]
+    pub prefixes: usize,
+    /// Length of each system prompt in characters (8000 is about 2000 tokens).
+    #[arg(long, default_value_t = 8000)]
+    pub prefix_chars: usize,
+    /// Seed of the system prompts' text and of the per-request picks, for reproducible runs.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 60.0, value_parser = positive)]
     pub timeout: f64,
@@ -122,7 +135,7 @@ pub async fn run(args: &LoadtestArgs) -> Summary {
                 next_due = Some(due);
                 break;
             }
-            in_flight.push(target.send(due));
+            in_flight.push(target.send(started, due));
             started += 1;
         }
         if in_flight.is_empty() && started >= total {
@@ -171,6 +184,7 @@ mod cli {
         assert_eq!((a.requests, a.concurrency, a.max_tokens), (1000, 16, 16));
         assert_eq!((a.model.as_str(), a.timeout, a.rate), ("sim", 60.0, None));
         assert!(!a.stream && !a.json && !a.quiet && a.api_key.is_none());
+        assert_eq!((a.prefixes, a.prefix_chars, a.seed), (0, 8000, 1));
 
         let url = ["--url", "http://h/"];
         assert!(parse(&[&url[..], &["--rate", "0"]].concat()).is_err());

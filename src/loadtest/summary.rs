@@ -28,6 +28,9 @@ pub struct Summary {
     pub elapsed_s: f64,
     /// Completed requests (ok and failed) per second of wall time.
     pub rps: f64,
+    /// Successful requests per second of wall time: the throughput a benchmark compares, since
+    /// fast failures would otherwise count as served load.
+    pub ok_rps: f64,
     /// Total latency of successful requests; failures are fast or slow for
     /// reasons unrelated to serving and would distort the distribution.
     pub latency_ms: Percentiles,
@@ -131,6 +134,7 @@ impl Recorder {
             failed,
             elapsed_s,
             rps: rate(requests, elapsed_s),
+            ok_rps: rate(self.ok, elapsed_s),
             latency_ms: Percentiles::from_histogram(&self.latency),
             ttft_ms: (!self.ttft.is_empty()).then(|| Percentiles::from_histogram(&self.ttft)),
             failures: self.failures.clone(),
@@ -155,6 +159,7 @@ impl Summary {
         let _ = writeln!(out, "failed     {:>10}", self.failed);
         let _ = writeln!(out, "elapsed    {:>10.2} s", self.elapsed_s);
         let _ = writeln!(out, "throughput {:>10.1} req/s", self.rps);
+        let _ = writeln!(out, "ok rate    {:>10.1} req/s", self.ok_rps);
         let _ = writeln!(
             out,
             "\n{:<12}{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}",
@@ -245,7 +250,7 @@ mod tests {
         rec.record(&failed(Failure::Timeout));
         let s = rec.summary(Duration::from_millis(500));
         assert_eq!((s.requests, s.ok, s.failed), (5, 2, 3));
-        assert!(close(s.rps, 10.0));
+        assert!(close(s.rps, 10.0) && close(s.ok_rps, 4.0));
         assert_eq!(s.failures.get("status 503"), Some(&2));
         assert_eq!(s.failures.get("timeout"), Some(&1));
         assert!(close(s.latency_ms.mean, 20.0));

@@ -51,6 +51,20 @@ async fn chat(body: web::Json<Value>) -> HttpResponse {
     sse(vec![(0, a.into()), (2, b.into()), (0, c.into())])
 }
 
+/// Accepts only the shared-prefix shape: a system prompt, then a user question.
+async fn prefixed(body: web::Json<Value>) -> HttpResponse {
+    let roles = (
+        body["messages"][0]["role"].as_str(),
+        body["messages"][1]["role"].as_str(),
+    );
+    let system_len = body["messages"][0]["content"].as_str().map(str::len);
+    if roles == (Some("system"), Some("user")) && system_len == Some(300) {
+        HttpResponse::Ok().json(json!({"choices": [{"message": {"content": "Hello"}}]}))
+    } else {
+        HttpResponse::BadRequest().finish()
+    }
+}
+
 /// A running test server: its base URL, its handle, and how many TCP
 /// connections it has accepted (to check keep-alive reuse).
 struct TestServer {
@@ -65,6 +79,7 @@ async fn start_server() -> TestServer {
     let server = HttpServer::new(|| {
         App::new()
             .route("/v1/chat/completions", web::post().to(chat))
+            .route("/prefixed", web::post().to(prefixed))
             .route(
                 "/503",
                 web::post().to(|| async { HttpResponse::ServiceUnavailable().body("busy") }),
@@ -139,6 +154,9 @@ fn args(url: String, stream: bool) -> LoadtestArgs {
         api_key: Some("secret".into()),
         json: false,
         quiet: true,
+        prefixes: 0,
+        prefix_chars: 8000,
+        seed: 1,
     }
 }
 
@@ -245,5 +263,16 @@ async fn open_loop_counts_queueing_from_the_schedule() {
     assert!(s.latency_ms.max >= 100.0, "{s:?}");
     assert!(s.latency_ms.min >= 20.0, "{s:?}");
 
+    handle.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn shared_prefix_workload_sends_system_then_user() {
+    let TestServer { base, handle, .. } = start_server().await;
+    let mut a = args(format!("{base}/prefixed"), false);
+    a.prefixes = 3;
+    a.prefix_chars = 300;
+    let s = run(&a).await;
+    assert_eq!((s.ok, s.failed), (50, 0), "{s:?}");
     handle.stop(false).await;
 }

@@ -21,6 +21,11 @@ pub struct SimStats {
     pub completed: u64,
     pub cancelled: u64,
     pub errors: u64,
+    /// Prompt tokens of all requests that reached a batch slot (and of embeddings).
+    pub prompt_tokens: u64,
+    /// Prompt tokens looked up in the prefix cache, and how many of them it already held.
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
 }
 
 /// The fault switches, published together so a waiter sees a consistent set.
@@ -45,6 +50,9 @@ pub(crate) struct Counters {
     pub errors: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
+    /// In tokens, like vLLM's `prefix_cache_queries` and `prefix_cache_hits`.
+    pub prefix_queries: AtomicU64,
+    pub prefix_hits: AtomicU64,
 }
 
 /// Runtime switches of a running simulator, shared with its handlers.
@@ -112,6 +120,27 @@ impl SimControl {
             completed: c.completed.load(Relaxed),
             cancelled: c.cancelled.load(Relaxed),
             errors: c.errors.load(Relaxed),
+            prompt_tokens: c.prompt_tokens.load(Relaxed),
+            prefix_query_tokens: c.prefix_queries.load(Relaxed),
+            prefix_hit_tokens: c.prefix_hits.load(Relaxed),
+        }
+    }
+
+    /// Zeroes the cumulative counters (not the `running`/`waiting` gauges, which requests in
+    /// flight still hold up). Requests in flight at the reset are counted when they end.
+    pub(crate) fn reset_counters(&self) {
+        let c = &self.counters;
+        for counter in [
+            &c.requests,
+            &c.completed,
+            &c.cancelled,
+            &c.errors,
+            &c.prompt_tokens,
+            &c.generation_tokens,
+            &c.prefix_queries,
+            &c.prefix_hits,
+        ] {
+            counter.store(0, Relaxed);
         }
     }
 

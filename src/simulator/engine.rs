@@ -3,11 +3,13 @@
 //! At most `max_batch` sequences hold a batch slot; the rest wait FIFO on a semaphore. A
 //! sequence's first token comes a prefill time after it gets its slot, and each later token one
 //! decode step after the previous, where the step grows with the number of sequences running at
-//! that moment. Sequences are plain futures driven by the response body, so dropping the body
+//! that moment. Prefill is charged only for the prompt tokens the prefix cache does not already
+//! hold; the cache is consulted (and filled) when the sequence gets its slot, as vLLM's scheduler
+//! does. Sequences are plain futures driven by the response body, so dropping the body
 //! (client gone) releases the slot at once, and 10,000 idle streams cost only their timers.
 
 use std::{
-    sync::{atomic::Ordering::Relaxed, Arc},
+    sync::{atomic::Ordering::Relaxed, Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -19,6 +21,7 @@ use tokio::{
 
 use super::{
     control::{GaugeGuard, SimControl, Switches, Ticket},
+    prefix::{PrefixCache, BLOCK_TOKENS},
     SimConfig,
 };
 
@@ -41,21 +44,56 @@ pub fn decode_step(cfg: &SimConfig, running: usize) -> Duration {
 #[error("simulated GPU server went down")]
 pub struct Cut;
 
-/// Shared by all requests of one simulator: its knobs, its batch slots and its control.
+/// Shared by all requests of one simulator: its knobs, its batch slots, its prefix cache and its
+/// control.
 pub struct Engine {
     cfg: SimConfig,
     slots: Arc<Semaphore>,
+    /// A plain mutex: the simulator serves on one thread and holds it for one lookup.
+    prefix: Mutex<PrefixCache>,
     control: Arc<SimControl>,
 }
 
 impl Engine {
     pub fn new(cfg: SimConfig, control: Arc<SimControl>) -> Self {
         let slots = Arc::new(Semaphore::new(cfg.max_batch));
+        let prefix = Mutex::new(PrefixCache::new(cfg.prefix_cache_blocks));
         Self {
             cfg,
             slots,
+            prefix,
             control,
         }
+    }
+
+    /// Empties the prefix cache and zeroes the counters, so a benchmark run starts cold without
+    /// restarting the process.
+    pub fn flush(&self) {
+        self.prefix_cache().clear();
+        self.control.reset_counters();
+    }
+
+    /// Prompt tokens already cached for a prompt with these blocks, which are cached from now on.
+    /// Like vLLM, a fully cached prompt still computes its last token, and queries and hits are
+    /// counted in tokens.
+    fn cached_tokens(&self, blocks: &[u64], prompt_tokens: u32) -> u32 {
+        let hit_blocks = self.prefix_cache().lookup_and_insert(blocks);
+        let cached = u32::try_from(hit_blocks)
+            .unwrap_or(u32::MAX)
+            .saturating_mul(BLOCK_TOKENS)
+            .min(prompt_tokens.saturating_sub(1));
+        let counters = &self.control.counters;
+        counters
+            .prefix_queries
+            .fetch_add(u64::from(prompt_tokens), Relaxed);
+        counters.prefix_hits.fetch_add(u64::from(cached), Relaxed);
+        cached
+    }
+
+    /// A panic while holding the lock cannot leave the LRU inconsistent in a way that matters
+    /// for a simulation, so a poisoned lock is used as is.
+    fn prefix_cache(&self) -> std::sync::MutexGuard<'_, PrefixCache> {
+        self.prefix.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn cfg(&self) -> &SimConfig {
@@ -131,9 +169,11 @@ impl Outage {
 }
 
 /// What a request asks the GPU to do, decided before it queues.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Plan {
     pub prompt_tokens: u32,
+    /// The prompt's prefix-cache block keys (see [`super::prefix`]).
+    pub prefix_blocks: Vec<u64>,
     pub completion_tokens: u32,
     /// Extra delay before the first token (a drawn latency spike), zero for most requests.
     pub spike: Duration,
@@ -202,8 +242,11 @@ impl Sequence {
             counters
                 .prompt_tokens
                 .fetch_add(u64::from(self.plan.prompt_tokens), Relaxed);
+            let cached = self
+                .engine
+                .cached_tokens(&self.plan.prefix_blocks, self.plan.prompt_tokens);
             self.deadline = Instant::now()
-                + time_to_first_token(cfg, self.plan.prompt_tokens)
+                + time_to_first_token(cfg, self.plan.prompt_tokens - cached)
                 + self.plan.spike;
         } else if self.produced >= self.plan.completion_tokens {
             return Ok(Step::Done);
@@ -264,6 +307,88 @@ mod tests {
         assert_eq!(decode_step(&fast, 1), Duration::from_micros(2_500));
     }
 
+    /// Keys of an 8,000-character system prompt (2,000 tokens) followed by `question`.
+    fn prompt(question: &str) -> (u32, Vec<u64>) {
+        let mut blocks = super::super::prefix::BlockHasher::default();
+        let system: String = (0..8000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        blocks.feed(&system);
+        blocks.feed(question);
+        (((8000 + question.len()) / 4) as u32, blocks.finish())
+    }
+
+    #[test]
+    fn a_shared_system_prompt_is_prefilled_once() {
+        let control = Arc::new(SimControl::new(0.0));
+        let engine = Engine::new(cfg(), Arc::clone(&control));
+        let (tokens, blocks) = prompt("question 1: why?");
+        assert_eq!((tokens, blocks.len()), (2004, 125));
+        assert_eq!(engine.cached_tokens(&blocks, tokens), 0);
+        let (tokens, blocks) = prompt("question 2: and why not?");
+        let cached = engine.cached_tokens(&blocks, tokens);
+        assert_eq!(cached, 2000);
+        // Cold: 5 ms + 2,006 tokens * 50 us, about 105 ms; warm: 5 ms + 6 tokens.
+        assert_eq!(
+            time_to_first_token(&cfg(), tokens - cached),
+            Duration::from_micros(5_300)
+        );
+        let stats = control.snapshot();
+        assert_eq!(
+            (stats.prefix_query_tokens, stats.prefix_hit_tokens),
+            (2004 + 2006, 2000)
+        );
+        engine.flush();
+        let stats = control.snapshot();
+        assert_eq!((stats.prefix_query_tokens, stats.prefix_hit_tokens), (0, 0));
+        assert_eq!(engine.cached_tokens(&blocks, tokens), 0);
+    }
+
+    #[test]
+    fn prefix_cache_off_hits_nothing_and_a_full_hit_leaves_one_token() {
+        let control = Arc::new(SimControl::new(0.0));
+        let off = Engine::new(
+            SimConfig {
+                prefix_cache_blocks: 0,
+                ..cfg()
+            },
+            Arc::clone(&control),
+        );
+        let (tokens, blocks) = prompt("");
+        off.cached_tokens(&blocks, tokens);
+        assert_eq!(off.cached_tokens(&blocks, tokens), 0);
+        let on = Engine::new(cfg(), control);
+        on.cached_tokens(&blocks, tokens);
+        assert_eq!(on.cached_tokens(&blocks, tokens), tokens - 1);
+    }
+
+    #[actix_rt::test]
+    async fn warm_sequences_reach_the_first_token_sooner() {
+        let control = Arc::new(SimControl::new(0.0));
+        let engine = Arc::new(Engine::new(cfg(), Arc::clone(&control)));
+        let (tokens, blocks) = prompt("q");
+        let first_token = || {
+            let plan = Plan {
+                prompt_tokens: tokens,
+                prefix_blocks: blocks.clone(),
+                completion_tokens: 1,
+                spike: Duration::ZERO,
+            };
+            let ticket = Ticket::new(Arc::clone(&control));
+            let mut seq = Sequence::new(Arc::clone(&engine), plan, ticket, engine.outage());
+            async move {
+                let start = Instant::now();
+                assert_eq!(seq.next().await.ok(), Some(Step::Token(0)));
+                start.elapsed()
+            }
+        };
+        let cold = first_token().await;
+        let warm = first_token().await;
+        // The cold wait is at least its 105 ms of timer; the warm one is 5 ms plus scheduling.
+        assert!(cold >= Duration::from_millis(105), "{cold:?}");
+        assert!(warm < Duration::from_millis(60), "{warm:?}");
+    }
+
     #[actix_rt::test]
     async fn queue_is_fifo_and_counted() {
         let control = Arc::new(SimControl::new(0.0));
@@ -275,13 +400,14 @@ mod tests {
         let engine = Arc::new(Engine::new(fast, Arc::clone(&control)));
         let plan = Plan {
             prompt_tokens: 1,
+            prefix_blocks: Vec::new(),
             completion_tokens: 2,
             spike: Duration::ZERO,
         };
         let new_seq = || {
             Sequence::new(
                 Arc::clone(&engine),
-                plan,
+                plan.clone(),
                 Ticket::new(Arc::clone(&control)),
                 engine.outage(),
             )

@@ -14,7 +14,7 @@ pub fn render(cfg: &SimConfig, control: &SimControl) -> String {
     let counters = &control.counters;
     let model = escape_label(cfg.models.first().map_or("", String::as_str));
     let kv_cache_usage = (stats.running as f64 / cfg.max_batch as f64).min(1.0);
-    let series: [(&str, &str, &str, String); 6] = [
+    let series: [(&str, &str, &str, String); 8] = [
         (
             "vllm:num_requests_running",
             "gauge",
@@ -51,6 +51,18 @@ pub fn render(cfg: &SimConfig, control: &SimControl) -> String {
             "Number of generation tokens processed.",
             counters.generation_tokens.load(Relaxed).to_string(),
         ),
+        (
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            stats.prefix_query_tokens.to_string(),
+        ),
+        (
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            stats.prefix_hit_tokens.to_string(),
+        ),
     ];
     let mut out = String::with_capacity(1024);
     for (name, kind, help, value) in series {
@@ -82,6 +94,8 @@ mod tests {
         assert!(text.contains("vllm:num_requests_waiting{model_name=\"sim\"} 0\n"));
         assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"sim\"} 0\n"));
         assert!(text.contains("# TYPE vllm:generation_tokens_total counter\n"));
+        assert!(text.contains("vllm:prefix_cache_queries_total{model_name=\"sim\"} 0\n"));
+        assert!(text.contains("vllm:prefix_cache_hits_total{model_name=\"sim\"} 0\n"));
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

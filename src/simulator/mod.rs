@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`engine`]: the continuous-batching timing model (batch slots, time to first token, decode
 //!   steps) and the per-sequence drop guards that keep the counters right when clients vanish.
+//! - [`prefix`]: the automatic prefix cache (chained block keys, LRU) that shortens prefill.
 //! - [`control`]: runtime switches (down, hang, garbage, error rate) and the counters behind
 //!   `/sim/stats` and `/metrics`.
 //! - [`faults`]: the per-request random draws (error, hang, latency spike).
@@ -16,6 +17,7 @@ mod control;
 mod engine;
 mod faults;
 mod metrics;
+mod prefix;
 mod routes;
 mod sse;
 mod wire;
@@ -68,6 +70,10 @@ pub struct SimConfig {
     /// Fraction of requests that hang forever (never answer).
     #[arg(long, default_value_t = 0.0)]
     pub hang_rate: f64,
+    /// Prefix-cache capacity in blocks of 64 prompt characters (16 tokens); 0 turns it off.
+    /// Prompts whose leading blocks are cached skip their prefill.
+    #[arg(long, default_value_t = 4096)]
+    pub prefix_cache_blocks: usize,
 }
 
 impl Default for SimConfig {
@@ -85,6 +91,7 @@ impl Default for SimConfig {
             spike_rate: 0.0,
             spike_ms: 1000,
             hang_rate: 0.0,
+            prefix_cache_blocks: 4096,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The simulator's HTTP surface: vLLM's OpenAI endpoints, `/health`, `/metrics`, and the
-//! `/sim/*` control routes a separate `nanogate simulate` process is steered through.
+//! `/sim/*` control routes a separate `nanogate simulate` process is steered through
+//! (`/sim/stats`, `/sim/flush` to start a benchmark run cold, and the fault switches).
 //!
 //! "Down" and "hang" are applied by one gate middleware in front of every non-`/sim/` route,
 //! so even an unknown path or `/health` behaves like a dead or stuck server.
@@ -44,6 +45,8 @@ pub fn configure(engine: Sim) -> impl FnOnce(&mut web::ServiceConfig) {
             .service(endpoint("/health", web::get().to(health)))
             .service(endpoint("/metrics", web::get().to(prometheus)))
             .service(endpoint("/sim/stats", web::get().to(sim_stats)))
+            // Before `/sim/{switch}`, which would otherwise take it.
+            .service(endpoint("/sim/flush", web::post().to(sim_flush)))
             .service(endpoint("/sim/{switch}", web::post().to(sim_switch)))
             .default_service(web::to(not_found));
     }
@@ -132,6 +135,7 @@ async fn generate(engine: Arc<Engine>, body: &[u8], kind: Kind) -> HttpResponse 
     };
     let plan = Plan {
         prompt_tokens: request.prompt_tokens,
+        prefix_blocks: request.prefix_blocks,
         completion_tokens,
         spike,
     };
@@ -239,6 +243,12 @@ async fn sim_stats(sim: Sim) -> HttpResponse {
         StatusCode::OK,
         serde_json::to_vec(&sim.control().snapshot()),
     )
+}
+
+/// Empties the prefix cache and zeroes the counters; answers the (zeroed) stats.
+async fn sim_flush(sim: Sim) -> HttpResponse {
+    sim.flush();
+    sim_stats(sim).await
 }
 
 /// `POST /sim/{down,up,hang,unhang,garbage,ungarbage}`; answers the switches now in force.

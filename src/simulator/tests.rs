@@ -221,3 +221,49 @@ async fn behaves_like_vllm_over_http() {
     assert_eq!((stats.requests, stats.completed), (6, 3));
     sim.stop().await;
 }
+
+#[actix_rt::test]
+async fn shared_prefixes_hit_and_flush_starts_cold() {
+    let sim = start(([127, 0, 0, 1], 0).into(), fast())
+        .await
+        .expect("simulator binds");
+    let client = awc::Client::default();
+    let url = |path: &str| format!("{}{path}", sim.url());
+    let system = "s".repeat(640);
+    let ask = |question: &str| {
+        json!({"model": "sim", "max_tokens": 1, "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": question},
+        ]})
+    };
+    for question in ["question 1: first?", "question 2: second?"] {
+        let res = client
+            .post(url("/v1/chat/completions"))
+            .send_json(&ask(question))
+            .await
+            .expect("chat answers");
+        assert_eq!(res.status(), 200);
+    }
+    // Ten 64-character blocks of system prompt, 16 tokens each, hit the second time.
+    let stats = sim.control.snapshot();
+    assert_eq!(stats.prefix_hit_tokens, 160, "{stats:?}");
+    let mut res = client.get(url("/metrics")).send().await.expect("metrics");
+    let metrics = res.body().await.expect("metrics body");
+    let metrics = std::str::from_utf8(&metrics).expect("utf-8");
+    assert!(metrics.contains("vllm:prefix_cache_hits_total{model_name=\"sim\"} 160\n"));
+
+    let mut res = client.post(url("/sim/flush")).send().await.expect("flush");
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.expect("stats JSON");
+    assert_eq!(
+        (&body["requests"], &body["prefix_hit_tokens"]),
+        (&json!(0), &json!(0))
+    );
+    client
+        .post(url("/v1/chat/completions"))
+        .send_json(&ask("question 3: third?"))
+        .await
+        .expect("chat answers");
+    assert_eq!(sim.control.snapshot().prefix_hit_tokens, 0);
+    sim.stop().await;
+}

@@ -9,6 +9,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
 
+use super::prefix::BlockHasher;
+
 /// Which OpenAI endpoint a generation request came in on; it decides the response shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -53,6 +55,8 @@ struct RawStreamOptions {
 pub struct Generation {
     pub model: String,
     pub prompt_tokens: u32,
+    /// Prefix-cache keys of the prompt text's full blocks (none for a prompt of token ids).
+    pub prefix_blocks: Vec<u64>,
     /// `None` when the request set no limit: the simulated model then stops on its own.
     pub max_tokens: Option<u32>,
     pub stream: bool,
@@ -65,18 +69,28 @@ pub fn parse_generation(body: &[u8], kind: Kind) -> Result<Generation, String> {
     let raw: RawGeneration =
         serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
     let model = raw.model.ok_or("field `model` is required")?;
-    let prompt_tokens = match kind {
-        Kind::Chat => chars_to_tokens(
+    let (prompt_tokens, prefix_blocks) = match kind {
+        Kind::Chat => {
+            let mut text = PromptText::default();
             raw.messages
                 .ok_or("field `messages` is required")?
                 .iter()
-                .map(|m| m.content.as_ref().map_or(0, content_chars))
-                .sum(),
-        ),
+                .filter_map(|m| m.content.as_ref())
+                .for_each(|content| text.add(content));
+            text.finish()
+        }
         Kind::Completion => {
             let prompt = raw.prompt.ok_or("field `prompt` is required")?;
-            // A prompt given as token ids is already counted in tokens.
-            token_ids(&prompt).unwrap_or_else(|| chars_to_tokens(content_chars(&prompt)))
+            // A prompt given as token ids is already counted in tokens, and has no text to key
+            // the prefix cache by.
+            token_ids(&prompt).map_or_else(
+                || {
+                    let mut text = PromptText::default();
+                    text.add(&prompt);
+                    text.finish()
+                },
+                |tokens| (tokens, Vec::new()),
+            )
         }
     };
     let max_tokens = raw.max_completion_tokens.or(raw.max_tokens);
@@ -86,6 +100,7 @@ pub fn parse_generation(body: &[u8], kind: Kind) -> Result<Generation, String> {
     Ok(Generation {
         model,
         prompt_tokens,
+        prefix_blocks,
         max_tokens,
         stream: raw.stream.unwrap_or(false),
         include_usage: raw
@@ -100,23 +115,45 @@ fn chars_to_tokens(chars: usize) -> u32 {
     u32::try_from(chars / 4).unwrap_or(u32::MAX).max(1)
 }
 
-/// Characters of a message content or prompt: a string, or an array of strings or of parts
-/// with a `text` field (images and other parts count as nothing).
-fn content_chars(value: &Value) -> usize {
-    match value {
-        Value::String(s) => s.chars().count(),
-        Value::Array(items) => items
-            .iter()
-            .map(|item| match item {
-                Value::String(s) => s.chars().count(),
-                Value::Object(part) => part
-                    .get("text")
-                    .and_then(Value::as_str)
-                    .map_or(0, |s| s.chars().count()),
-                _ => 0,
-            })
-            .sum(),
-        _ => 0,
+/// A prompt's text as the model sees it for timing: its length, and its prefix-cache blocks over
+/// all pieces in order (chat message contents are concatenated).
+#[derive(Default)]
+struct PromptText {
+    chars: usize,
+    blocks: BlockHasher,
+}
+
+impl PromptText {
+    /// Adds a message content or prompt: a string, or an array of strings or of parts with a
+    /// `text` field (images and other parts count as nothing).
+    fn add(&mut self, value: &Value) {
+        match value {
+            Value::String(s) => self.add_str(s),
+            Value::Array(items) => {
+                for item in items {
+                    match item {
+                        Value::String(s) => self.add_str(s),
+                        Value::Object(part) => {
+                            if let Some(s) = part.get("text").and_then(Value::as_str) {
+                                self.add_str(s);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn add_str(&mut self, s: &str) {
+        self.chars += s.chars().count();
+        self.blocks.feed(s);
+    }
+
+    /// Prompt tokens and block keys.
+    fn finish(self) -> (u32, Vec<u64>) {
+        (chars_to_tokens(self.chars), self.blocks.finish())
     }
 }
 
@@ -447,6 +484,18 @@ mod tests {
             (g.prompt_tokens, g.max_tokens, g.stream),
             (3, Some(3), false)
         );
+    }
+
+    #[test]
+    fn prompt_blocks_span_messages() {
+        let half = "h".repeat(32);
+        let body = serde_json::json!({"model": "sim", "messages": [
+            {"role": "system", "content": half}, {"role": "user", "content": [{"type": "text", "text": half}]}]});
+        let g = parse_generation(body.to_string().as_bytes(), Kind::Chat).expect("valid request");
+        assert_eq!((g.prompt_tokens, g.prefix_blocks.len()), (16, 1));
+        let ids = br#"{"model":"sim","prompt":[1,2,3]}"#;
+        let g = parse_generation(ids, Kind::Completion).expect("valid request");
+        assert!(g.prefix_blocks.is_empty());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use awc::http::header::HeaderMap;
 use awc::http::StatusCode;
 use bytes::Bytes;
 use nanogate::config::Config;
-use nanogate::gateway::{Gateway, Signals};
+use nanogate::gateway::Gateway;
 use nanogate::simulator::{self, SimConfig, SimHandle};
 use nanogate_actors::endpoint::EndpointSpec;
 use serde_json::{json, Value};
@@ -66,9 +66,7 @@ pub fn config(backends: &[SimHandle]) -> Config {
 }
 
 pub async fn gateway(config: Config) -> Gateway {
-    Gateway::start(config, Signals::Ignore)
-        .await
-        .expect("gateway starts")
+    Gateway::start(config).await.expect("gateway starts")
 }
 
 pub fn client() -> awc::Client {

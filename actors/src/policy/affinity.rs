@@ -1,0 +1,171 @@
+//! Affinity: consistent hashing with bounded load (Mirrokni, Thorup, Zadimoghaddam, "Consistent
+//! Hashing with Bounded Loads", 2018). A request's affinity key (its session or user, or a hash of
+//! its prompt prefix) maps to a point on a ring of virtual nodes; the request goes to the first
+//! endpoint clockwise whose in-flight count stays within `load_factor` × the average, so requests
+//! sharing a prefix keep landing on the backend whose prefix cache holds it, until that backend
+//! is loaded beyond the bound and the excess spills to the next one. Requests without a key, and
+//! ties of the ring, are left to power of two choices.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use rand::RngCore;
+
+use super::p2c::pick_two;
+use super::{Policy, PolicyKind};
+use crate::endpoint::{Bits, Eligible, Endpoint};
+
+/// Virtual nodes per endpoint: enough to spread keys evenly over a handful of backends.
+const VIRTUAL_NODES: usize = 64;
+
+#[derive(Debug)]
+pub struct Affinity {
+    /// (point, slot), sorted by point.
+    ring: Vec<(u64, usize)>,
+    load_factor: f64,
+}
+
+/// A stable 64-bit hash (SipHash with fixed keys), for ring points and affinity keys.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+impl Affinity {
+    pub fn new(endpoints: &[Arc<Endpoint>], load_factor: f64) -> Self {
+        let mut ring: Vec<(u64, usize)> = endpoints
+            .iter()
+            .enumerate()
+            .flat_map(|(slot, e)| {
+                (0..VIRTUAL_NODES)
+                    .map(move |v| (stable_hash(format!("{}#{v}", e.url).as_bytes()), slot))
+            })
+            .collect();
+        ring.sort_unstable();
+        Self {
+            ring,
+            load_factor: load_factor.max(1.0),
+        }
+    }
+}
+
+impl Policy for Affinity {
+    fn kind(&self) -> PolicyKind {
+        PolicyKind::Affinity
+    }
+
+    fn pick(&self, eligible: &Eligible<'_>, rng: &mut dyn RngCore) -> Option<usize> {
+        let Some(key) = eligible.affinity else {
+            return pick_two(eligible, rng);
+        };
+        let n = eligible.slots.len();
+        let total: u32 = eligible
+            .slots
+            .iter()
+            .map(|s| eligible.endpoint(s).in_flight())
+            .sum();
+        let bound = (self.load_factor * f64::from(total + 1) / n as f64).ceil() as u32;
+        let start = self.ring.partition_point(|(point, _)| *point < key);
+        let mut seen = Bits::default();
+        let mut least: Option<(u32, usize)> = None;
+        for &(_, slot) in self.ring[start..].iter().chain(&self.ring[..start]) {
+            if !eligible.slots.contains(slot) || seen.contains(slot) {
+                continue;
+            }
+            let in_flight = eligible.endpoint(slot).in_flight();
+            if in_flight < bound {
+                return Some(slot);
+            }
+            seen.insert(slot);
+            if least.is_none_or(|(l, _)| in_flight < l) {
+                least = Some((in_flight, slot));
+            }
+            if seen.len() == n {
+                break;
+            }
+        }
+        least
+            .map(|(_, slot)| slot)
+            .or_else(|| pick_two(eligible, rng))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::tests::{request, table_with};
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+
+    #[test]
+    fn the_same_key_lands_on_the_same_endpoint() {
+        let t = table_with(PolicyKind::Affinity, &[1.0; 4], &[None, None, None, None]);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut owners = std::collections::HashSet::new();
+        for key in 0..200u64 {
+            let mut r = request("m");
+            r.affinity = Some(stable_hash(&key.to_le_bytes()));
+            let first = t.pick(&r, &mut rng).unwrap().0;
+            for _ in 0..5 {
+                assert_eq!(t.pick(&r, &mut rng).unwrap().0, first);
+            }
+            owners.insert(first);
+        }
+        assert_eq!(owners.len(), 4, "keys spread over every endpoint");
+    }
+
+    #[test]
+    fn load_beyond_the_bound_spills_to_the_next_endpoint() {
+        let t = table_with(PolicyKind::Affinity, &[1.0; 4], &[None, None, None, None]);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut r = request("m");
+        r.affinity = Some(42);
+        let owner = t.pick(&r, &mut rng).unwrap().0;
+        let mut held = Vec::new();
+        let mut placements = [0u32; 4];
+        for _ in 0..40 {
+            let (slot, e) = t.pick(&r, &mut rng).unwrap();
+            placements[slot] += 1;
+            held.push(e.begin());
+        }
+        let max = *placements.iter().max().unwrap();
+        assert_eq!(
+            placements.iter().position(|&p| p == max),
+            Some(owner),
+            "{placements:?}"
+        );
+        assert!(
+            max <= (1.25f64 * 40.0 / 4.0).ceil() as u32 + 1,
+            "bounded: {placements:?}"
+        );
+        assert!(
+            placements.iter().filter(|&&p| p > 0).count() > 1,
+            "spilled: {placements:?}"
+        );
+    }
+
+    #[test]
+    fn a_removed_endpoint_only_moves_its_own_keys() {
+        let four = table_with(PolicyKind::Affinity, &[1.0; 4], &[None, None, None, None]);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut moved = 0;
+        for key in 0..400u64 {
+            let mut r = request("m");
+            r.affinity = Some(stable_hash(&key.to_le_bytes()));
+            let before = four.pick(&r, &mut rng).unwrap().0;
+            four.endpoints[3].set_draining(true);
+            let after = four.pick(&r, &mut rng).unwrap().0;
+            four.endpoints[3].set_draining(false);
+            if before != 3 {
+                assert_eq!(before, after, "keys of other endpoints stay put");
+            } else {
+                moved += 1;
+            }
+        }
+        assert!(
+            moved > 50 && moved < 150,
+            "about a quarter of the keys moved: {moved}"
+        );
+    }
+}

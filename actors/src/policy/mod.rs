@@ -1,0 +1,90 @@
+//! Routing policies: small types behind one [`Policy`] trait, chosen in config
+//! (`[balancer] policy`). Each picks a table slot among the eligible endpoints (healthy, not
+//! draining, circuit closed, serving the model) reading only the endpoints' atomics, so a pick
+//! takes no lock and waits on no actor.
+//!
+//! - [`weighted`]: weighted random on the balancer's success/failure weights (the seed policy).
+//! - [`round_robin`]: each endpoint in turn.
+//! - [`p2c`]: power of two choices on peak-EWMA latency × (in-flight + 1).
+//! - [`least_load`]: the least loaded by what the backends report about their own queues and
+//!   running batch, blended with the gateway's in-flight count.
+//! - [`affinity`]: consistent hashing with bounded load on a session/user/prompt-prefix key, so a
+//!   backend's prefix cache is reused; falls back to p2c for requests without a key.
+
+pub mod affinity;
+pub mod least_load;
+pub mod p2c;
+pub mod round_robin;
+pub mod weighted;
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::{Eligible, Endpoint};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    Weighted,
+    RoundRobin,
+    P2c,
+    LeastLoad,
+    Affinity,
+}
+
+impl PolicyKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Weighted => "weighted",
+            Self::RoundRobin => "round_robin",
+            Self::P2c => "p2c",
+            Self::LeastLoad => "least_load",
+            Self::Affinity => "affinity",
+        }
+    }
+}
+
+/// Policy choice and tuning; defaults documented in `config/default.toml`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PolicySettings {
+    pub policy: PolicyKind,
+    /// Affinity: an endpoint takes a keyed request while its in-flight count stays within this
+    /// factor of the average; beyond it the request spills to the next endpoint on the ring.
+    pub affinity_load_factor: f64,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        Self {
+            policy: PolicyKind::Affinity,
+            affinity_load_factor: 1.25,
+        }
+    }
+}
+
+/// Chooses one slot of `eligible` (which is never empty).
+pub trait Policy: Send + Sync + Debug {
+    fn kind(&self) -> PolicyKind;
+    fn pick(&self, eligible: &Eligible<'_>, rng: &mut dyn RngCore) -> Option<usize>;
+}
+
+pub fn build(settings: &PolicySettings, endpoints: &[Arc<Endpoint>]) -> Box<dyn Policy> {
+    match settings.policy {
+        PolicyKind::Weighted => Box::new(weighted::Weighted),
+        PolicyKind::RoundRobin => Box::new(round_robin::RoundRobin::default()),
+        PolicyKind::P2c => Box::new(p2c::P2c),
+        PolicyKind::LeastLoad => Box::new(least_load::LeastLoad),
+        PolicyKind::Affinity => Box::new(affinity::Affinity::new(
+            endpoints,
+            settings.affinity_load_factor,
+        )),
+    }
+}
+
+/// A uniform index below `n` (n > 0) from the object-safe RNG.
+fn below(rng: &mut dyn RngCore, n: usize) -> usize {
+    ((u64::from(rng.next_u32()) * n as u64) >> 32) as usize
+}

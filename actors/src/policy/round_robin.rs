@@ -1,0 +1,54 @@
+//! Round robin: each eligible endpoint in turn, whatever its speed: the baseline the other
+//! policies are measured against.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rand::RngCore;
+
+use super::{Policy, PolicyKind};
+use crate::endpoint::Eligible;
+
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    next: AtomicUsize,
+}
+
+impl Policy for RoundRobin {
+    fn kind(&self) -> PolicyKind {
+        PolicyKind::RoundRobin
+    }
+
+    fn pick(&self, eligible: &Eligible<'_>, _rng: &mut dyn RngCore) -> Option<usize> {
+        let n = eligible.slots.len();
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        eligible.slots.iter().nth(turn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::endpoint::tests::{request, table_with};
+    use crate::policy::PolicyKind;
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+
+    #[test]
+    fn takes_turns_and_skips_the_unavailable() {
+        let t = table_with(
+            PolicyKind::RoundRobin,
+            &[1.0, 1.0, 1.0],
+            &[None, None, None],
+        );
+        let mut rng = SmallRng::seed_from_u64(1);
+        let picks: Vec<usize> = (0..6)
+            .map(|_| t.pick(&request("m"), &mut rng).unwrap().0)
+            .collect();
+        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+        t.endpoints[1].set_draining(true);
+        let picks: Vec<usize> = (0..4)
+            .map(|_| t.pick(&request("m"), &mut rng).unwrap().0)
+            .collect();
+        assert!(picks.iter().all(|&p| p != 1));
+        assert!(picks.contains(&0) && picks.contains(&2));
+    }
+}

@@ -1,0 +1,181 @@
+//! `/admin/endpoints`: list, add, remove and drain backends at runtime. Behind a bearer token
+//! (`[admin] token`, better given as `NANOGATE__ADMIN__TOKEN`); without a configured token the
+//! routes do not exist (404), so an operator cannot leave them open by accident.
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use nanogate_actors::balancer::{AddEndpoint, DrainEndpoint, ListEndpoints, RemoveEndpoint};
+use nanogate_actors::endpoint::EndpointSpec;
+use serde_json::json;
+
+use super::AppState;
+use crate::config::check_endpoint;
+use crate::error::GatewayError;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/admin")
+            .route("/endpoints", web::get().to(list))
+            .route("/endpoints", web::post().to(add))
+            .route("/endpoints/{id}", web::delete().to(remove))
+            .route("/endpoints/{id}/drain", web::post().to(drain))
+            .route("/endpoints/{id}/undrain", web::post().to(undrain)),
+    );
+}
+
+/// The admin routes are off without a token, and refuse a request without the right one.
+fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), GatewayError> {
+    let Some(expected) = &state.admin_authorization else {
+        return Err(GatewayError::UnknownRoute {
+            method: req.method().to_string(),
+            path: req.path().to_string(),
+        });
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if constant_time_eq(given, expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(GatewayError::Unauthorized)
+    }
+}
+
+/// Compares without stopping at the first difference, so timing does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unavailable(e: impl std::fmt::Display) -> GatewayError {
+    GatewayError::Internal(format!("the balancer did not answer: {e}"))
+}
+
+async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, GatewayError> {
+    authorize(&req, &state)?;
+    let specs = state
+        .balancer
+        .send(ListEndpoints)
+        .await
+        .map_err(unavailable)?;
+    let table = state.view.table();
+    let endpoints: Vec<_> = specs
+        .into_iter()
+        .map(|(id, spec)| {
+            let live = table.by_id(id);
+            json!({
+                "id": id,
+                "url": spec.url,
+                "weight": live.map_or(spec.weight, |e| e.weight()),
+                "models": spec.models,
+                "healthy": live.is_some_and(|e| e.is_healthy()),
+                "draining": live.is_some_and(|e| e.is_draining()),
+                "in_flight": live.map_or(0, |e| e.in_flight()),
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({"endpoints": endpoints})))
+}
+
+async fn add(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, GatewayError> {
+    authorize(&req, &state)?;
+    let spec: EndpointSpec =
+        serde_json::from_slice(&body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+    check_endpoint(&spec, "body").map_err(|e| GatewayError::InvalidField {
+        field: "url",
+        reason: e.to_string(),
+    })?;
+    match state
+        .balancer
+        .send(AddEndpoint(spec))
+        .await
+        .map_err(unavailable)?
+    {
+        Ok(id) => Ok(HttpResponse::Created().json(json!({"id": id}))),
+        Err(reason) => Err(GatewayError::Conflict(reason)),
+    }
+}
+
+fn endpoint_id(path: &web::Path<String>) -> Result<usize, GatewayError> {
+    path.parse().map_err(|_| GatewayError::InvalidField {
+        field: "id",
+        reason: format!("'{path}' is not an endpoint id"),
+    })
+}
+
+fn found(existed: bool, id: usize) -> Result<HttpResponse, GatewayError> {
+    if existed {
+        Ok(HttpResponse::Ok().json(json!({"id": id})))
+    } else {
+        Err(GatewayError::NoSuchEndpoint(id))
+    }
+}
+
+async fn remove(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, GatewayError> {
+    authorize(&req, &state)?;
+    let id = endpoint_id(&path)?;
+    found(
+        state
+            .balancer
+            .send(RemoveEndpoint(id))
+            .await
+            .map_err(unavailable)?,
+        id,
+    )
+}
+
+async fn set_draining(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    drain: bool,
+) -> Result<HttpResponse, GatewayError> {
+    authorize(&req, &state)?;
+    let id = endpoint_id(&path)?;
+    let message = DrainEndpoint {
+        endpoint: id,
+        drain,
+    };
+    found(state.balancer.send(message).await.map_err(unavailable)?, id)
+}
+
+async fn drain(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> HttpResponse {
+    set_draining(req, state, path, true)
+        .await
+        .unwrap_or_else(|e| e.error_response())
+}
+
+async fn undrain(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> HttpResponse {
+    set_draining(req, state, path, false)
+        .await
+        .unwrap_or_else(|e| e.error_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"Bearer abc", b"Bearer abc"));
+        assert!(!constant_time_eq(b"Bearer abd", b"Bearer abc"));
+        assert!(!constant_time_eq(b"Bearer ab", b"Bearer abc"));
+    }
+}

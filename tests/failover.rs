@@ -1,0 +1,220 @@
+//! Failures the client never sees: retries before the first byte within a retry budget, a
+//! hanging backend timed out and the request served elsewhere within its deadline, passive
+//! ejection of failing backends, and routing policies chosen in config.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use nanogate_actors::policy::PolicyKind;
+use serde_json::json;
+
+fn chat_url(gw: &nanogate::gateway::Gateway) -> String {
+    format!("{}/v1/chat/completions", gw.url())
+}
+
+#[actix_rt::test]
+async fn a_backend_switched_down_during_a_burst_costs_the_clients_nothing() {
+    let backends = sims(vec![paced(2), paced(2), paced(2)]).await;
+    let mut cfg = config(&backends);
+    cfg.health.interval_ms = 60_000;
+    cfg.balancer.policy = PolicyKind::RoundRobin;
+    let gw = gateway(cfg).await;
+    let client = client();
+    let url = chat_url(&gw);
+    let request = chat(5);
+    let burst = futures_util::future::join_all((0..240).map(|i| {
+        let (client, url, request) = (&client, &url, &request);
+        async move {
+            actix_rt::time::sleep(Duration::from_millis(i * 2)).await;
+            post(client, url, request).await
+        }
+    }));
+    let kill = async {
+        actix_rt::time::sleep(Duration::from_millis(150)).await;
+        backends[1].control.set_down(true);
+    };
+    let (answers, ()) = futures_util::future::join(burst, kill).await;
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status != 200)
+        .map(|a| a.text())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 240 failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let s = stats(&client, &gw).await;
+    assert_eq!(
+        s["balancer"]["endpoints"][1]["circuit"], "open",
+        "the dead backend was ejected"
+    );
+    assert!(s["balancer"]["retry_budget"]["retries"].as_u64().unwrap() >= 1);
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn a_hanging_backend_is_timed_out_and_the_request_served_elsewhere_within_its_deadline() {
+    let backends = sims(vec![fast(), fast()]).await;
+    let mut cfg = config(&backends);
+    cfg.health.interval_ms = 60_000;
+    cfg.upstream.first_byte_timeout_ms = 400;
+    cfg.balancer.policy = PolicyKind::RoundRobin;
+    let gw = gateway(cfg).await;
+    let client = client();
+    backends[0].control.set_hang(true);
+    for _ in 0..4 {
+        let started = Instant::now();
+        let answer = client
+            .post(chat_url(&gw))
+            .insert_header(("x-request-timeout-ms", "2000"))
+            .send_json(&chat(3))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.headers().get("x-nanogate-endpoint").unwrap(), "1");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "within the deadline"
+        );
+    }
+    backends[0].control.set_hang(false);
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn the_client_deadline_is_honoured() {
+    let backends = sims(vec![paced(50)]).await;
+    let gw = gateway(config(&backends)).await;
+    let client = client();
+    let started = Instant::now();
+    let answer = client
+        .post(chat_url(&gw))
+        .insert_header(("x-request-timeout-ms", "300"))
+        .send_json(&chat(100))
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 504);
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn a_backend_returning_garbage_is_ejected_and_probed_back() {
+    let backends = sims(vec![fast(), fast()]).await;
+    let mut cfg = config(&backends);
+    cfg.health.interval_ms = 60_000;
+    cfg.balancer.policy = PolicyKind::RoundRobin;
+    cfg.balancer.ejection_cooldown_ms = 300;
+    let gw = gateway(cfg).await;
+    let client = client();
+    backends[0].control.set_garbage(true);
+    for _ in 0..12 {
+        assert_eq!(post(&client, &chat_url(&gw), &chat(1)).await.status, 200);
+    }
+    let endpoint = stats(&client, &gw).await["balancer"]["endpoints"][0].clone();
+    assert_eq!(endpoint["circuit"], "open", "{endpoint}");
+    let before = backends[0].control.snapshot().requests;
+    for _ in 0..6 {
+        assert_eq!(post(&client, &chat_url(&gw), &chat(1)).await.status, 200);
+    }
+    assert_eq!(
+        backends[0].control.snapshot().requests,
+        before,
+        "no traffic while ejected"
+    );
+    backends[0].control.set_garbage(false);
+    let back = eventually(Duration::from_secs(3), || async {
+        post(&client, &chat_url(&gw), &chat(1)).await;
+        stats(&client, &gw).await["balancer"]["endpoints"][0]["circuit"] == "closed"
+    })
+    .await;
+    assert!(
+        back,
+        "after its cool-down a trial request closed the circuit"
+    );
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn the_retry_budget_caps_retries() {
+    let backends = sims(vec![fast(), fast()]).await;
+    let mut cfg = config(&backends);
+    cfg.health.interval_ms = 60_000;
+    cfg.balancer.policy = PolicyKind::RoundRobin;
+    cfg.balancer.eject_after_failures = 1000;
+    cfg.upstream.retry_ratio = 0.0;
+    cfg.upstream.retry_burst = 2;
+    let gw = gateway(cfg).await;
+    let client = client();
+    backends[0].control.set_error_rate(1.0);
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(
+            post(&client, &chat_url(&gw), &chat(1))
+                .await
+                .status
+                .as_u16(),
+        );
+    }
+    // Round robin sends six of the ten to the failing backend first; two retries fit the budget,
+    // the other four get the backend's own error passed through.
+    assert_eq!(statuses, [200, 200, 500, 200, 500, 200, 500, 200, 500, 200]);
+    let budget = &stats(&client, &gw).await["balancer"]["retry_budget"];
+    assert_eq!(budget["retries"], 2);
+    assert_eq!(budget["denied"], 4);
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn the_policy_is_chosen_in_config_and_affinity_keeps_sessions_together() {
+    let backends = sims(vec![fast(), fast(), fast()]).await;
+    let gw = gateway(config(&backends)).await;
+    let client = client();
+    assert_eq!(stats(&client, &gw).await["balancer"]["policy"], "affinity");
+    for session in ["alice", "bob", "carol", "dave"] {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..5 {
+            let answer = client
+                .post(chat_url(&gw))
+                .insert_header(("x-session-id", session))
+                .send_json(&chat(1))
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 200);
+            seen.insert(
+                answer
+                    .headers()
+                    .get("x-nanogate-endpoint")
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        assert_eq!(
+            seen.len(),
+            1,
+            "session {session} stayed on one backend: {seen:?}"
+        );
+    }
+    let shared_prefix = |question: &str| {
+        json!({"model": "sim", "max_tokens": 1, "messages": [
+            {"role": "system", "content": "You are the assistant of a very long shared system prompt that every request repeats. ".repeat(4)},
+            {"role": "user", "content": question}]})
+    };
+    let mut seen = std::collections::HashSet::new();
+    for q in ["one", "two", "three", "four", "five"] {
+        let answer = post(&client, &chat_url(&gw), &shared_prefix(q)).await;
+        seen.insert(answer.header("x-nanogate-endpoint").unwrap());
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "a shared prompt prefix keeps one backend: {seen:?}"
+    );
+    gw.stop(false).await;
+}
