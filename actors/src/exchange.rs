@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use awc::http::header::HeaderMap;
 use awc::http::StatusCode;
-use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use std::rc::Rc;
@@ -39,7 +39,14 @@ pub(crate) struct Head {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub endpoint: usize,
+    /// The whole body, when it was small and not a stream (see [`INLINE_BODY_MAX`]).
+    pub body: Option<Bytes>,
 }
+
+/// A non-streamed answer whose `Content-Length` is at most this is read whole by the worker
+/// and handed over with the head: a backend sends such a JSON answer in one piece anyway, and it
+/// saves the relay and the extra wake-ups of the client connection per request.
+pub const INLINE_BODY_MAX: u64 = 256 * 1024;
 
 /// The upstream body was cut off mid-way (not for SSE, which ends with an error event instead).
 #[derive(Debug, thiserror::Error)]
@@ -47,21 +54,21 @@ pub(crate) struct Head {
 pub struct RelayError(String);
 
 /// The client side of the relay.
-pub struct ExchangeBody {
-    chunks: mpsc::Receiver<Result<Bytes, RelayError>>,
-}
-
-impl ExchangeBody {
-    pub(crate) fn new(chunks: mpsc::Receiver<Result<Bytes, RelayError>>) -> Self {
-        Self { chunks }
-    }
+pub enum ExchangeBody {
+    /// Read whole by the worker.
+    Complete(Option<Bytes>),
+    /// Relayed chunk by chunk as it arrives.
+    Relayed(mpsc::Receiver<Result<Bytes, RelayError>>),
 }
 
 impl Stream for ExchangeBody {
     type Item = Result<Bytes, RelayError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.chunks.poll_recv(cx)
+        match &mut *self {
+            ExchangeBody::Complete(body) => Poll::Ready(body.take().map(Ok)),
+            ExchangeBody::Relayed(chunks) => chunks.poll_recv(cx),
+        }
     }
 }
 
@@ -88,6 +95,43 @@ pub(crate) struct RelayLimits {
 
 /// Copies the upstream body into the channel until it ends, fails, stalls, passes its deadline,
 /// or the client goes away.
+/// Reads a small non-streamed body whole (the worker then hands it over with the head) and
+/// reports the outcome; an error means the backend failed before any byte reached the client.
+pub(crate) async fn read_whole(
+    upstream: &mut awc::ClientResponse,
+    held: Held,
+    started: Instant,
+    limits: RelayLimits,
+) -> Result<Bytes, (Held, String)> {
+    let wait = limits
+        .idle
+        .min(limits.deadline.saturating_duration_since(Instant::now()));
+    let read = upstream.body().limit(INLINE_BODY_MAX as usize);
+    match tokio::time::timeout(wait, read).await {
+        Ok(Ok(body)) => {
+            let timing = Timing {
+                first_chunk: Some(started.elapsed()),
+                last_chunk: None,
+                gaps: Duration::ZERO,
+                chunks: 1,
+            };
+            report(
+                held,
+                upstream.status().as_u16(),
+                Ending::Complete,
+                &timing,
+                started,
+            );
+            Ok(body)
+        }
+        Ok(Err(e)) => Err((held, e.to_string())),
+        Err(_) => Err((
+            held,
+            "the backend went silent while sending its answer".into(),
+        )),
+    }
+}
+
 pub(crate) async fn relay(
     mut upstream: awc::ClientResponse,
     chunks: mpsc::Sender<Result<Bytes, RelayError>>,
@@ -104,29 +148,38 @@ pub(crate) async fn relay(
     let mut tail = StreamTail::default();
     let idle = tokio::time::sleep(limits.idle);
     tokio::pin!(idle);
+    // An item polled while gathering a batch, handled at the top of the next turn.
+    let mut pending = None;
     let ending = loop {
-        let wake = (Instant::now() + limits.idle).min(limits.deadline);
-        idle.as_mut().reset(wake.into());
-        let next = tokio::select! {
-            next = upstream.next() => next,
-            () = chunks.closed() => break Ending::Cancelled,
-            () = idle.as_mut() => {
-                let why = if Instant::now() >= limits.deadline {
-                    "the request's deadline passed"
-                } else {
-                    "the backend went silent"
-                };
-                log::warn!("{why} after {} chunks; ending the response", timing.chunks);
-                let _ = chunks.send(failure(sse, why)).await;
-                break Ending::Broken;
+        let next = match pending.take() {
+            Some(item) => item,
+            None => {
+                let wake = (Instant::now() + limits.idle).min(limits.deadline);
+                idle.as_mut().reset(wake.into());
+                tokio::select! {
+                    next = upstream.next() => next,
+                    () = chunks.closed() => break Ending::Cancelled,
+                    () = idle.as_mut() => {
+                        let why = if Instant::now() >= limits.deadline {
+                            "the request's deadline passed"
+                        } else {
+                            "the backend went silent"
+                        };
+                        log::warn!("{why} after {} chunks; ending the response", timing.chunks);
+                        let _ = chunks.send(failure(sse, why)).await;
+                        break Ending::Broken;
+                    }
+                }
             }
         };
         match next {
             Some(Ok(chunk)) => {
-                timing.chunk(started);
-                if sse {
-                    tail.push(&chunk);
-                }
+                let chunk = gather(&mut upstream, chunk, &mut pending, |c| {
+                    timing.chunk(started);
+                    if sse {
+                        tail.push(c);
+                    }
+                });
                 let delivered = tokio::select! {
                     sent = chunks.send(Ok(chunk)) => sent.is_ok(),
                     () = chunks.closed() => false,
@@ -140,12 +193,7 @@ pub(crate) async fn relay(
                     "upstream body failed after {} chunks: {error}",
                     timing.chunks
                 );
-                let last = if sse {
-                    Ok(Bytes::from_static(STREAM_ERROR_EVENT))
-                } else {
-                    Err(RelayError(error.to_string()))
-                };
-                let _ = chunks.send(last).await;
+                let _ = chunks.send(failure(sse, &error.to_string())).await;
                 break Ending::Broken;
             }
             None if sse && status < 300 && !tail.is_done() => {
@@ -153,15 +201,46 @@ pub(crate) async fn relay(
                     "upstream stream ended without [DONE] after {} chunks",
                     timing.chunks
                 );
-                let _ = chunks
-                    .send(Ok(Bytes::from_static(STREAM_ERROR_EVENT)))
-                    .await;
+                let _ = chunks.send(failure(sse, "the stream ended early")).await;
                 break Ending::Broken;
             }
             None => break Ending::Complete,
         }
     };
     report(held, status, ending, &timing, started);
+}
+
+/// Most bytes gathered into one relayed chunk.
+const GATHER_MAX: usize = 64 * 1024;
+
+/// Joins `first` with the chunks the upstream already has buffered, so a backend that sends
+/// faster than the client reads costs one channel message and one client write per batch rather
+/// than per chunk; a chunk that is not ready yet is never waited for. `each` sees every upstream
+/// chunk; an item that is not a chunk (end or error) is left in `pending`.
+fn gather(
+    upstream: &mut awc::ClientResponse,
+    first: Bytes,
+    pending: &mut Option<Option<Result<Bytes, awc::error::PayloadError>>>,
+    mut each: impl FnMut(&[u8]),
+) -> Bytes {
+    each(&first);
+    let mut joined: Option<BytesMut> = None;
+    while joined.as_ref().map_or(first.len(), BytesMut::len) < GATHER_MAX {
+        match upstream.next().now_or_never() {
+            Some(Some(Ok(more))) => {
+                each(&more);
+                joined
+                    .get_or_insert_with(|| BytesMut::from(&first[..]))
+                    .extend_from_slice(&more);
+            }
+            Some(other) => {
+                *pending = Some(other);
+                break;
+            }
+            None => break,
+        }
+    }
+    joined.map_or(first, BytesMut::freeze)
 }
 
 /// What the client gets when the body fails mid-way: an SSE error event for a stream, a broken

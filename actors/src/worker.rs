@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::endpoint::{Bits, PickRequest};
 use crate::error::ForwardError;
 use crate::exchange::{
-    is_backend_failure, relay, Exchange, ExchangeBody, Head, Held, RelayError, RelayLimits,
-    RELAY_DEPTH,
+    is_backend_failure, read_whole, relay, Exchange, ExchangeBody, Head, Held, RelayError,
+    RelayLimits, INLINE_BODY_MAX, RELAY_DEPTH,
 };
 use crate::pool_supervisor::{Admission, Permit};
 use crate::report::{Reporters, ThreadReports};
@@ -161,11 +161,15 @@ impl WorkerPool {
             })
             .map_err(|_| ForwardError::WorkerGone)?;
         let head = head_rx.await.map_err(|_| ForwardError::WorkerGone)??;
+        let body = match head.body {
+            Some(whole) => ExchangeBody::Complete(Some(whole)),
+            None => ExchangeBody::Relayed(body_rx),
+        };
         Ok(Exchange {
             status: head.status,
             headers: head.headers,
             endpoint: head.endpoint,
-            body: ExchangeBody::new(body_rx),
+            body,
         })
     }
 
@@ -243,27 +247,62 @@ impl Handler<Forward> for Worker {
                 answer = connect(&shared, request, permit) => answer,
                 () = head.closed() => return,
             };
-            match connected {
-                Ok((response, held, started)) => {
-                    let answer = Head {
-                        status: response.status(),
-                        headers: response.headers().clone(),
-                        endpoint: held.in_flight.endpoint().id,
-                    };
-                    if head.send(Ok(answer)).is_ok() {
-                        relay(response, body, held, started, limits).await;
-                    }
-                }
+            let (mut response, held, started) = match connected {
+                Ok(connected) => connected,
                 Err(error) => {
                     let _ = head.send(Err(error));
+                    return;
                 }
+            };
+            let endpoint = held.in_flight.endpoint().clone();
+            let mut answer = Head {
+                status: response.status(),
+                headers: response.headers().clone(),
+                endpoint: endpoint.id,
+                body: None,
+            };
+            if !inline(&response) {
+                if head.send(Ok(answer)).is_ok() {
+                    relay(response, body, held, started, limits).await;
+                }
+                return;
             }
+            let read = tokio::select! {
+                read = read_whole(&mut response, held, started, limits) => read,
+                () = head.closed() => return,
+            };
+            let _ = match read {
+                Ok(whole) => {
+                    answer.body = Some(whole);
+                    head.send(Ok(answer))
+                }
+                Err((held, reason)) => {
+                    held.reports.outcome(endpoint.id, false, None);
+                    head.send(Err(ForwardError::BadResponse {
+                        endpoint: endpoint.url.clone(),
+                        reason,
+                    }))
+                }
+            };
         };
         Box::pin(
             work.into_actor(self)
                 .map(|(), this, ctx| this.pool.release(ctx)),
         )
     }
+}
+
+/// Whether a response is read whole before the head goes back: not a stream, and small.
+fn inline(response: &awc::ClientResponse) -> bool {
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let sse = header(header::CONTENT_TYPE).is_some_and(|t| t.starts_with("text/event-stream"));
+    let length = header(header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok());
+    !sse && length.is_some_and(|l| l <= INLINE_BODY_MAX)
 }
 
 /// Picks an endpoint and sends the request, trying another endpoint when one fails before

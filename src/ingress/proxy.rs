@@ -11,7 +11,7 @@ use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder, ResponseErr
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use nanogate_actors::cache::{CachedResponse, FillGuard, Lookup, LookupResult};
-use nanogate_actors::exchange::Exchange;
+use nanogate_actors::exchange::{Exchange, ExchangeBody};
 use nanogate_actors::worker::{UpstreamRequest, WorkerPool};
 
 use super::request::{classify, deadline, read_body, Classified, Operation};
@@ -202,9 +202,13 @@ fn response_head(exchange: &Exchange) -> HttpResponseBuilder {
     response
 }
 
-/// Streams the backend's body to the client as it arrives.
-fn relay(exchange: Exchange) -> HttpResponse {
+/// Streams the backend's body to the client as it arrives (or answers with it at once when the
+/// worker read it whole).
+fn relay(mut exchange: Exchange) -> HttpResponse {
     let mut response = response_head(&exchange);
+    if let ExchangeBody::Complete(body) = &mut exchange.body {
+        return response.body(body.take().unwrap_or_default());
+    }
     let length = exchange
         .headers
         .get(header::CONTENT_LENGTH)
