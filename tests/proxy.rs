@@ -212,8 +212,9 @@ impl SimConfigExt {
     }
 }
 
-#[actix_rt::test]
-async fn the_official_openai_python_sdk_works_against_the_gateway() {
+/// The interpreter of `.venv` with the official `openai` SDK, installed on first use; `None`
+/// (with the reason printed) only where Python itself is missing.
+fn sdk_python() -> Option<String> {
     let root = env!("CARGO_MANIFEST_DIR");
     let python = format!("{root}/.venv/bin/python");
     if !std::path::Path::new(&python).exists() {
@@ -223,17 +224,25 @@ async fn the_official_openai_python_sdk_works_against_the_gateway() {
             .is_err()
         {
             eprintln!("SKIPPED: python3 is not installed, so the OpenAI SDK test cannot run");
-            return;
+            return None;
         }
         let installed = std::process::Command::new(format!("{root}/scripts/install-test-deps.sh"))
             .status()
             .expect("run scripts/install-test-deps.sh");
         assert!(installed.success(), "scripts/install-test-deps.sh failed");
     }
+    Some(python)
+}
+
+#[actix_rt::test]
+async fn the_official_openai_python_sdk_works_against_the_gateway() {
+    let Some(python) = sdk_python() else {
+        return;
+    };
     let backends = sims(vec![fast(), fast()]).await;
     let gw = gateway(config(&backends)).await;
     let url = format!("{}/v1", gw.url());
-    let script = format!("{root}/tests/openai_sdk.py");
+    let script = format!("{}/tests/openai_sdk.py", env!("CARGO_MANIFEST_DIR"));
     let output = actix_rt::task::spawn_blocking(move || {
         std::process::Command::new(python)
             .arg(script)
@@ -249,5 +258,52 @@ async fn the_official_openai_python_sdk_works_against_the_gateway() {
         output.status.success(),
         "openai SDK checks failed:\n{stdout}\n{stderr}"
     );
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn the_openai_sdk_raises_when_the_backend_dies_mid_stream() {
+    let Some(python) = sdk_python() else {
+        return;
+    };
+    let backends = sims(vec![paced(20)]).await;
+    let mut cfg = config(&backends);
+    cfg.health.interval_ms = 60_000;
+    let gw = gateway(cfg).await;
+    let url = format!("{}/v1", gw.url());
+    let script = format!(
+        "{}/tests/openai_sdk_stream_error.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut child = std::process::Command::new(python)
+        .arg(script)
+        .arg(url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tests/openai_sdk_stream_error.py");
+    let stdout = child.stdout.take().unwrap();
+    let control = backends[0].control.clone();
+    let output = actix_rt::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line == "READY" {
+                control.set_down(true);
+            }
+            lines.push(line);
+        }
+        (child.wait(), lines)
+    })
+    .await
+    .unwrap();
+    let (status, lines) = output;
+    assert!(
+        status.unwrap().success(),
+        "the SDK did not raise: {lines:?}"
+    );
+    assert!(lines.last().unwrap().starts_with("OK"), "{lines:?}");
     gw.stop(false).await;
 }

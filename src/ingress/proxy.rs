@@ -20,7 +20,7 @@ use crate::error::GatewayError;
 
 /// Response header saying whether the cache answered (`hit`) or was filled (`miss`).
 pub const CACHE_HEADER: &str = "x-nanogate-cache";
-/// Response header naming the endpoint (its index in the config) that answered.
+/// Response header naming the endpoint (its id, as in `/stats` and `/admin/endpoints`) that answered.
 pub const ENDPOINT_HEADER: &str = "x-nanogate-endpoint";
 
 type Pool = web::Data<Rc<WorkerPool>>;
