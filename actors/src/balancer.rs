@@ -281,19 +281,22 @@ impl Balancer {
     fn record(&mut self, outcome: Outcome) {
         self.outcomes += 1;
         let now = self.clock.now();
-        let settings = self.settings.clone();
-        let Some(entry) = self.entry(outcome.endpoint) else {
+        let weight_after = |w: f64| self.settings.next_weight(w, outcome.success);
+        let tau = Duration::from_millis(self.settings.latency_decay_ms.max(1));
+        let breaker = self.settings.breaker_settings();
+        let Some(entry) = self
+            .entries
+            .iter_mut()
+            .find(|e| e.endpoint.id == outcome.endpoint)
+        else {
             return;
         };
         let endpoint = entry.endpoint.clone();
-        endpoint.set_weight(settings.next_weight(endpoint.weight(), outcome.success));
+        endpoint.set_weight(weight_after(endpoint.weight()));
         if let Some(latency) = outcome.latency {
-            let tau = Duration::from_millis(settings.latency_decay_ms.max(1));
             endpoint.set_latency_ms(entry.latency.observe(latency, now, tau));
         }
-        let changed = entry
-            .breaker
-            .record(outcome.success, now, &settings.breaker_settings());
+        let changed = entry.breaker.record(outcome.success, now, &breaker);
         endpoint.set_circuit(
             entry.breaker.circuit(),
             entry.breaker.consecutive_failures(),

@@ -320,7 +320,7 @@ fn report(held: Held, status: u16, ending: Ending, timing: &Timing, started: Ins
     };
     held.reports.observe(Observe {
         endpoint: Some(endpoint),
-        model: Some(held.model),
+        model: (!held.model.is_empty()).then_some(held.model),
         status,
         latency: started.elapsed(),
         ttft: timing.first_chunk,

@@ -169,18 +169,16 @@ pub fn classify(
         .map(|v| (b'h', v.as_bytes()))
         .filter(|(_, v)| !v.is_empty())
         .or_else(|| fields.user.as_ref().map(|u| (b'u', u.as_str().as_bytes())))
-        .unwrap_or_else(|| {
+        .or_else(|| {
             let raw = content.get().as_bytes();
-            (b'p', &raw[..raw.len().min(affinity.prefix_bytes)])
+            (affinity.prefix_bytes > 0)
+                .then(|| (b'p', &raw[..raw.len().min(affinity.prefix_bytes)]))
         });
-    let mut tagged = Vec::with_capacity(key.1.len() + 1);
-    tagged.push(key.0);
-    tagged.extend_from_slice(key.1);
     Ok(Classified {
         model,
         stream,
         cacheable: !stream && !bypass && (deterministic || opted_in),
-        affinity: Some(stable_hash(&tagged)),
+        affinity: key.map(|(kind, bytes)| stable_hash(&[&[kind][..], bytes].concat())),
     })
 }
 
