@@ -23,15 +23,19 @@
 # Calibration (done once; `calibrate` repeats it): round robin sends a quarter of the load to the half-speed simulator,
 # the first to saturate. From the batch model, a full batch of 16 decodes a step in 10 ms x 1.3 = 13 ms at speed 1, so a
 # request holds its slot ~0.42 s + its prefill (5-105 ms) at speed 1, twice that at half speed: the slow simulator
-# serves ~16 req/s, i.e. round robin tops out near 64 req/s for the fleet (the two fast ones alone could do ~35 each).
-# The sweep (600 requests per rate, round robin) agreed: see RATE below for the measured knee. RATE sits just past it,
-# so a policy that routes around the slow and spiky simulators keeps its tail, and one that does not shows it.
+# serves ~16-18 req/s, i.e. round robin tops out near 65-70 req/s for the fleet (the fleet as a whole, ~115).
+# The sweep (sglang-router round_robin, as nanogate had no round robin yet; 600 requests per rate) put the knee there:
+#   rate      40   50   60   70   80 req/s
+#   TTFT mean 101  107  111  143  262 ms      (p50 stays ~108 = a cold prefill; p99 is the spiky simulator's 1 s)
+#   TTFT p90  214  214  214  316  938 ms      (214 = a cold prefill at half speed, then queueing on top)
+# so RATE=70: just past round robin's knee, ~60 % of the fleet. A policy that routes around the slow and spiky
+# simulators, or onto warm caches, keeps its latency there; one that spreads blindly queues on the slow one.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${NANOGATE_BIN:-$root/target/release/nanogate}
 V=${PEERS_VENV:-$HOME/.cache/nanogate-peers}
 mode=${1:-run}
-RATE=${RATE:-60}
+RATE=${RATE:-70}
 REQUESTS=${REQUESTS:-1200}
 ROUNDS=${ROUNDS:-2}
 POLICIES=${POLICIES:-weighted round_robin p2c least_load affinity}
@@ -58,6 +62,8 @@ if ! "$BIN" loadtest --help | grep -q -- --prefixes || ! "$BIN" simulate --help 
   echo "$BIN predates the prefix-cache simulator and --prefixes workload: rebuild it (cargo build --release)" >&2; exit 1
 fi
 command -v curl >/dev/null && command -v python3 >/dev/null || { echo "needs curl and python3" >&2; exit 1; }
+# Run a private copy: a rebuild of target/release during the run must not change what is measured half-way.
+cp "$BIN" "$out/nanogate" && BIN=$out/nanogate || exit 1
 
 declare -A PID
 # Stops one process and any children it spawned, by PID: TERM, then KILL after 5 s.
@@ -76,7 +82,7 @@ trap 'exit 130' INT TERM
 start_bg() { # name, command... : runs in the background, PID recorded
   local n=$1; shift; "$@" >"$out/logs/$n.log" 2>&1 & PID[$n]=$!; }
 
-ready() { # name port: POST /v1/chat/completions until 200, up to 60 s; fails early if the process died
+ready() { # name port [quiet]: POST /v1/chat/completions until 200, up to 60 s; fails early if the process died
   for _ in $(seq 120); do
     curl -fsS -m 5 -o /dev/null -XPOST -H 'content-type: application/json' \
       -d '{"model":"sim","messages":[{"role":"user","content":"hi"}],"max_tokens":1}' \
@@ -84,7 +90,8 @@ ready() { # name port: POST /v1/chat/completions until 200, up to 60 s; fails ea
     kill -0 "${PID[$1]}" 2>/dev/null || break
     sleep 0.5
   done
-  log "$1 did not become ready; log tail:"; tail -n 5 "$out/logs/$1.log" | tee -a "$out/run.log" >&2; return 1
+  [ -n "${3:-}" ] || { log "$1 did not become ready; log tail:"; tail -n 5 "$out/logs/$1.log" | tee -a "$out/run.log" >&2; }
+  return 1
 }
 
 start_fleet() {
@@ -106,7 +113,7 @@ start_router() { # kind policy: sets ROUTER_PORT; 1 if it does not come up (e.g.
     NANOGATE__BALANCER__POLICY=$pol RUST_LOG=warn start_bg router "$BIN" serve --listen "127.0.0.1:$NG_PORT" --backends "$URL_CSV"
     ROUTER_PORT=$NG_PORT
     # Builds from before the policies have no balancer.policy key at all; their one policy is weighted.
-    if [ "$pol" = weighted ] && ! ready router "$ROUTER_PORT" 2>/dev/null && grep -q 'unknown field `policy`' "$out/logs/router.log"; then
+    if [ "$pol" = weighted ] && ! ready router "$ROUTER_PORT" quiet && grep -q 'unknown field `policy`' "$out/logs/router.log"; then
       log "this build has no balancer.policy key: running its only policy (weighted) without it"
       stop router; RUST_LOG=warn start_bg router "$BIN" serve --listen "127.0.0.1:$NG_PORT" --backends "$URL_CSV"
     fi
