@@ -1,17 +1,20 @@
 //! Affinity: consistent hashing with bounded load (Mirrokni, Thorup, Zadimoghaddam, "Consistent
 //! Hashing with Bounded Loads", 2018). A request's affinity key (its session or user, or a hash of
 //! its prompt prefix) maps to a point on a ring of virtual nodes; the request goes to the first
-//! endpoint clockwise whose in-flight count stays within `load_factor` × the average, so requests
+//! endpoint clockwise whose cost stays within `load_factor` × the average cost, so requests
 //! sharing a prefix keep landing on the backend whose prefix cache holds it, until that backend
-//! is loaded beyond the bound and the excess spills to the next one. Requests without a key, and
-//! ties of the ring, are left to power of two choices.
+//! is loaded beyond the bound and the excess spills to the next one on the ring (which then warms
+//! its own cache for those keys). The cost is p2c's (in-flight + 1) × peak-EWMA time to first
+//! byte rather than the in-flight count alone: with equal backends the bound is the paper's,
+//! while a slow or stalling backend (its estimate jumps at once on a slow answer) gives its keys
+//! up to the next one until it recovers. Requests without a key go to power of two choices.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use rand::RngCore;
 
-use super::p2c::pick_two;
+use super::p2c::{cost, pick_two};
 use super::{Policy, PolicyKind};
 use crate::endpoint::{Bits, Eligible, Endpoint};
 
@@ -60,26 +63,26 @@ impl Policy for Affinity {
             return pick_two(eligible, rng);
         };
         let n = eligible.slots.len();
-        let total: u32 = eligible
+        let total: f64 = eligible
             .slots
             .iter()
-            .map(|s| eligible.endpoint(s).in_flight())
+            .map(|s| cost(eligible.endpoint(s)))
             .sum();
-        let bound = (self.load_factor * f64::from(total + 1) / n as f64).ceil() as u32;
+        let bound = self.load_factor * total / n as f64;
         let start = self.ring.partition_point(|(point, _)| *point < key);
         let mut seen = Bits::default();
-        let mut least: Option<(u32, usize)> = None;
+        let mut least: Option<(f64, usize)> = None;
         for &(_, slot) in self.ring[start..].iter().chain(&self.ring[..start]) {
             if !eligible.slots.contains(slot) || seen.contains(slot) {
                 continue;
             }
-            let in_flight = eligible.endpoint(slot).in_flight();
-            if in_flight < bound {
+            let c = cost(eligible.endpoint(slot));
+            if c <= bound {
                 return Some(slot);
             }
             seen.insert(slot);
-            if least.is_none_or(|(l, _)| in_flight < l) {
-                least = Some((in_flight, slot));
+            if least.is_none_or(|(l, _)| c < l) {
+                least = Some((c, slot));
             }
             if seen.len() == n {
                 break;
@@ -143,6 +146,28 @@ mod tests {
             placements.iter().filter(|&&p| p > 0).count() > 1,
             "spilled: {placements:?}"
         );
+    }
+
+    #[test]
+    fn a_slow_endpoint_gives_its_keys_to_the_next_one_until_it_recovers() {
+        let t = table_with(PolicyKind::Affinity, &[1.0; 4], &[None, None, None, None]);
+        for e in &t.endpoints {
+            e.set_latency_ms(100.0);
+        }
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut r = request("m");
+        r.affinity = Some(7);
+        let owner = t.pick(&r, &mut rng).unwrap().0;
+        t.endpoints[owner].set_latency_ms(1000.0);
+        let spill = t.pick(&r, &mut rng).unwrap().0;
+        assert_ne!(spill, owner, "a stalled backend loses its keys");
+        assert_eq!(
+            t.pick(&r, &mut rng).unwrap().0,
+            spill,
+            "to one stable successor"
+        );
+        t.endpoints[owner].set_latency_ms(110.0);
+        assert_eq!(t.pick(&r, &mut rng).unwrap().0, owner, "and gets them back");
     }
 
     #[test]
