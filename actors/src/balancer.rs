@@ -504,7 +504,7 @@ impl Handler<GetStats> for Balancer {
     fn handle(&mut self, _msg: GetStats, _ctx: &mut Self::Context) -> Stats {
         let now = self.clock.now();
         let stats = BalancerStats {
-            policy: self.settings.policy.name(),
+            policy: self.view.table().policy().name(),
             endpoints: self
                 .entries
                 .iter()

@@ -313,13 +313,9 @@ impl RoutingTable {
         }
     }
 
+    /// The policy this table picks with.
     pub fn policy(&self) -> PolicyKind {
         self.policy.kind()
-    }
-
-    /// The slot of the endpoint with this id.
-    pub fn slot_of(&self, id: usize) -> Option<usize> {
-        self.endpoints.iter().position(|e| e.id == id)
     }
 
     pub fn by_id(&self, id: usize) -> Option<&Arc<Endpoint>> {

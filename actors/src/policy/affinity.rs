@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use rand::RngCore;
 
-use super::p2c::{cost, pick_two};
+use super::p2c::{cost_with, pick_two};
 use super::{Policy, PolicyKind};
 use crate::endpoint::{Bits, Eligible, Endpoint};
 
@@ -63,11 +63,25 @@ impl Policy for Affinity {
             return pick_two(eligible, rng);
         };
         let n = eligible.slots.len();
-        let total: f64 = eligible
+        // An endpoint not measured yet is taken to be as fast as the measured ones on average,
+        // so that it neither attracts every key nor pushes the measured ones over the bound.
+        let (measured, sum) = eligible
             .slots
             .iter()
-            .map(|s| cost(eligible.endpoint(s)))
-            .sum();
+            .map(|s| eligible.endpoint(s).latency_ms())
+            .filter(|&ms| ms > 0.0)
+            .fold((0usize, 0.0), |(n, sum), ms| (n + 1, sum + ms));
+        let prior = if measured == 0 {
+            0.0
+        } else {
+            sum / measured as f64
+        };
+        let cost = |slot: usize| {
+            let e = eligible.endpoint(slot);
+            let ms = e.latency_ms();
+            cost_with(e, if ms > 0.0 { ms } else { prior })
+        };
+        let total: f64 = eligible.slots.iter().map(cost).sum();
         let bound = self.load_factor * total / n as f64;
         let start = self.ring.partition_point(|(point, _)| *point < key);
         let mut seen = Bits::default();
@@ -76,7 +90,7 @@ impl Policy for Affinity {
             if !eligible.slots.contains(slot) || seen.contains(slot) {
                 continue;
             }
-            let c = cost(eligible.endpoint(slot));
+            let c = cost(slot);
             if c <= bound {
                 return Some(slot);
             }

@@ -18,10 +18,19 @@ use crate::endpoint::{Eligible, Endpoint};
 #[derive(Debug)]
 pub struct P2c;
 
+/// Latency differences below a few milliseconds are noise next to an LLM's time to first token;
+/// adding this to every estimate keeps them from deciding a pick.
+const LATENCY_FLOOR_MS: f64 = 5.0;
+
 /// The cost of sending one more request to `e`. An unmeasured endpoint (estimate 0) costs only
 /// its in-flight count, so new endpoints get traffic and are measured.
 pub fn cost(e: &Endpoint) -> f64 {
-    (f64::from(e.in_flight()) + 1.0) * (e.latency_ms() + 1.0)
+    cost_with(e, e.latency_ms())
+}
+
+/// The cost of one more request to `e` if its latency estimate were `latency_ms`.
+pub fn cost_with(e: &Endpoint, latency_ms: f64) -> f64 {
+    (f64::from(e.in_flight()) + 1.0) * (latency_ms + LATENCY_FLOOR_MS)
 }
 
 impl Policy for P2c {
