@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use actix_web::http::header::HeaderName;
 use nanogate_actors::balancer::BalancerSettings;
 use nanogate_actors::cache::CacheSettings;
 use nanogate_actors::endpoint::{EndpointSpec, MAX_ENDPOINTS};
@@ -50,8 +51,16 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AffinitySettings {
-    pub header: String,
+    /// Parsed once here rather than on every request.
+    #[serde(deserialize_with = "header_name")]
+    pub header: HeaderName,
     pub prefix_bytes: usize,
+}
+
+fn header_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HeaderName, D::Error> {
+    let name = String::deserialize(d)?;
+    HeaderName::try_from(name.as_str())
+        .map_err(|_| serde::de::Error::custom(format!("'{name}' is not a valid HTTP header name")))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,17 +212,6 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
-        if self
-            .affinity
-            .header
-            .parse::<actix_web::http::header::HeaderName>()
-            .is_err()
-        {
-            return Err(invalid(
-                "affinity.header",
-                "is not a valid HTTP header name",
-            ));
-        }
         if self.endpoints.len() > MAX_ENDPOINTS {
             return Err(invalid(
                 "endpoints",
@@ -326,6 +324,20 @@ mod tests {
         c.server.listen = "nowhere".into();
         let message = c.validate().unwrap_err().to_string();
         assert!(message.contains("server.listen"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_affinity_header_is_named() {
+        let dir = std::env::temp_dir().join(format!("nanogate-config-h-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[affinity]\nheader = \"not a header\"\n").unwrap();
+        let message = Config::load(Some(&bad)).unwrap_err().to_string();
+        assert!(
+            message.contains("header") && message.contains("not a valid HTTP header name"),
+            "{message}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

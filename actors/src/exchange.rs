@@ -146,21 +146,34 @@ pub(crate) async fn relay(
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let mut timing = Timing::default();
     let mut tail = StreamTail::default();
-    let idle = tokio::time::sleep(limits.idle);
+    // One timer for the whole relay, re-armed only when it fires early (a chunk came since it
+    // was set), not on every chunk; one `closed` future, polled whenever the relay waits.
+    let idle = tokio::time::sleep(
+        limits
+            .idle
+            .min(limits.deadline.saturating_duration_since(started)),
+    );
     tokio::pin!(idle);
+    let closed = chunks.closed();
+    tokio::pin!(closed);
+    let mut last_activity = Instant::now();
     // An item polled while gathering a batch, handled at the top of the next turn.
     let mut pending = None;
     let ending = loop {
         let next = match pending.take() {
             Some(item) => item,
             None => {
-                let wake = (Instant::now() + limits.idle).min(limits.deadline);
-                idle.as_mut().reset(wake.into());
                 tokio::select! {
                     next = upstream.next() => next,
-                    () = chunks.closed() => break Ending::Cancelled,
-                    () = idle.as_mut() => {
-                        let why = if Instant::now() >= limits.deadline {
+                    () = &mut closed => break Ending::Cancelled,
+                    () = &mut idle => {
+                        let now = Instant::now();
+                        let wake = (last_activity + limits.idle).min(limits.deadline);
+                        if now < wake {
+                            idle.as_mut().reset(wake.into());
+                            continue;
+                        }
+                        let why = if now >= limits.deadline {
                             "the request's deadline passed"
                         } else {
                             "the backend went silent"
@@ -180,9 +193,14 @@ pub(crate) async fn relay(
                         tail.push(c);
                     }
                 });
-                let delivered = tokio::select! {
-                    sent = chunks.send(Ok(chunk)) => sent.is_ok(),
-                    () = chunks.closed() => false,
+                last_activity = Instant::now();
+                let delivered = match chunks.try_send(Ok(chunk)) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                    Err(mpsc::error::TrySendError::Full(item)) => tokio::select! {
+                        sent = chunks.send(item) => sent.is_ok(),
+                        () = &mut closed => false,
+                    },
                 };
                 if !delivered {
                     break Ending::Cancelled;

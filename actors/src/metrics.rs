@@ -375,6 +375,8 @@ pub struct Metrics {
     endpoints: HashMap<usize, Series>,
     models: HashMap<String, Series>,
     exposition: Exposition,
+    /// Model → (endpoint, answered from cache, status) → its Prometheus series.
+    routes: HashMap<String, HashMap<RouteKey, RouteMetrics>>,
 }
 
 impl Metrics {
@@ -388,6 +390,7 @@ impl Metrics {
             endpoints: HashMap::new(),
             models: HashMap::new(),
             exposition: Exposition::new(),
+            routes: HashMap::new(),
         }
     }
 
@@ -465,30 +468,59 @@ impl Metrics {
                 }
             }
         }
-        let route = RouteLabels {
-            endpoint: self.endpoint_name(o.endpoint, o.cache_hit),
-            model: o.model.clone().unwrap_or_else(|| "-".to_string()),
-        };
-        let e = &self.exposition;
-        e.requests
-            .get_or_create(&RequestLabels {
-                endpoint: route.endpoint.clone(),
-                model: route.model.clone(),
-                status: o.status.to_string(),
-            })
-            .inc();
-        e.latency
-            .get_or_create(&route)
-            .observe(o.latency.as_secs_f64());
+        let metrics = self.route_metrics(&o);
+        metrics.requests.inc();
+        metrics.latency.observe(o.latency.as_secs_f64());
         if let Some(ttft) = o.ttft {
-            e.ttft.get_or_create(&route).observe(ttft.as_secs_f64());
+            metrics.ttft.observe(ttft.as_secs_f64());
         }
         if let Some(gap) = o.inter_token {
-            e.inter_token
-                .get_or_create(&route)
-                .observe(gap.as_secs_f64());
+            metrics.inter_token.observe(gap.as_secs_f64());
         }
     }
+
+    /// The Prometheus series of an observation's labels, looked up once per label set: building
+    /// label strings and hashing them for every request would cost more than the recording.
+    fn route_metrics(&mut self, o: &Observe) -> &RouteMetrics {
+        let model = o.model.as_deref().unwrap_or("-");
+        let key = (o.endpoint, o.cache_hit, o.status);
+        if !self.routes.get(model).is_some_and(|m| m.contains_key(&key)) {
+            let route = RouteLabels {
+                endpoint: self.endpoint_name(o.endpoint, o.cache_hit),
+                model: model.to_string(),
+            };
+            let e = &self.exposition;
+            let metrics = RouteMetrics {
+                requests: e
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        endpoint: route.endpoint.clone(),
+                        model: route.model.clone(),
+                        status: o.status.to_string(),
+                    })
+                    .clone(),
+                latency: e.latency.get_or_create(&route).clone(),
+                ttft: e.ttft.get_or_create(&route).clone(),
+                inter_token: e.inter_token.get_or_create(&route).clone(),
+            };
+            self.routes
+                .entry(model.to_string())
+                .or_default()
+                .insert(key, metrics);
+        }
+        &self.routes[model][&key]
+    }
+}
+
+/// An observation's endpoint, whether the cache answered, and its status.
+type RouteKey = (Option<usize>, bool, u16);
+
+/// Handles on one label set's Prometheus series (they share state with the registry's).
+struct RouteMetrics {
+    requests: Counter,
+    latency: PromHistogram,
+    ttft: PromHistogram,
+    inter_token: PromHistogram,
 }
 
 impl Handler<RenderPrometheus> for Metrics {

@@ -3,13 +3,13 @@
 //! any backend is bothered. Only those fields are parsed; the rest of the body is passed on as
 //! the exact bytes the client sent.
 
-use actix_web::http::header::{self, HeaderMap};
+use actix_web::http::header::{self, HeaderMap, HeaderName};
 use actix_web::web;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use std::time::{Duration, Instant};
 
-use nanogate_actors::policy::affinity::stable_hash;
+use nanogate_actors::policy::affinity::stable_hash_seeded;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -158,14 +158,14 @@ pub fn classify(
         || fields.temperature == Some(0.0)
         || fields.seed.is_some();
     let opted_in = headers
-        .get(CACHE_OPT_IN)
+        .get(HeaderName::from_static(CACHE_OPT_IN))
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"on"));
     let bypass = headers
         .get(header::CACHE_CONTROL)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"));
     let key = headers
-        .get(affinity.header.as_str())
+        .get(&affinity.header)
         .map(|v| (b'h', v.as_bytes()))
         .filter(|(_, v)| !v.is_empty())
         .or_else(|| fields.user.as_ref().map(|u| (b'u', u.as_str().as_bytes())))
@@ -178,13 +178,17 @@ pub fn classify(
         model,
         stream,
         cacheable: !stream && !bypass && (deterministic || opted_in),
-        affinity: key.map(|(kind, bytes)| stable_hash(&[&[kind][..], bytes].concat())),
+        affinity: key.map(|(kind, bytes)| stable_hash_seeded(u64::from(kind), bytes)),
     })
 }
 
 /// When the request must be done: `limit` from now, or sooner if the client asks.
 pub fn deadline(headers: &HeaderMap, limit: Duration) -> Instant {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let header = |name: &'static str| {
+        headers
+            .get(HeaderName::from_static(name))
+            .and_then(|v| v.to_str().ok())
+    };
     let asked = header(TIMEOUT_HEADER)
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_millis)
@@ -204,7 +208,7 @@ mod tests {
 
     fn affinity() -> AffinitySettings {
         AffinitySettings {
-            header: "x-session-id".into(),
+            header: HeaderName::from_static("x-session-id"),
             prefix_bytes: 32,
         }
     }
@@ -300,7 +304,7 @@ mod affinity_tests {
 
     fn key(body: &str, session: Option<&str>) -> Option<u64> {
         let settings = AffinitySettings {
-            header: "x-session-id".into(),
+            header: HeaderName::from_static("x-session-id"),
             prefix_bytes: 40,
         };
         let mut headers = HeaderMap::new();

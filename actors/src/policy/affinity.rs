@@ -9,7 +9,6 @@
 //! while a slow or stalling backend (its estimate jumps at once on a slow answer) gives its keys
 //! up to the next one until it recovers. Requests without a key go to power of two choices.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use rand::RngCore;
@@ -28,11 +27,37 @@ pub struct Affinity {
     load_factor: f64,
 }
 
-/// A stable 64-bit hash (SipHash with fixed keys), for ring points and affinity keys.
+/// A stable 64-bit hash for ring points and affinity keys, the same in every process and run.
+/// It runs on every request over up to `affinity.prefix_bytes` of the prompt, so it takes eight
+/// bytes a step (multiply-rotate, as FxHash) and ends with the splitmix64 finalizer so that
+/// similar prompts still land far apart on the ring; it is not meant to resist adversaries.
 pub fn stable_hash(bytes: &[u8]) -> u64 {
-    let mut h = DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
+    stable_hash_seeded(0, bytes)
+}
+
+/// [`stable_hash`] in a separate space per `seed` (so a session id and a prompt with the same
+/// bytes are different keys).
+pub fn stable_hash_seeded(seed: u64, bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let step = |h: u64, word: u64| (h.rotate_left(5) ^ word).wrapping_mul(K);
+    let mut h = step(seed ^ K, bytes.len() as u64);
+    let mut words = bytes.chunks_exact(8);
+    for chunk in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        h = step(h, u64::from_le_bytes(word));
+    }
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        let mut word = [0u8; 8];
+        word[..rest.len()].copy_from_slice(rest);
+        h = step(h, u64::from_le_bytes(word));
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^ (h >> 31)
 }
 
 impl Affinity {
@@ -114,6 +139,18 @@ mod tests {
     use crate::endpoint::tests::{request, table_with};
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
+
+    #[test]
+    fn the_hash_is_stable_and_spreads_similar_inputs() {
+        assert_eq!(stable_hash(b"abc"), stable_hash(b"abc"));
+        assert_ne!(stable_hash(b"abc"), stable_hash(b"abd"));
+        assert_ne!(stable_hash_seeded(1, b"abc"), stable_hash_seeded(2, b"abc"));
+        assert_ne!(stable_hash(b"12345678"), stable_hash(b"12345678\0"));
+        let top_bits: std::collections::HashSet<u64> = (0..64u32)
+            .map(|i| stable_hash(&i.to_le_bytes()) >> 58)
+            .collect();
+        assert!(top_bits.len() > 30, "consecutive keys spread over the ring");
+    }
 
     #[test]
     fn the_same_key_lands_on_the_same_endpoint() {
