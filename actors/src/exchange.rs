@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use awc::http::header::HeaderMap;
 use awc::http::StatusCode;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
@@ -157,43 +157,41 @@ pub(crate) async fn relay(
     let closed = chunks.closed();
     tokio::pin!(closed);
     let mut last_activity = Instant::now();
-    // An item polled while gathering a batch, handled at the top of the next turn.
-    let mut pending = None;
     let ending = loop {
-        let next = match pending.take() {
-            Some(item) => item,
-            None => {
-                tokio::select! {
-                    next = upstream.next() => next,
-                    () = &mut closed => break Ending::Cancelled,
-                    () = &mut idle => {
-                        let now = Instant::now();
-                        let wake = (last_activity + limits.idle).min(limits.deadline);
-                        if now < wake {
-                            idle.as_mut().reset(wake.into());
-                            continue;
-                        }
-                        let why = if now >= limits.deadline {
-                            "the request's deadline passed"
-                        } else {
-                            "the backend went silent"
-                        };
-                        log::warn!("{why} after {} chunks; ending the response", timing.chunks);
-                        let _ = chunks.send(failure(sse, why)).await;
-                        break Ending::Broken;
+        // A chunk the upstream already has buffered is taken without arming any wake-up; only
+        // when it has none does the relay wait on the upstream, the client and the timer.
+        let next = match upstream.next().now_or_never() {
+            Some(next) => next,
+            None => tokio::select! {
+                biased;
+                next = upstream.next() => next,
+                () = &mut closed => break Ending::Cancelled,
+                () = &mut idle => {
+                    let now = Instant::now();
+                    let wake = (last_activity + limits.idle).min(limits.deadline);
+                    if now < wake {
+                        idle.as_mut().reset(wake.into());
+                        continue;
                     }
+                    let why = if now >= limits.deadline {
+                        "the request's deadline passed"
+                    } else {
+                        "the backend went silent"
+                    };
+                    log::warn!("{why} after {} chunks; ending the response", timing.chunks);
+                    let _ = chunks.send(failure(sse, why)).await;
+                    break Ending::Broken;
                 }
-            }
+            },
         };
         match next {
             Some(Ok(chunk)) => {
-                let chunk = gather(&mut upstream, chunk, &mut pending, |c| {
-                    timing.chunk(started);
-                    if sse {
-                        tail.push(c);
-                    }
-                });
-                last_activity = Instant::now();
+                last_activity = timing.chunk(started);
+                if sse {
+                    tail.push(&chunk);
+                }
+                // Up to RELAY_DEPTH chunks pass without waiting; the client connection drains
+                // them all into one write when it next runs.
                 let delivered = match chunks.try_send(Ok(chunk)) {
                     Ok(()) => true,
                     Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -226,39 +224,6 @@ pub(crate) async fn relay(
         }
     };
     report(held, status, ending, &timing, started);
-}
-
-/// Most bytes gathered into one relayed chunk.
-const GATHER_MAX: usize = 64 * 1024;
-
-/// Joins `first` with the chunks the upstream already has buffered, so a backend that sends
-/// faster than the client reads costs one channel message and one client write per batch rather
-/// than per chunk; a chunk that is not ready yet is never waited for. `each` sees every upstream
-/// chunk; an item that is not a chunk (end or error) is left in `pending`.
-fn gather(
-    upstream: &mut awc::ClientResponse,
-    first: Bytes,
-    pending: &mut Option<Option<Result<Bytes, awc::error::PayloadError>>>,
-    mut each: impl FnMut(&[u8]),
-) -> Bytes {
-    each(&first);
-    let mut joined: Option<BytesMut> = None;
-    while joined.as_ref().map_or(first.len(), BytesMut::len) < GATHER_MAX {
-        match upstream.next().now_or_never() {
-            Some(Some(Ok(more))) => {
-                each(&more);
-                joined
-                    .get_or_insert_with(|| BytesMut::from(&first[..]))
-                    .extend_from_slice(&more);
-            }
-            Some(other) => {
-                *pending = Some(other);
-                break;
-            }
-            None => break,
-        }
-    }
-    joined.map_or(first, BytesMut::freeze)
 }
 
 /// What the client gets when the body fails mid-way: an SSE error event for a stream, a broken
@@ -310,7 +275,8 @@ struct Timing {
 }
 
 impl Timing {
-    fn chunk(&mut self, started: Instant) {
+    /// Counts a chunk arriving now; returns now.
+    fn chunk(&mut self, started: Instant) -> Instant {
         let now = Instant::now();
         match self.last_chunk {
             None => self.first_chunk = Some(now - started),
@@ -318,6 +284,7 @@ impl Timing {
         }
         self.last_chunk = Some(now);
         self.chunks += 1;
+        now
     }
 }
 
