@@ -65,6 +65,12 @@ async fn bad_input_gets_clear_errors_and_nothing_else_breaks() {
     let unknown = get(&client, &format!("{}/v2/nothing", gw.url())).await;
     assert_eq!(unknown.status, 404);
     assert_eq!(unknown.json()["error"]["code"], "unknown_url");
+    let wrong_method = get(&client, &url).await;
+    assert_eq!(
+        wrong_method.status, 404,
+        "GET on a POST route, as OpenAI answers it"
+    );
+    assert_eq!(wrong_method.json()["error"]["code"], "unknown_url");
     let good = post(&client, &url, &chat(3)).await;
     assert_eq!(good.status, 200, "the gateway still serves after bad input");
     gw.stop(false).await;

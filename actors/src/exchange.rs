@@ -1,12 +1,13 @@
-//! One proxied response on its way to the client. The worker reads the upstream body and relays
-//! it chunk by chunk through a small bounded channel into [`ExchangeBody`], which the ingress
-//! streams to the client: nothing is buffered beyond a few chunks, a slow client slows the
-//! upstream read, and a client that goes away closes the channel, which makes the worker drop the
-//! upstream connection at once (freeing the GPU). The relay measures time to first chunk and the
-//! gaps between chunks, and reports the outcome to the balancer and the metrics actor when the
-//! exchange ends, however it ends.
+//! One proxied response on its way to the client. A small non-streamed answer is read whole by
+//! the worker ([`read_whole`]); anything else is relayed chunk by chunk through a small bounded
+//! channel into [`ExchangeBody`], which the ingress streams to the client: nothing is buffered
+//! beyond a few chunks, a slow client slows the upstream read, and a client that goes away closes
+//! the channel, which makes the worker drop the upstream connection at once (freeing the GPU).
+//! Either way the exchange measures time to first chunk and the gaps between chunks, and reports
+//! the outcome to the balancer and the metrics actor when it ends, however it ends.
 
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,6 @@ use awc::http::StatusCode;
 use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
-
-use std::rc::Rc;
 
 use crate::endpoint::InFlight;
 use crate::metrics::Observe;

@@ -84,7 +84,6 @@ pub struct UpstreamRequest {
     /// The client's own `Authorization`, passed on when the endpoint has no key of its own.
     pub authorization: Option<HeaderValue>,
     pub model: String,
-    pub stream: bool,
     /// Whether a 2xx answer must be JSON or SSE (the OpenAI routes); other paths pass through.
     pub openai_route: bool,
     /// Hash of the affinity key (session, user, or prompt prefix).

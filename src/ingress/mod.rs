@@ -22,6 +22,7 @@ use nanogate_actors::pool_supervisor::PoolSupervisor;
 
 use crate::config::AffinitySettings;
 use crate::error::GatewayError;
+use request::Operation;
 
 /// What every handler shares, across threads.
 #[derive(Clone)]
@@ -65,23 +66,30 @@ impl AppState {
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route(
-        "/v1/chat/completions",
-        web::post().to(proxy::chat_completions),
-    )
-    .route("/v1/completions", web::post().to(proxy::completions))
-    .route("/v1/embeddings", web::post().to(proxy::embeddings))
-    .route("/v1/models", web::get().to(status::models))
-    .route("/health", web::get().to(status::health))
-    .route("/ready", web::get().to(status::ready))
-    .route("/stats", web::get().to(status::stats))
-    .route("/stats/{actor}", web::get().to(status::stats_of))
-    .route("/metrics", web::get().to(status::metrics))
-    .configure(admin::routes)
-    .service(web::resource("/v1/{rest:.*}").to(proxy::pass_through))
-    .default_service(web::to(unknown_route));
+    for operation in [
+        Operation::ChatCompletions,
+        Operation::Completions,
+        Operation::Embeddings,
+    ] {
+        cfg.service(
+            web::resource(operation.path())
+                .app_data(operation)
+                .route(web::post().to(proxy::openai))
+                .default_service(web::to(unknown_route)),
+        );
+    }
+    cfg.route("/v1/models", web::get().to(status::models))
+        .route("/health", web::get().to(status::health))
+        .route("/ready", web::get().to(status::ready))
+        .route("/stats", web::get().to(status::stats))
+        .route("/stats/{actor}", web::get().to(status::stats_of))
+        .route("/metrics", web::get().to(status::metrics))
+        .configure(admin::routes)
+        .service(web::resource("/v1/{rest:.*}").to(proxy::pass_through))
+        .default_service(web::to(unknown_route));
 }
 
+/// What OpenAI answers for a path or method it does not serve.
 async fn unknown_route(req: HttpRequest) -> HttpResponse {
     GatewayError::UnknownRoute {
         method: req.method().to_string(),

@@ -26,33 +26,6 @@ pub const ENDPOINT_HEADER: &str = "x-nanogate-endpoint";
 type Pool = web::Data<Rc<WorkerPool>>;
 type Result<T> = std::result::Result<T, GatewayError>;
 
-pub async fn chat_completions(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-    pool: Pool,
-) -> HttpResponse {
-    openai(Operation::ChatCompletions, req, payload, state, pool).await
-}
-
-pub async fn completions(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-    pool: Pool,
-) -> HttpResponse {
-    openai(Operation::Completions, req, payload, state, pool).await
-}
-
-pub async fn embeddings(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-    pool: Pool,
-) -> HttpResponse {
-    openai(Operation::Embeddings, req, payload, state, pool).await
-}
-
 /// Any other `/v1/*` route goes to a backend as it is, routed by its `model` field if it has one.
 pub async fn pass_through(
     req: HttpRequest,
@@ -81,14 +54,21 @@ pub async fn pass_through(
     answer.await.unwrap_or_else(|e| fail(&state, started, e))
 }
 
-async fn openai(
-    operation: Operation,
+/// The OpenAI routes; which one is in the route's data.
+pub async fn openai(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
     pool: Pool,
 ) -> HttpResponse {
     let started = Instant::now();
+    let Some(&operation) = req.app_data::<Operation>() else {
+        return fail(
+            &state,
+            started,
+            GatewayError::Internal("route without an operation".into()),
+        );
+    };
     match serve(operation, &req, payload, &state, &pool, started).await {
         Ok(response) => response,
         Err(e) => fail(&state, started, e),
@@ -111,7 +91,6 @@ async fn serve(
     let body = read_body(req.headers(), payload, state.max_body_bytes).await?;
     let Classified {
         model,
-        stream,
         cacheable,
         affinity,
     } = classify(operation, &body, req.headers(), &state.affinity)?;
@@ -121,7 +100,6 @@ async fn serve(
     let key = (cacheable && state.cache_enabled).then(|| cache_key(operation, &body));
     let path = operation.path().to_string();
     let mut upstream = upstream_request(req, state, Method::POST, path, body, model);
-    upstream.stream = stream;
     upstream.affinity = affinity;
     let Some(key) = key else {
         return Ok(relay(pool.forward(upstream).await?));
@@ -159,7 +137,6 @@ fn upstream_request(
         content_type: req.headers().get(header::CONTENT_TYPE).cloned(),
         authorization: req.headers().get(header::AUTHORIZATION).cloned(),
         model,
-        stream: false,
         openai_route: true,
         affinity: None,
         deadline: deadline(req.headers(), state.request_timeout),

@@ -1,5 +1,5 @@
 //! Reading and classifying an OpenAI request: the body within its size limit, the fields the
-//! gateway routes on (model, stream, cacheability), and the checks that answer 400/413 before
+//! gateway routes on (model, cacheability, affinity), and the checks that answer 400/413 before
 //! any backend is bothered. Only those fields are parsed; the rest of the body is passed on as
 //! the exact bytes the client sent.
 
@@ -80,7 +80,6 @@ impl Text<'_> {
 #[derive(Debug)]
 pub struct Classified {
     pub model: String,
-    pub stream: bool,
     pub cacheable: bool,
     /// Hash of the affinity key: the affinity header, else `user`, else the prompt's prefix.
     pub affinity: Option<u64>,
@@ -112,7 +111,7 @@ pub async fn read_body(
     Ok(body.freeze())
 }
 
-/// Validates the fields `operation` requires and decides streaming, cacheability and affinity.
+/// Validates the fields `operation` requires and decides cacheability and affinity.
 pub fn classify(
     operation: Operation,
     body: &[u8],
@@ -176,7 +175,6 @@ pub fn classify(
         });
     Ok(Classified {
         model,
-        stream,
         cacheable: !stream && !bypass && (deterministic || opted_in),
         affinity: key.map(|(kind, bytes)| stable_hash_seeded(u64::from(kind), bytes)),
     })
@@ -243,7 +241,7 @@ mod tests {
         ));
         let ok = chat(r#"{"model":"m\u00e9","messages":[],"stream":true}"#).unwrap();
         assert_eq!(ok.model, "mé");
-        assert!(ok.stream && !ok.cacheable);
+        assert!(!ok.cacheable, "a stream is never cached");
     }
 
     #[test]
