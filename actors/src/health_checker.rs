@@ -127,6 +127,20 @@ pub struct ProbeState {
 }
 
 impl ProbeState {
+    /// A new endpoint's record, starting from the verdict it has now.
+    pub fn new(url: String, healthy: bool) -> Self {
+        Self {
+            url,
+            healthy,
+            consecutive_successes: 0,
+            consecutive_failures: 0,
+            probes: 0,
+            last_probe_unix_ms: None,
+            last_result: None,
+            load: None,
+        }
+    }
+
     /// Counts a probe; returns the new verdict when it changed.
     pub fn record(&mut self, ok: bool, settings: &HealthSettings) -> Option<bool> {
         self.probes += 1;
@@ -192,16 +206,7 @@ impl HealthChecker {
             let state = self
                 .states
                 .entry(endpoint.id)
-                .or_insert_with(|| ProbeState {
-                    url: endpoint.url.clone(),
-                    healthy: endpoint.is_healthy(),
-                    consecutive_successes: 0,
-                    consecutive_failures: 0,
-                    probes: 0,
-                    last_probe_unix_ms: None,
-                    last_result: None,
-                    load: None,
-                });
+                .or_insert_with(|| ProbeState::new(endpoint.url.clone(), endpoint.is_healthy()));
             let id = endpoint.id;
             let probe = probe(client.clone(), state.url.clone(), endpoint.learns_models);
             ctx.spawn(probe.into_actor(self).map(move |result, this, _| {
@@ -364,16 +369,7 @@ mod tests {
     use super::*;
 
     fn state() -> ProbeState {
-        ProbeState {
-            url: "http://a".into(),
-            healthy: true,
-            consecutive_successes: 0,
-            consecutive_failures: 0,
-            probes: 0,
-            last_probe_unix_ms: None,
-            last_result: None,
-            load: None,
-        }
+        ProbeState::new("http://a".into(), true)
     }
 
     #[test]
