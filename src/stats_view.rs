@@ -81,20 +81,27 @@ pub fn render(s: &Value) -> String {
         .as_array()
         .cloned()
         .unwrap_or_default();
-    for (i, e) in s["balancer"]["endpoints"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let probe = probes.get(i).cloned().unwrap_or(Value::Null);
+    for e in s["balancer"]["endpoints"].as_array().into_iter().flatten() {
+        let probe = probes
+            .iter()
+            .find(|p| p["id"] == e["id"])
+            .cloned()
+            .unwrap_or(Value::Null);
         let load = &probe["load"];
         let _ = writeln!(
             out,
-            "  {:<28} {:<9} weight {:>5}  in-flight {:>4}  probe {} (ok {} / fail {})  backend running {} waiting {}",
+            "  {:<28} {:<9} circuit {:<9} weight {:>5}  latency {} ms  in-flight {:>4}  probe {} (ok {} / fail {})  backend running {} waiting {}",
             num(&e["url"]),
-            if e["healthy"].as_bool() == Some(true) { "healthy" } else { "DOWN" },
+            if e["draining"].as_bool() == Some(true) {
+                "draining"
+            } else if e["healthy"].as_bool() == Some(true) {
+                "healthy"
+            } else {
+                "DOWN"
+            },
+            num(&e["circuit"]),
             num(&e["weight"]),
+            num(&e["latency_ewma_ms"]),
             num(&e["in_flight"]),
             num(&probe["last_result"]),
             num(&probe["consecutive_successes"]),
@@ -151,8 +158,8 @@ mod tests {
     fn renders_every_section() {
         let stats = serde_json::json!({
             "pool": {"current": 10, "min": 10, "max": 5000, "workers": 3, "busy": 1, "queued": 0, "refused": 0, "last_resize": null},
-            "balancer": {"policy": "weighted", "endpoints": [{"url": "http://a", "healthy": true, "weight": 1.1, "in_flight": 2}]},
-            "health": {"endpoints": [{"last_result": "200 OK", "consecutive_successes": 4, "consecutive_failures": 0, "load": {"running": 3.0, "waiting": 0.0}}]},
+            "balancer": {"policy": "weighted", "endpoints": [{"id": 3, "url": "http://a", "healthy": true, "circuit": "closed", "weight": 1.1, "in_flight": 2}]},
+            "health": {"endpoints": [{"id": 3, "last_result": "200 OK", "consecutive_successes": 4, "consecutive_failures": 0, "load": {"running": 3.0, "waiting": 0.0}}]},
             "cache": {"entries": 1, "hits": 5},
             "metrics": {"overall": {"requests": 9, "errors": 1, "error_rate": 0.111, "rps": 2.5, "latency_ms": {"p50": 1.5}}, "endpoints": {}, "models": {"sim": {"requests": 9}}}
         });
