@@ -2,9 +2,10 @@
 //! gathers its outcomes and observations in a [`ThreadReports`] batch and sends them every
 //! [`FLUSH_EVERY`] or every [`BATCH`] facts, whichever comes first: one cross-thread message per
 //! batch instead of two per request, so a lightly loaded gateway does not wake the control-plane
-//! thread for every request. Weights and counters lag by at most one flush interval.
+//! thread for every request. Weights and counters lag by at most one flush interval. The flush
+//! timer is armed only while facts are waiting, so an idle gateway does not wake up at all.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
@@ -31,29 +32,37 @@ pub struct ThreadReports {
     to: Reporters,
     outcomes: RefCell<Vec<Outcome>>,
     observations: RefCell<Vec<Observe>>,
+    /// Whether a flush is scheduled.
+    armed: Cell<bool>,
+    me: Weak<ThreadReports>,
 }
 
 impl ThreadReports {
-    /// Creates this thread's batch and the timer that flushes it; the timer ends with the batch.
-    /// Must be called on the thread that will use it, inside its actix runtime.
+    /// Creates this thread's batch. Must be called on the thread that will use it, inside its
+    /// actix runtime (the flush timer is a task on it).
     pub fn start(to: Reporters) -> Rc<Self> {
-        let reports = Rc::new(Self {
+        Rc::new_cyclic(|me| Self {
             to,
             outcomes: RefCell::new(Vec::with_capacity(BATCH)),
             observations: RefCell::new(Vec::with_capacity(BATCH)),
-        });
-        let weak: Weak<Self> = Rc::downgrade(&reports);
+            armed: Cell::new(false),
+            me: me.clone(),
+        })
+    }
+
+    /// Schedules a flush [`FLUSH_EVERY`] from now, unless one is scheduled already.
+    fn arm(&self) {
+        if self.armed.replace(true) {
+            return;
+        }
+        let me = self.me.clone();
         actix_rt::spawn(async move {
-            let mut tick = actix_rt::time::interval(FLUSH_EVERY);
-            loop {
-                tick.tick().await;
-                match weak.upgrade() {
-                    Some(reports) => reports.flush(),
-                    None => break,
-                }
+            actix_rt::time::sleep(FLUSH_EVERY).await;
+            if let Some(reports) = me.upgrade() {
+                reports.armed.set(false);
+                reports.flush();
             }
         });
-        reports
     }
 
     pub fn view(&self) -> &BalancerView {
@@ -74,6 +83,8 @@ impl ThreadReports {
         };
         if flush {
             self.flush_outcomes();
+        } else {
+            self.arm();
         }
     }
 
@@ -85,6 +96,8 @@ impl ThreadReports {
         };
         if full {
             self.flush_observations();
+        } else {
+            self.arm();
         }
     }
 
