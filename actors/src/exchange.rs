@@ -92,45 +92,36 @@ pub(crate) struct RelayLimits {
     pub deadline: Instant,
 }
 
-/// Copies the upstream body into the channel until it ends, fails, stalls, passes its deadline,
-/// or the client goes away.
-/// Reads a small non-streamed body whole (the worker then hands it over with the head) and
-/// reports the outcome; an error means the backend failed before any byte reached the client.
+/// Reads a small non-streamed body whole, within the idle timeout and the deadline. An error
+/// means the backend failed before any byte reached the client, so the request may be retried.
 pub(crate) async fn read_whole(
     upstream: &mut awc::ClientResponse,
-    held: Held,
-    started: Instant,
     limits: RelayLimits,
-) -> Result<Bytes, (Held, String)> {
+) -> Result<Bytes, String> {
     let wait = limits
         .idle
         .min(limits.deadline.saturating_duration_since(Instant::now()));
     let read = upstream.body().limit(INLINE_BODY_MAX as usize);
     match tokio::time::timeout(wait, read).await {
-        Ok(Ok(body)) => {
-            let timing = Timing {
-                first_chunk: Some(started.elapsed()),
-                last_chunk: None,
-                gaps: Duration::ZERO,
-                chunks: 1,
-            };
-            report(
-                held,
-                upstream.status().as_u16(),
-                Ending::Complete,
-                &timing,
-                started,
-            );
-            Ok(body)
-        }
-        Ok(Err(e)) => Err((held, e.to_string())),
-        Err(_) => Err((
-            held,
-            "the backend went silent while sending its answer".into(),
-        )),
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the backend went silent while sending its answer".into()),
     }
 }
 
+/// Reports an exchange whose body was read whole.
+pub(crate) fn report_whole(held: Held, status: u16, started: Instant) {
+    let timing = Timing {
+        first_chunk: Some(started.elapsed()),
+        last_chunk: None,
+        gaps: Duration::ZERO,
+        chunks: 1,
+    };
+    report(held, status, Ending::Complete, &timing, started);
+}
+
+/// Copies the upstream body into the channel until it ends, fails, stalls, passes its deadline,
+/// or the client goes away.
 pub(crate) async fn relay(
     mut upstream: awc::ClientResponse,
     chunks: mpsc::Sender<Result<Bytes, RelayError>>,

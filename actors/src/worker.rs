@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::endpoint::{Bits, PickRequest};
 use crate::error::ForwardError;
 use crate::exchange::{
-    is_backend_failure, read_whole, relay, Exchange, ExchangeBody, Head, Held, RelayError,
-    RelayLimits, INLINE_BODY_MAX, RELAY_DEPTH,
+    is_backend_failure, read_whole, relay, report_whole, Exchange, ExchangeBody, Head, Held,
+    RelayError, RelayLimits, INLINE_BODY_MAX, RELAY_DEPTH,
 };
 use crate::pool_supervisor::{Admission, Permit};
 use crate::report::{Reporters, ThreadReports};
@@ -243,52 +243,48 @@ impl Handler<Forward> for Worker {
                 deadline: request.deadline,
             };
             let connected = tokio::select! {
-                answer = connect(&shared, request, permit) => answer,
+                answer = connect(&shared, request, permit, limits) => answer,
                 () = head.closed() => return,
             };
-            let (mut response, held, started) = match connected {
+            let Connected {
+                response,
+                body: whole,
+                held,
+                started,
+            } = match connected {
                 Ok(connected) => connected,
                 Err(error) => {
                     let _ = head.send(Err(error));
                     return;
                 }
             };
-            let endpoint = held.in_flight.endpoint().clone();
-            let mut answer = Head {
+            let answer = Head {
                 status: response.status(),
                 headers: response.headers().clone(),
-                endpoint: endpoint.id,
-                body: None,
+                endpoint: held.in_flight.endpoint().id,
+                body: whole,
             };
-            if !inline(&response) {
-                if head.send(Ok(answer)).is_ok() {
-                    relay(response, body, held, started, limits).await;
-                }
-                return;
+            if answer.body.is_some() {
+                report_whole(held, answer.status.as_u16(), started);
+                let _ = head.send(Ok(answer));
+            } else if head.send(Ok(answer)).is_ok() {
+                relay(response, body, held, started, limits).await;
             }
-            let read = tokio::select! {
-                read = read_whole(&mut response, held, started, limits) => read,
-                () = head.closed() => return,
-            };
-            let _ = match read {
-                Ok(whole) => {
-                    answer.body = Some(whole);
-                    head.send(Ok(answer))
-                }
-                Err((held, reason)) => {
-                    held.reports.outcome(endpoint.id, false, None);
-                    head.send(Err(ForwardError::BadResponse {
-                        endpoint: endpoint.url.clone(),
-                        reason,
-                    }))
-                }
-            };
         };
         Box::pin(
             work.into_actor(self)
                 .map(|(), this, ctx| this.pool.release(ctx)),
         )
     }
+}
+
+/// A backend's answer: its head, its whole body when it was small and not a stream, and what the
+/// exchange holds until it ends.
+struct Connected {
+    response: awc::ClientResponse,
+    body: Option<Bytes>,
+    held: Held,
+    started: Instant,
 }
 
 /// Whether a response is read whole before the head goes back: not a stream, and small.
@@ -304,14 +300,16 @@ fn inline(response: &awc::ClientResponse) -> bool {
     !sse && length.is_some_and(|l| l <= INLINE_BODY_MAX)
 }
 
-/// Picks an endpoint and sends the request, trying another endpoint when one fails before
-/// answering (within the per-request attempt limit and the gateway-wide retry budget); returns
-/// the response with its head read.
+/// Picks an endpoint and sends the request, trying another endpoint when one fails before any
+/// byte could reach the client (within the per-request attempt limit and the gateway-wide retry
+/// budget); returns the response with its head read, and its body too when it is small and not
+/// a stream, so that a backend failing in the middle of such a body is retried as well.
 async fn connect(
     shared: &WorkerShared,
     request: UpstreamRequest,
     permit: Permit,
-) -> Result<(awc::ClientResponse, Held, Instant), ForwardError> {
+    limits: RelayLimits,
+) -> Result<Connected, ForwardError> {
     let table = shared.reports.view().table_arc();
     let budget = &shared.retry_budget;
     budget.deposit();
@@ -378,18 +376,41 @@ async fn connect(
                 if !garbage && is_backend_failure(status.as_u16()) {
                     granted = Some(may_retry(attempt, &pick));
                 }
-                if !garbage && granted != Some(true) {
-                    let held = Held {
-                        in_flight,
-                        _permit: permit,
-                        reports: shared.reports.clone(),
-                        model: request.model,
+                if garbage || granted == Some(true) {
+                    ForwardError::BadResponse {
+                        endpoint: endpoint.url.clone(),
+                        reason: format!("status {status} with content type '{content_type}'"),
+                    }
+                } else {
+                    let mut response = response;
+                    let body = if inline(&response) {
+                        match read_whole(&mut response, limits).await {
+                            Ok(body) => Ok(Some(body)),
+                            Err(reason) => Err(ForwardError::BadResponse {
+                                endpoint: endpoint.url.clone(),
+                                reason,
+                            }),
+                        }
+                    } else {
+                        Ok(None)
                     };
-                    return Ok((response, held, started));
-                }
-                ForwardError::BadResponse {
-                    endpoint: endpoint.url.clone(),
-                    reason: format!("status {status} with content type '{content_type}'"),
+                    match body {
+                        Ok(body) => {
+                            let held = Held {
+                                in_flight,
+                                _permit: permit,
+                                reports: shared.reports.clone(),
+                                model: request.model,
+                            };
+                            return Ok(Connected {
+                                response,
+                                body,
+                                held,
+                                started,
+                            });
+                        }
+                        Err(error) => error,
+                    }
                 }
             }
             Err(SendRequestError::Timeout) => ForwardError::Timeout {
