@@ -218,3 +218,45 @@ async fn the_policy_is_chosen_in_config_and_affinity_keeps_sessions_together() {
     );
     gw.stop(false).await;
 }
+
+/// A backend that sends a JSON head promising 100 bytes, then hangs up after a few: the answer
+/// breaks before any byte reached the client, so the request is retried elsewhere.
+fn broken_backend() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"partial",
+            );
+        }
+    });
+    url
+}
+
+#[actix_rt::test]
+async fn a_backend_breaking_in_the_middle_of_an_answer_is_retried() {
+    let backends = sims(vec![fast()]).await;
+    let mut cfg = config(&backends);
+    cfg.endpoints.insert(
+        0,
+        nanogate_actors::endpoint::EndpointSpec::new(broken_backend()),
+    );
+    cfg.health.interval_ms = 60_000;
+    cfg.balancer.policy = PolicyKind::RoundRobin;
+    cfg.balancer.eject_after_failures = 1000;
+    let gw = gateway(cfg).await;
+    let client = client();
+    for _ in 0..6 {
+        let answer = post(&client, &chat_url(&gw), &chat(2)).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.json()["object"], "chat.completion");
+    }
+    let budget = &stats(&client, &gw).await["balancer"]["retry_budget"];
+    assert!(budget["retries"].as_u64().unwrap() >= 3, "{budget}");
+    gw.stop(false).await;
+}

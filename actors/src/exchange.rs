@@ -101,12 +101,29 @@ pub(crate) async fn read_whole(
     let wait = limits
         .idle
         .min(limits.deadline.saturating_duration_since(Instant::now()));
+    let expected = content_length(upstream);
     let read = upstream.body().limit(INLINE_BODY_MAX as usize);
     match tokio::time::timeout(wait, read).await {
-        Ok(Ok(body)) => Ok(body),
+        Ok(Ok(body)) => match expected {
+            Some(length) if body.len() as u64 != length => Err(format!(
+                "the backend closed the connection after {} of {length} bytes",
+                body.len()
+            )),
+            _ => Ok(body),
+        },
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("the backend went silent while sending its answer".into()),
     }
+}
+
+/// The `Content-Length` a response announced. The HTTP client reads a connection closed early
+/// as the end of the body, so a body is checked against it to tell a truncated answer.
+pub(crate) fn content_length(response: &awc::ClientResponse) -> Option<u64> {
+    response
+        .headers()
+        .get(awc::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Reports an exchange whose body was read whole.
@@ -134,6 +151,8 @@ pub(crate) async fn relay(
         .headers()
         .get(awc::http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let expected = content_length(&upstream);
+    let mut received = 0u64;
     let mut timing = Timing::default();
     let mut tail = StreamTail::default();
     // One timer for the whole relay, re-armed only when it fires early (a chunk came since it
@@ -177,6 +196,7 @@ pub(crate) async fn relay(
         match next {
             Some(Ok(chunk)) => {
                 last_activity = timing.chunk(started);
+                received += chunk.len() as u64;
                 if sse {
                     tail.push(&chunk);
                 }
@@ -208,6 +228,11 @@ pub(crate) async fn relay(
                     timing.chunks
                 );
                 let _ = chunks.send(failure(sse, "the stream ended early")).await;
+                break Ending::Broken;
+            }
+            None if expected.is_some_and(|length| received < length) => {
+                log::warn!("upstream body ended after {received} of {expected:?} bytes");
+                let _ = chunks.send(failure(sse, "the body ended early")).await;
                 break Ending::Broken;
             }
             None => break Ending::Complete,

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::endpoint::{Bits, PickRequest};
 use crate::error::ForwardError;
 use crate::exchange::{
-    is_backend_failure, read_whole, relay, report_whole, Exchange, ExchangeBody, Head, Held,
-    RelayError, RelayLimits, INLINE_BODY_MAX, RELAY_DEPTH,
+    content_length, is_backend_failure, read_whole, relay, report_whole, Exchange, ExchangeBody,
+    Head, Held, RelayError, RelayLimits, INLINE_BODY_MAX, RELAY_DEPTH,
 };
 use crate::pool_supervisor::{Admission, Permit};
 use crate::report::{Reporters, ThreadReports};
@@ -289,15 +289,11 @@ struct Connected {
 
 /// Whether a response is read whole before the head goes back: not a stream, and small.
 fn inline(response: &awc::ClientResponse) -> bool {
-    let header = |name| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
-    };
-    let sse = header(header::CONTENT_TYPE).is_some_and(|t| t.starts_with("text/event-stream"));
-    let length = header(header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok());
-    !sse && length.is_some_and(|l| l <= INLINE_BODY_MAX)
+    let sse = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
+    !sse && content_length(response).is_some_and(|l| l <= INLINE_BODY_MAX)
 }
 
 /// Picks an endpoint and sends the request, trying another endpoint when one fails before any
