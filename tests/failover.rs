@@ -260,3 +260,47 @@ async fn a_backend_breaking_in_the_middle_of_an_answer_is_retried() {
     assert!(budget["retries"].as_u64().unwrap() >= 3, "{budget}");
     gw.stop(false).await;
 }
+
+/// A backend that answers one request per connection correctly, keeps the connection open as if
+/// for keep-alive, then closes it without a word when the next request comes.
+fn one_shot_keep_alive_backend() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            std::thread::spawn(move || {
+                let mut request = [0u8; 8192];
+                let _ = stream.read(&mut request);
+                let body = br#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body);
+                let _ = stream.read(&mut request);
+            });
+        }
+    });
+    url
+}
+
+#[actix_rt::test]
+async fn a_pooled_connection_the_backend_closed_is_retried_on_a_fresh_one() {
+    let mut cfg = config(&[]);
+    cfg.endpoints = vec![nanogate_actors::endpoint::EndpointSpec::new(
+        one_shot_keep_alive_backend(),
+    )];
+    cfg.endpoints[0].models = vec!["sim".into()];
+    cfg.health.interval_ms = 60_000;
+    cfg.server.workers = 1;
+    let gw = gateway(cfg).await;
+    let client = client();
+    for i in 0..5 {
+        let answer = post(&client, &chat_url(&gw), &chat(1)).await;
+        assert_eq!(answer.status, 200, "request {i}: {}", answer.text());
+    }
+    gw.stop(false).await;
+}

@@ -219,6 +219,12 @@ impl Bits {
         }
     }
 
+    pub fn remove(&mut self, i: usize) {
+        if i < MAX_ENDPOINTS {
+            self.0[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
     pub fn contains(&self, i: usize) -> bool {
         i < MAX_ENDPOINTS && self.0[i / 64] & (1 << (i % 64)) != 0
     }
@@ -447,6 +453,8 @@ pub(crate) mod tests {
         assert_eq!(b.iter().collect::<Vec<_>>(), vec![0, 3, 64, 200]);
         assert_eq!(b.len(), 4);
         assert!(b.contains(64) && !b.contains(65));
+        b.remove(64);
+        assert!(!b.contains(64) && b.len() == 3);
     }
 
     #[test]

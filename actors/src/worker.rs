@@ -320,7 +320,13 @@ async fn connect(
         attempt < attempts && table.has_alternative(pick) && budget.try_retry()
     };
     let mut last_error = None;
-    for attempt in 1..=attempts {
+    // Servers close idle keep-alive connections on their own schedule, and the pool may hand out
+    // one that was just closed: the first transport failure of a request is retried once on a
+    // fresh connection, outside the attempt limit and the budget (nothing reached the backend's
+    // model, and a dead backend fails the second time too).
+    let mut fresh_connection_retry = true;
+    let mut attempt = 1;
+    while attempt <= attempts {
         let Some((slot, endpoint)) = table.pick(&pick, &mut rand::thread_rng()) else {
             break;
         };
@@ -356,7 +362,20 @@ async fn connect(
         }
         // Whether a retry was already granted (a refused answer is dropped only once it is).
         let mut granted = None;
-        let error = match upstream.send_body(request.body.clone()).await {
+        let sent = upstream.send_body(request.body.clone()).await;
+        if fresh_connection_retry
+            && matches!(
+                sent,
+                Err(SendRequestError::Connect(_)
+                    | SendRequestError::Send(_)
+                    | SendRequestError::Response(_))
+            )
+        {
+            fresh_connection_retry = false;
+            pick.exclude.remove(slot);
+            continue;
+        }
+        let error = match sent {
             Ok(response) => {
                 let status = response.status();
                 let content_type = response
@@ -429,6 +448,7 @@ async fn connect(
         if !retry {
             break;
         }
+        attempt += 1;
     }
     Err(last_error.unwrap_or(ForwardError::NoBackend {
         model: request.model,
