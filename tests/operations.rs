@@ -156,6 +156,32 @@ async fn endpoints_are_added_drained_and_removed_at_runtime_without_losing_strea
     }
     let (status, _) = admin(
         &client,
+        awc::http::Method::POST,
+        format!("{admin_url}/0/sideways"),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "only drain and undrain");
+    let (status, _) = admin(
+        &client,
+        awc::http::Method::POST,
+        format!("{admin_url}/0/undrain"),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let short = chat(1);
+    let back =
+        futures_util::future::join_all((0..4).map(|_| post(&client, &chat_url, &short))).await;
+    assert!(
+        back.iter()
+            .any(|a| a.header("x-nanogate-endpoint").as_deref() == Some("0")),
+        "an undrained endpoint takes traffic again"
+    );
+    let (status, _) = admin(
+        &client,
         awc::http::Method::DELETE,
         format!("{admin_url}/0"),
         Some(TOKEN),

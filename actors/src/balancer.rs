@@ -191,6 +191,11 @@ pub struct DrainEndpoint {
 #[rtype(result = "Reloaded")]
 pub struct ReplaceEndpoints(pub Vec<EndpointSpec>);
 
+/// The configured specs of the current endpoints, for the admin API's listing.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "Vec<(usize, EndpointSpec)>")]
+pub struct ListEndpoints;
+
 #[derive(MessageResponse, Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Reloaded {
     pub added: Vec<String>,
@@ -473,6 +478,19 @@ impl Handler<ReplaceEndpoints> for Balancer {
     }
 }
 
+impl Handler<ListEndpoints> for Balancer {
+    type Result = MessageResult<ListEndpoints>;
+
+    fn handle(&mut self, _msg: ListEndpoints, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.entries
+                .iter()
+                .map(|e| (e.endpoint.id, e.spec.clone()))
+                .collect(),
+        )
+    }
+}
+
 #[derive(Serialize)]
 struct EndpointStats {
     id: usize,
@@ -486,7 +504,16 @@ struct EndpointStats {
     ejections: u32,
     reopens_in_ms: Option<u128>,
     latency_ewma_ms: f64,
+    /// Running and waiting requests and KV-cache use, as the backend last reported them.
+    reported: ReportedLoad,
     models: Option<Vec<String>>,
+}
+
+#[derive(Serialize)]
+struct ReportedLoad {
+    running: f64,
+    waiting: f64,
+    kv_cache: f64,
 }
 
 #[derive(Serialize)]
@@ -522,6 +549,14 @@ impl Handler<GetStats> for Balancer {
                         ejections: entry.breaker.ejections(),
                         reopens_in_ms: entry.breaker.reopens_in(now).map(|d| d.as_millis()),
                         latency_ewma_ms: e.latency_ms(),
+                        reported: {
+                            let (running, waiting, kv_cache) = e.reported_load();
+                            ReportedLoad {
+                                running,
+                                waiting,
+                                kv_cache,
+                            }
+                        },
                         models: entry.models.clone(),
                     }
                 })
@@ -539,24 +574,6 @@ impl Handler<Fail> for Balancer {
 
     fn handle(&mut self, _msg: Fail, ctx: &mut Self::Context) {
         ctx.stop();
-    }
-}
-
-/// The configured specs of the current endpoints, for the admin API's listing.
-#[derive(Message, Debug, Clone, Copy)]
-#[rtype(result = "Vec<(usize, EndpointSpec)>")]
-pub struct ListEndpoints;
-
-impl Handler<ListEndpoints> for Balancer {
-    type Result = MessageResult<ListEndpoints>;
-
-    fn handle(&mut self, _msg: ListEndpoints, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(
-            self.entries
-                .iter()
-                .map(|e| (e.endpoint.id, e.spec.clone()))
-                .collect(),
-        )
     }
 }
 

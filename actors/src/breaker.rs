@@ -5,11 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// Breaker thresholds; defaults documented in `config/default.toml`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Breaker thresholds, as `[balancer]` in `config/default.toml` sets them.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakerSettings {
     /// Consecutive live failures that eject an endpoint.
     pub eject_after_failures: u32,

@@ -33,15 +33,6 @@ pub struct Exchange {
     pub body: ExchangeBody,
 }
 
-/// The status line and headers, sent ahead of the body.
-pub(crate) struct Head {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub endpoint: usize,
-    /// The whole body, when it was small and not a stream (see [`INLINE_BODY_MAX`]).
-    pub body: Option<Bytes>,
-}
-
 /// A non-streamed answer whose `Content-Length` is at most this is read whole by the worker
 /// and handed over with the head: a backend sends such a JSON answer in one piece anyway, and it
 /// saves the relay and the extra wake-ups of the client connection per request.

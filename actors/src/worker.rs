@@ -6,6 +6,7 @@
 //! balancer's published view and forwards. A worker goes back to the idle list when its response
 //! exchange ends; workers beyond the pool size are stopped then, so a shrink takes effect.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -20,11 +21,11 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::endpoint::{Bits, PickRequest};
+use crate::endpoint::{Bits, Endpoint, PickRequest};
 use crate::error::ForwardError;
 use crate::exchange::{
     content_length, is_backend_failure, read_whole, relay, report_whole, Exchange, ExchangeBody,
-    Head, Held, RelayError, RelayLimits, INLINE_BODY_MAX, RELAY_DEPTH,
+    Held, RelayLimits, INLINE_BODY_MAX, RELAY_DEPTH,
 };
 use crate::pool_supervisor::{Admission, Permit};
 use crate::report::{Reporters, ThreadReports};
@@ -77,8 +78,8 @@ impl Default for UpstreamSettings {
 /// A request as the worker forwards it.
 pub struct UpstreamRequest {
     pub method: Method,
-    /// Path and query, e.g. `/v1/chat/completions`.
-    pub path: String,
+    /// Path and query, e.g. `/v1/chat/completions` (static for the OpenAI routes).
+    pub path: Cow<'static, str>,
     pub body: Bytes,
     pub content_type: Option<HeaderValue>,
     /// The client's own `Authorization`, passed on when the endpoint has no key of its own.
@@ -150,26 +151,14 @@ impl WorkerPool {
         let permit = self.admission.admit(request.deadline).await?;
         let worker = self.checkout();
         let (head, head_rx) = oneshot::channel();
-        let (body, body_rx) = mpsc::channel(RELAY_DEPTH);
         worker
             .try_send(Forward {
                 request,
                 permit,
                 head,
-                body,
             })
             .map_err(|_| ForwardError::WorkerGone)?;
-        let head = head_rx.await.map_err(|_| ForwardError::WorkerGone)??;
-        let body = match head.body {
-            Some(whole) => ExchangeBody::Complete(Some(whole)),
-            None => ExchangeBody::Relayed(body_rx),
-        };
-        Ok(Exchange {
-            status: head.status,
-            headers: head.headers,
-            endpoint: head.endpoint,
-            body,
-        })
+        head_rx.await.map_err(|_| ForwardError::WorkerGone)?
     }
 
     fn checkout(self: &Rc<Self>) -> Addr<Worker> {
@@ -204,14 +193,14 @@ impl WorkerPool {
 
 // ===== Worker =====
 
-/// Carries one request to a backend: the response head goes back on `head`, the body on `body`.
+/// Carries one request to a backend; the answer (its head, and its body whole or as a relay)
+/// goes back on `head`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Forward {
     request: UpstreamRequest,
     permit: Permit,
-    head: oneshot::Sender<Result<Head, ForwardError>>,
-    body: mpsc::Sender<Result<Bytes, RelayError>>,
+    head: oneshot::Sender<Result<Exchange, ForwardError>>,
 }
 
 pub struct Worker {
@@ -236,7 +225,6 @@ impl Handler<Forward> for Worker {
                 request,
                 permit,
                 mut head,
-                body,
             } = msg;
             let limits = RelayLimits {
                 idle: Duration::from_millis(shared.settings.idle_timeout_ms),
@@ -258,17 +246,24 @@ impl Handler<Forward> for Worker {
                     return;
                 }
             };
-            let answer = Head {
+            let exchange = |body| Exchange {
                 status: response.status(),
                 headers: response.headers().clone(),
                 endpoint: held.in_flight.endpoint().id,
-                body: whole,
+                body,
             };
-            if answer.body.is_some() {
+            if let Some(whole) = whole {
+                let answer = exchange(ExchangeBody::Complete(Some(whole)));
                 report_whole(held, answer.status.as_u16(), started);
                 let _ = head.send(Ok(answer));
-            } else if head.send(Ok(answer)).is_ok() {
-                relay(response, body, held, started, limits).await;
+                return;
+            }
+            let (chunks, relayed) = mpsc::channel(RELAY_DEPTH);
+            if head
+                .send(Ok(exchange(ExchangeBody::Relayed(relayed))))
+                .is_ok()
+            {
+                relay(response, chunks, held, started, limits).await;
             }
         };
         Box::pin(
@@ -341,109 +336,64 @@ async fn connect(
         }
         let in_flight = endpoint.begin();
         let started = Instant::now();
-        let mut upstream = shared
-            .client
-            .request(
-                request.method.clone(),
-                format!("{}{}", endpoint.url, request.path),
-            )
-            .timeout(first_byte);
-        if let Some(content_type) = &request.content_type {
-            upstream = upstream.insert_header((header::CONTENT_TYPE, content_type.clone()));
-        }
-        match (&endpoint.authorization, &request.authorization) {
-            (Some(key), _) => {
-                upstream = upstream.insert_header((header::AUTHORIZATION, key.as_str()))
-            }
-            (None, Some(client_key)) => {
-                upstream = upstream.insert_header((header::AUTHORIZATION, client_key.clone()))
-            }
-            (None, None) => {}
-        }
-        // Whether a retry was already granted (a refused answer is dropped only once it is).
-        let mut granted = None;
-        let sent = upstream.send_body(request.body.clone()).await;
-        if fresh_connection_retry
-            && matches!(
-                sent,
-                Err(SendRequestError::Connect(_)
-                    | SendRequestError::Send(_)
-                    | SendRequestError::Response(_))
-            )
-        {
+        let sent = upstream_request(shared, &request, endpoint, first_byte)
+            .send_body(request.body.clone())
+            .await;
+        let transport_failure = matches!(
+            sent,
+            Err(SendRequestError::Connect(_)
+                | SendRequestError::Send(_)
+                | SendRequestError::Response(_))
+        );
+        if transport_failure && fresh_connection_retry {
             fresh_connection_retry = false;
             pick.exclude.remove(slot);
             continue;
         }
-        let error = match sent {
-            Ok(response) => {
-                let status = response.status();
-                let content_type = response
-                    .headers()
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                let sse = content_type.starts_with("text/event-stream");
-                let json = content_type.starts_with("application/json");
-                let garbage = request.openai_route
-                    && ((status.is_success() && !(json || sse))
-                        || (is_backend_failure(status.as_u16()) && !json));
-                if !garbage && is_backend_failure(status.as_u16()) {
-                    granted = Some(may_retry(attempt, &pick));
+        let bad = |reason: String| ForwardError::BadResponse {
+            endpoint: endpoint.url.clone(),
+            reason,
+        };
+        let (error, retry) = match sent {
+            Ok(response) => match judge(response, request.openai_route, limits, || {
+                may_retry(attempt, &pick)
+            })
+            .await
+            {
+                Judged::Usable(response, body) => {
+                    return Ok(Connected {
+                        response,
+                        body,
+                        held: Held {
+                            in_flight,
+                            _permit: permit,
+                            reports: shared.reports.clone(),
+                            model: request.model,
+                        },
+                        started,
+                    });
                 }
-                if garbage || granted == Some(true) {
-                    ForwardError::BadResponse {
-                        endpoint: endpoint.url.clone(),
-                        reason: format!("status {status} with content type '{content_type}'"),
-                    }
-                } else {
-                    let mut response = response;
-                    let body = if inline(&response) {
-                        match read_whole(&mut response, limits).await {
-                            Ok(body) => Ok(Some(body)),
-                            Err(reason) => Err(ForwardError::BadResponse {
-                                endpoint: endpoint.url.clone(),
-                                reason,
-                            }),
-                        }
-                    } else {
-                        Ok(None)
-                    };
-                    match body {
-                        Ok(body) => {
-                            let held = Held {
-                                in_flight,
-                                _permit: permit,
-                                reports: shared.reports.clone(),
-                                model: request.model,
-                            };
-                            return Ok(Connected {
-                                response,
-                                body,
-                                held,
-                                started,
-                            });
-                        }
-                        Err(error) => error,
-                    }
-                }
-            }
-            Err(SendRequestError::Timeout) => ForwardError::Timeout {
-                endpoint: endpoint.url.clone(),
-                timeout: first_byte,
+                Judged::Retry(status) => (bad(format!("answered {status}")), true),
+                Judged::Unusable(reason) => (bad(reason), may_retry(attempt, &pick)),
             },
-            Err(SendRequestError::Connect(e)) => ForwardError::Connect {
-                endpoint: endpoint.url.clone(),
-                reason: e.to_string(),
-            },
-            Err(e) => ForwardError::BadResponse {
-                endpoint: endpoint.url.clone(),
-                reason: e.to_string(),
-            },
+            Err(SendRequestError::Timeout) => (
+                ForwardError::Timeout {
+                    endpoint: endpoint.url.clone(),
+                    timeout: first_byte,
+                },
+                may_retry(attempt, &pick),
+            ),
+            Err(SendRequestError::Connect(e)) => (
+                ForwardError::Connect {
+                    endpoint: endpoint.url.clone(),
+                    reason: e.to_string(),
+                },
+                may_retry(attempt, &pick),
+            ),
+            Err(e) => (bad(e.to_string()), may_retry(attempt, &pick)),
         };
         log::warn!("{error}");
         shared.reports.outcome(endpoint.id, false, None);
-        let retry = granted.unwrap_or_else(|| may_retry(attempt, &pick));
         last_error = Some(error);
         if !retry {
             break;
@@ -453,4 +403,75 @@ async fn connect(
     Err(last_error.unwrap_or(ForwardError::NoBackend {
         model: request.model,
     }))
+}
+
+/// The request to one endpoint: the client's body and content type, and the endpoint's own key
+/// (or else the client's) as authorization.
+fn upstream_request(
+    shared: &WorkerShared,
+    request: &UpstreamRequest,
+    endpoint: &Endpoint,
+    first_byte: Duration,
+) -> awc::ClientRequest {
+    let mut upstream = shared
+        .client
+        .request(
+            request.method.clone(),
+            format!("{}{}", endpoint.url, request.path),
+        )
+        .timeout(first_byte);
+    if let Some(content_type) = &request.content_type {
+        upstream = upstream.insert_header((header::CONTENT_TYPE, content_type.clone()));
+    }
+    match (&endpoint.authorization, &request.authorization) {
+        (Some(key), _) => upstream.insert_header((header::AUTHORIZATION, key.as_str())),
+        (None, Some(client_key)) => {
+            upstream.insert_header((header::AUTHORIZATION, client_key.clone()))
+        }
+        (None, None) => upstream,
+    }
+}
+
+/// What a backend's answer is good for.
+enum Judged {
+    /// Relay it (with its whole body when it is small and not a stream).
+    Usable(awc::ClientResponse, Option<Bytes>),
+    /// The backend's own 5xx or 429, and a retry was granted: try another endpoint.
+    Retry(awc::http::StatusCode),
+    /// Not an OpenAI answer, or its body broke before the end: never relayed.
+    Unusable(String),
+}
+
+/// Judges an answer. The backend's own refusal (5xx or 429, in JSON) is retried when
+/// `retry_refusal` grants it, and relayed to the client otherwise.
+async fn judge(
+    mut response: awc::ClientResponse,
+    openai_route: bool,
+    limits: RelayLimits,
+    retry_refusal: impl FnOnce() -> bool,
+) -> Judged {
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let sse = content_type.starts_with("text/event-stream");
+    let json = content_type.starts_with("application/json");
+    let failed = is_backend_failure(status.as_u16());
+    if openai_route && ((status.is_success() && !(json || sse)) || (failed && !json)) {
+        return Judged::Unusable(format!(
+            "status {status} with content type '{content_type}'"
+        ));
+    }
+    if failed && retry_refusal() {
+        return Judged::Retry(status);
+    }
+    if !inline(&response) {
+        return Judged::Usable(response, None);
+    }
+    match read_whole(&mut response, limits).await {
+        Ok(body) => Judged::Usable(response, Some(body)),
+        Err(reason) => Judged::Unusable(reason),
+    }
 }

@@ -3,7 +3,7 @@
 //! routes do not exist (404), so an operator cannot leave them open by accident.
 
 use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpRequest, HttpResponse};
 use nanogate_actors::balancer::{AddEndpoint, DrainEndpoint, ListEndpoints, RemoveEndpoint};
 use nanogate_actors::endpoint::EndpointSpec;
 use serde_json::json;
@@ -18,8 +18,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/endpoints", web::get().to(list))
             .route("/endpoints", web::post().to(add))
             .route("/endpoints/{id}", web::delete().to(remove))
-            .route("/endpoints/{id}/drain", web::post().to(drain))
-            .route("/endpoints/{id}/undrain", web::post().to(undrain)),
+            .route("/endpoints/{id}/{action}", web::post().to(set_draining)),
     );
 }
 
@@ -101,7 +100,7 @@ async fn add(
     }
 }
 
-fn endpoint_id(path: &web::Path<String>) -> Result<usize, GatewayError> {
+fn endpoint_id(path: &str) -> Result<usize, GatewayError> {
     path.parse().map_err(|_| GatewayError::InvalidField {
         field: "id",
         reason: format!("'{path}' is not an endpoint id"),
@@ -133,39 +132,31 @@ async fn remove(
     )
 }
 
+/// `POST /endpoints/{id}/drain` stops new requests to an endpoint while its in-flight ones
+/// finish; `/undrain` lets it take traffic again.
 async fn set_draining(
     req: HttpRequest,
     state: web::Data<AppState>,
-    path: web::Path<String>,
-    drain: bool,
+    path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, GatewayError> {
     authorize(&req, &state)?;
-    let id = endpoint_id(&path)?;
+    let (id, action) = path.into_inner();
+    let drain = match action.as_str() {
+        "drain" => true,
+        "undrain" => false,
+        _ => {
+            return Err(GatewayError::UnknownRoute {
+                method: req.method().to_string(),
+                path: req.path().to_string(),
+            })
+        }
+    };
+    let id = endpoint_id(&id)?;
     let message = DrainEndpoint {
         endpoint: id,
         drain,
     };
     found(state.balancer.send(message).await.map_err(unavailable)?, id)
-}
-
-async fn drain(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-    path: web::Path<String>,
-) -> HttpResponse {
-    set_draining(req, state, path, true)
-        .await
-        .unwrap_or_else(|e| e.error_response())
-}
-
-async fn undrain(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-    path: web::Path<String>,
-) -> HttpResponse {
-    set_draining(req, state, path, false)
-        .await
-        .unwrap_or_else(|e| e.error_response())
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The proxy routes: validate, answer from the cache when allowed, else forward through this
 //! thread's worker pool and stream the backend's answer back as it arrives.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -47,7 +48,8 @@ pub async fn pass_through(
             .uri()
             .path_and_query()
             .map_or_else(|| req.path().to_string(), |p| p.to_string());
-        let mut upstream = upstream_request(&req, &state, req.method().clone(), path, body, model);
+        let mut upstream =
+            upstream_request(&req, &state, req.method().clone(), path.into(), body, model);
         upstream.openai_route = false;
         Ok(relay(pool.forward(upstream).await?))
     };
@@ -98,7 +100,7 @@ async fn serve(
         return Err(GatewayError::ModelNotFound(model));
     }
     let key = (cacheable && state.cache_enabled).then(|| cache_key(operation, &body));
-    let path = operation.path().to_string();
+    let path = Cow::Borrowed(operation.path());
     let mut upstream = upstream_request(req, state, Method::POST, path, body, model);
     upstream.affinity = affinity;
     let Some(key) = key else {
@@ -126,7 +128,7 @@ fn upstream_request(
     req: &HttpRequest,
     state: &AppState,
     method: Method,
-    path: String,
+    path: Cow<'static, str>,
     body: bytes::Bytes,
     model: String,
 ) -> UpstreamRequest {

@@ -47,8 +47,8 @@ impl PolicyKind {
     }
 }
 
-/// Policy choice and tuning; defaults documented in `config/default.toml`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// Policy choice and tuning, as `[balancer]` in `config/default.toml` sets them.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PolicySettings {
     pub policy: PolicyKind,
     /// Affinity: an endpoint takes a keyed request while its in-flight count stays within this
