@@ -6,11 +6,13 @@
 #   scripts/bench.sh [--no-build] [RUN.SH ARGS...]      (--no-build: use the existing target/release/nanogate)
 #       full run (defaults of bench/peers/run.sh: all peers, json + stream phases, 3 rounds; ~20 min), e.g.
 #       scripts/bench.sh --peers "direct nginx sglang" --rounds 1 --secs 3
-#   scripts/bench.sh cpu [--no-build] [RUN.SH ARGS...]
+#   scripts/bench.sh cpu [--no-build] [--baseline BIN] [RUN.SH ARGS...]
 #       gateway CPU per request at concurrency 1 and 64 vs direct (json phase only, c1 and c64, ~1 min).
 #       Read summary.md, tables `c1` and `c64`: column `cpu_us_per_req` of row `nanogate` is the gateway's own CPU µs
 #       per request (its process tree only); row `direct` is the backend's, the floor. `cpu_pct` is the gateway's CPU
 #       share during the run; "ratio to direct" gives `rps xN` and `p50_ms +Nus` (latency the hop adds).
+#   --baseline BIN (either mode) runs another nanogate binary as the target `baseline` in the same interleaved rounds,
+#       e.g. a copy of target/release/nanogate built from main before a change: before/after in one run.
 #
 # What it does: (a) runs bench/peers/setup.sh if the peer tools are missing; (b) `cargo build --release` once (skip
 # with --no-build); (c) raises `ulimit -n` to the hard limit; (d) runs bench/peers/run.sh with
@@ -24,8 +26,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 mode=full
 if [ "${1:-}" = cpu ]; then mode=cpu; shift; fi
-build=1; pass=()
-for a in "$@"; do if [ "$a" = --no-build ]; then build=0; else pass+=("$a"); fi; done
+build=1; pass=(); baseline=""; prev=""
+for a in "$@"; do
+  if [ "$prev" = --baseline ]; then baseline=$a; prev=""; continue; fi
+  if [ "$a" = --no-build ]; then build=0; elif [ "$a" != --baseline ]; then pass+=("$a"); fi
+  prev=$a
+done
 set -- "${pass[@]}"
 
 venv=${PEERS_VENV:-$HOME/.cache/nanogate-peers}
@@ -68,14 +74,19 @@ prev=""; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done   # a pa
 # The command runs under `bash -c "exec ..."` in run.sh with PORT and UPSTREAMS set; the single quotes keep them
 # unexpanded here. The binary path is quoted for the inner shell.
 gw_cmd="$(printf '%q' "$bin") serve --listen 127.0.0.1:\$PORT --backends \$UPSTREAMS"
-echo "bench.sh: mode=$mode open-files=$(ulimit -n) gateway: $gw_cmd" >&2
+gateways=(--gateway nanogate 18090 "$gw_cmd")
+if [ -n "$baseline" ]; then
+  [ -x "$baseline" ] || { echo "bench.sh: --baseline $baseline is not an executable" >&2; exit 1; }
+  gateways+=(--gateway baseline 18091 "$(printf '%q' "$baseline") serve --listen 127.0.0.1:\$PORT --backends \$UPSTREAMS")
+fi
+echo "bench.sh: mode=$mode open-files=$(ulimit -n) gateway: $gw_cmd${baseline:+ baseline: $baseline}" >&2
 status=0
 timeout --foreground "${BENCH_TIMEOUT_S:-7200}" bash "$root/bench/peers/run.sh" --out "$out" "${defaults[@]}" \
-  --gateway nanogate 18090 "$gw_cmd" "$@" || status=$?
+  "${gateways[@]}" "$@" || status=$?
 if [ $mode = cpu ] && [ -f "$out/summary.md" ]; then
   echo
   echo "CPU µs per request (cpu_us_per_req; nanogate = gateway process only, direct = backend only):"
-  awk -F'\t' 'NR==1{for(i=1;i<=NF;i++)h[$i]=i; next} ($1=="c1"||$1=="c64"){print $1, $3, "rps=" $h["rps"], "p50_ms=" $h["p50_ms"], "cpu_us_per_req=" $h["cpu_us_per_req"] " (round " $2 ")"}' "$out/results.tsv"
+  awk -F'\t' 'NR==1{for(i=1;i<=NF;i++)h[$i]=i; next} ($1=="c1"||$1=="c64"){print $1, $3, "rps=" $h["rps"], "p50_ms=" $h["p50_ms"], "cpu_us_per_req=" $h["cpu_us_per_req"] " (round " $2 ")"}' "$out/results.tsv" | sort -s -k1,2
 fi
 echo "bench.sh: results in $out (exit $status)" >&2
 exit $status

@@ -7,6 +7,9 @@ set -euo pipefail
 OPENAI_VERSION=1.109.1   # latest 1.x on PyPI (2.x/3.x exist; the tests target the 1.x API, which they keep)
 venv=$(cd "$(dirname "$0")/.." && pwd)/.venv
 py=$venv/bin/python
+# Tests running in parallel may all call this on a fresh checkout: one installs, the others wait for it.
+exec 9>"$venv.lock"
+flock 9
 if [ -x "$py" ] && "$py" - "$OPENAI_VERSION" >/dev/null 2>&1 <<'EOF'
 import sys, openai
 sys.exit(0 if openai.__version__ == sys.argv[1] else 1)

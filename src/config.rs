@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use actix_web::http::header::HeaderName;
+use actix_web::http::Uri;
 use nanogate_actors::balancer::BalancerSettings;
 use nanogate_actors::cache::CacheSettings;
 use nanogate_actors::endpoint::{EndpointSpec, MAX_ENDPOINTS};
@@ -76,9 +77,22 @@ pub struct ServerSettings {
     pub listen: String,
     pub workers: usize,
     pub max_body_bytes: usize,
+    /// Request bodies held at once over all requests (being read, or waiting to go upstream).
+    pub body_buffer_bytes: usize,
+    /// Client connections carrying API requests; 0: as many as the open-file limit allows.
     pub max_connections: usize,
+    /// Connections beyond `max_connections` that may still reach /health, /ready, /metrics and
+    /// /stats.
+    pub ops_connections: usize,
     pub backlog: u32,
     pub keep_alive_secs: u64,
+    /// Time for a client to send a request's head.
+    pub head_timeout_ms: u64,
+    /// Time for a client to send a whole request body, and the longest pause within it.
+    pub body_timeout_ms: u64,
+    pub body_idle_timeout_ms: u64,
+    /// Longest a client may leave its response unread (the relay full) before it is cut off.
+    pub client_stall_timeout_ms: u64,
     pub shutdown_delay_ms: u64,
     pub shutdown_grace_secs: u64,
 }
@@ -120,8 +134,31 @@ impl Config {
         if s.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be at least 1"));
         }
-        if s.max_connections == 0 {
-            return Err(invalid("server.max_connections", "must be at least 1"));
+        if s.body_buffer_bytes < s.max_body_bytes {
+            return Err(invalid(
+                "server.body_buffer_bytes",
+                format!(
+                    "{} is below server.max_body_bytes ({}): no request of the largest size could be read",
+                    s.body_buffer_bytes, s.max_body_bytes
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("server.head_timeout_ms", s.head_timeout_ms),
+            ("server.body_timeout_ms", s.body_timeout_ms),
+            ("server.body_idle_timeout_ms", s.body_idle_timeout_ms),
+            ("server.client_stall_timeout_ms", s.client_stall_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        let c = &self.cache;
+        if c.max_entry_bytes == 0 || c.max_entry_bytes > c.fill_buffer_bytes {
+            return Err(invalid(
+                "cache.max_entry_bytes",
+                "must be at least 1 and at most cache.fill_buffer_bytes",
+            ));
         }
         let p = &self.pool;
         if p.min_workers == 0 {
@@ -196,9 +233,6 @@ impl Config {
         if u.attempts == 0 {
             return Err(invalid("upstream.attempts", "must be at least 1"));
         }
-        if u.max_connections == 0 {
-            return Err(invalid("upstream.max_connections", "must be at least 1"));
-        }
         if !(0.0..=1.0).contains(&u.retry_ratio) {
             return Err(invalid("upstream.retry_ratio", "must be between 0 and 1"));
         }
@@ -263,17 +297,36 @@ impl Config {
 
 /// Checks one endpoint spec; `key` names it in the message (`endpoints[2]`, or the admin body).
 pub fn check_endpoint(e: &EndpointSpec, key: &str) -> Result<(), ConfigError> {
-    let rest = e.url.strip_prefix("http://").ok_or_else(|| {
-        invalid(
-            format!("{key}.url"),
-            format!("'{}' must start with http://", e.url),
-        )
-    })?;
-    let host = rest.split('/').next().unwrap_or("");
-    if host.is_empty() {
+    let url_key = format!("{key}.url");
+    if !e.url.starts_with("http://") {
         return Err(invalid(
-            format!("{key}.url"),
-            format!("'{}' has no host", e.url),
+            url_key,
+            format!("'{}' must start with http://", e.url),
+        ));
+    }
+    let uri: Uri = e
+        .url
+        .parse()
+        .map_err(|err| invalid(&url_key, format!("'{}' is not a valid URL: {err}", e.url)))?;
+    let Some(authority) = uri.authority() else {
+        return Err(invalid(url_key, format!("'{}' has no host", e.url)));
+    };
+    if authority.as_str().contains('@') {
+        return Err(invalid(
+            url_key,
+            format!(
+                "'{}' carries credentials in the URL; give the key as api_key instead",
+                e.url
+            ),
+        ));
+    }
+    if authority.host().is_empty() {
+        return Err(invalid(url_key, format!("'{}' has no host", e.url)));
+    }
+    if uri.query().is_some() || e.url.contains('#') {
+        return Err(invalid(
+            url_key,
+            format!("'{}' must be a base URL without query or fragment", e.url),
         ));
     }
     if !(e.weight > 0.0 && e.weight.is_finite()) {
@@ -315,6 +368,16 @@ mod tests {
         c.endpoints.push(EndpointSpec::new("ftp://x"));
         let message = c.validate().unwrap_err().to_string();
         assert!(message.contains("endpoints[0].url"), "{message}");
+        for bad in [
+            "http://a b/",
+            "http://user:pw@host:8000",
+            "http://",
+            "http://h/?x=1",
+        ] {
+            c.endpoints[0].url = bad.into();
+            let message = c.validate().unwrap_err().to_string();
+            assert!(message.contains("endpoints[0].url"), "{bad}: {message}");
+        }
         c.endpoints[0].url = "http://127.0.0.1:9000".into();
         c.validate().unwrap();
         c.pool.max_workers = 1;

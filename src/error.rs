@@ -19,6 +19,16 @@ pub enum GatewayError {
     InvalidField { field: &'static str, reason: String },
     #[error("The request body is larger than the {limit} byte limit.")]
     TooLarge { limit: usize },
+    #[error("The request body did not arrive in time ({0}).")]
+    RequestTimeout(&'static str),
+    #[error("Protocol upgrades (WebSocket) are not supported; send plain HTTP requests.")]
+    UpgradeNotSupported,
+    #[error("The gateway holds as many client connections as it may; retry shortly.")]
+    TooManyConnections,
+    #[error("The gateway holds as many request bodies as it may; retry shortly.")]
+    BodyBufferFull,
+    #[error("Invalid path: {0}")]
+    InvalidPath(&'static str),
     #[error("Invalid URL ({method} {path})")]
     UnknownRoute { method: String, path: String },
     #[error("The model '{0}' does not exist or is not served by any backend.")]
@@ -56,6 +66,11 @@ impl GatewayError {
             Self::MissingField(_) => ("invalid_request_error", Some("missing_required_parameter")),
             Self::InvalidField { .. } => ("invalid_request_error", Some("invalid_value")),
             Self::TooLarge { .. } => ("invalid_request_error", Some("request_too_large")),
+            Self::RequestTimeout(_) => ("invalid_request_error", Some("request_timeout")),
+            Self::UpgradeNotSupported => ("invalid_request_error", Some("unsupported_upgrade")),
+            Self::TooManyConnections => ("server_error", Some("too_many_connections")),
+            Self::BodyBufferFull => ("server_error", Some("overloaded")),
+            Self::InvalidPath(_) => ("invalid_request_error", Some("invalid_path")),
             Self::UnknownRoute { .. } => ("invalid_request_error", Some("unknown_url")),
             Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             Self::Unauthorized => ("authentication_error", Some("invalid_admin_token")),
@@ -65,7 +80,9 @@ impl GatewayError {
                 ForwardError::Overloaded { .. } => ("server_error", Some("overloaded")),
                 ForwardError::NoBackend { .. } => ("server_error", Some("no_healthy_backend")),
                 ForwardError::Connect { .. } => ("server_error", Some("upstream_unreachable")),
-                ForwardError::Timeout { .. } => ("server_error", Some("upstream_timeout")),
+                ForwardError::Timeout { .. } | ForwardError::DeadlinePassed { .. } => {
+                    ("server_error", Some("upstream_timeout"))
+                }
                 ForwardError::BadResponse { .. } => ("server_error", Some("upstream_bad_response")),
                 ForwardError::WorkerGone => ("server_error", Some("worker_restarted")),
             },
@@ -81,12 +98,25 @@ impl GatewayError {
         }
     }
 
+    /// Errors after which the connection cannot (or should not) carry another request: the body
+    /// was not read to its end, or the connection is over the limit.
+    fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::TooLarge { .. }
+                | Self::RequestTimeout(_)
+                | Self::UpgradeNotSupported
+                | Self::TooManyConnections
+                | Self::BodyBufferFull
+        )
+    }
+
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Forward(ForwardError::Overloaded { retry_after, .. }) => Some(*retry_after),
-            Self::Forward(ForwardError::NoBackend { .. } | ForwardError::WorkerGone) => {
-                Some(Duration::from_secs(1))
-            }
+            Self::Forward(ForwardError::NoBackend { .. } | ForwardError::WorkerGone)
+            | Self::TooManyConnections
+            | Self::BodyBufferFull => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -95,10 +125,14 @@ impl GatewayError {
 impl ResponseError for GatewayError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::BadJson(_) | Self::MissingField(_) | Self::InvalidField { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::BadJson(_)
+            | Self::MissingField(_)
+            | Self::InvalidField { .. }
+            | Self::UpgradeNotSupported
+            | Self::InvalidPath(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::TooManyConnections | Self::BodyBufferFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::UnknownRoute { .. } | Self::ModelNotFound(_) | Self::NoSuchEndpoint(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -111,7 +145,9 @@ impl ResponseError for GatewayError {
                 ForwardError::Connect { .. } | ForwardError::BadResponse { .. } => {
                     StatusCode::BAD_GATEWAY
                 }
-                ForwardError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                ForwardError::Timeout { .. } | ForwardError::DeadlinePassed { .. } => {
+                    StatusCode::GATEWAY_TIMEOUT
+                }
             },
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -122,6 +158,9 @@ impl ResponseError for GatewayError {
         let mut response = HttpResponse::build(self.status_code());
         if let Some(after) = self.retry_after() {
             response.insert_header((header::RETRY_AFTER, after.as_secs().max(1).to_string()));
+        }
+        if self.closes_connection() {
+            response.force_close();
         }
         response.json(Body {
             error: Detail {
@@ -176,14 +215,14 @@ mod tests {
             (GatewayError::ModelNotFound("m".into()), 404),
             (
                 GatewayError::Forward(ForwardError::Timeout {
-                    endpoint: "e".into(),
+                    endpoint: 1,
                     timeout: Duration::from_secs(1),
                 }),
                 504,
             ),
             (
                 GatewayError::Forward(ForwardError::Connect {
-                    endpoint: "e".into(),
+                    endpoint: 1,
                     reason: "refused".into(),
                 }),
                 502,

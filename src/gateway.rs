@@ -12,6 +12,7 @@ use actix::{Arbiter, Supervisor};
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 use nanogate_actors::balancer::Balancer;
+use nanogate_actors::buffers::Buffers;
 use nanogate_actors::cache::Cache;
 use nanogate_actors::clock;
 use nanogate_actors::health_checker::HealthChecker;
@@ -19,10 +20,17 @@ use nanogate_actors::metrics::Metrics;
 use nanogate_actors::pool_supervisor::{Admission, PoolSupervisor};
 use nanogate_actors::report::Reporters;
 use nanogate_actors::retry_budget::RetryBudget;
-use nanogate_actors::worker::WorkerPool;
+use nanogate_actors::worker::{WorkerPool, WorkerPoolConfig};
 
 use crate::config::{Config, ConfigError};
+use crate::ingress::admin::digest;
+use crate::ingress::connections::ConnectionLimit;
+use crate::ingress::request::BodyLimits;
 use crate::ingress::{self, AppState};
+
+/// Descriptors kept for everything but client and upstream connections: listeners, the runtime's
+/// epoll and event descriptors, health probes and load scrapes (up to two per endpoint), logs.
+const RESERVED_FILES: usize = 768;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -45,9 +53,16 @@ pub struct Gateway {
 impl Gateway {
     /// Validates `config`, starts the actors and the HTTP server on the current actix system.
     /// Signals are not handled here (see `signals`), so tests can run many gateways at once.
-    pub async fn start(config: Config) -> Result<Self, StartError> {
+    pub async fn start(mut config: Config) -> Result<Self, StartError> {
         config.validate()?;
         let listen = config.listen_addr()?;
+        let (client_connections, upstream_connections) = connection_limits(&config)?;
+        config.upstream.max_connections = upstream_connections;
+        let connections = ConnectionLimit::new(client_connections, config.server.ops_connections);
+        let buffers = Buffers::new(
+            config.server.body_buffer_bytes,
+            config.cache.fill_buffer_bytes,
+        );
         let control = Arbiter::new();
         let arbiter = control.handle();
         let clock = clock::system();
@@ -79,10 +94,15 @@ impl Gateway {
             })
         };
         let cache = {
-            let (settings, clock) = (config.cache.clone(), clock.clone());
-            Supervisor::start_in_arbiter(&arbiter, move |_| Cache::new(settings, clock))
+            let (settings, clock, fills) = (
+                config.cache.clone(),
+                clock.clone(),
+                buffers.cache_fills.clone(),
+            );
+            Supervisor::start_in_arbiter(&arbiter, move |_| Cache::new(settings, clock, fills))
         };
-        let metrics = Metrics::new(clock, view.clone(), admission.clone()).start_in(&arbiter);
+        let metrics = Metrics::new(clock, view.clone(), admission.clone(), buffers.clone())
+            .start_in(&arbiter);
 
         let state = AppState {
             view: view.clone(),
@@ -91,12 +111,20 @@ impl Gateway {
             health,
             cache,
             cache_enabled: config.cache.enabled,
+            cache_fills: buffers.cache_fills.clone(),
+            max_cache_entry_bytes: config.cache.max_entry_bytes,
             metrics: metrics.clone(),
-            max_body_bytes: config.server.max_body_bytes,
+            body_limits: BodyLimits {
+                max_bytes: config.server.max_body_bytes,
+                total: Duration::from_millis(config.server.body_timeout_ms),
+                idle: Duration::from_millis(config.server.body_idle_timeout_ms),
+                budget: buffers.request_bodies.clone(),
+            },
+            connections: connections.clone(),
             affinity: config.affinity.clone(),
             request_timeout: Duration::from_millis(config.upstream.request_timeout_ms),
             admin_authorization: (!config.admin.token.is_empty())
-                .then(|| format!("Bearer {}", config.admin.token)),
+                .then(|| digest(format!("Bearer {}", config.admin.token).as_bytes())),
             shutting_down: Arc::new(AtomicBool::new(false)),
         };
         let reporters = Reporters {
@@ -105,31 +133,43 @@ impl Gateway {
             metrics,
         };
         let threads = config.worker_threads();
-        let upstream = config.upstream.clone();
+        let client_stall = Duration::from_millis(config.server.client_stall_timeout_ms);
+        let pools = WorkerPoolConfig {
+            admission,
+            reporters,
+            settings: config.upstream.clone(),
+            retry_budget,
+            buffers,
+            client_stall,
+            threads,
+        };
         let app_state = web::Data::new(state.clone());
         let server = HttpServer::new(move || {
-            let pool = WorkerPool::new(
-                admission.clone(),
-                reporters.clone(),
-                upstream.clone(),
-                retry_budget.clone(),
-                threads,
-            );
             App::new()
                 .app_data(app_state.clone())
-                .app_data(web::Data::new(pool))
+                .app_data(web::Data::new(WorkerPool::new(pools.clone())))
                 .configure(ingress::routes)
         })
         .workers(threads)
         .backlog(config.server.backlog)
-        .max_connections(config.server.max_connections)
+        .max_connections(connections.per_thread(threads))
         .keep_alive(Duration::from_secs(config.server.keep_alive_secs))
+        .client_request_timeout(Duration::from_millis(config.server.head_timeout_ms))
+        // A client that closes its side of the connection has gone: the request it left is
+        // dropped at once, which releases its pool slot or queue place and cancels the upstream
+        // request, at any stage (nginx and HAProxy's `abortonclose` read a close the same way).
+        .h1_allow_half_closed(false)
         .shutdown_timeout(config.server.shutdown_grace_secs)
-        .on_connect(|connection, _| {
-            // Responses are written as they come (SSE chunks, a body's last bytes): Nagle's
-            // algorithm would hold small writes back for the client's delayed ACK, up to 40 ms.
+        .on_connect(move |connection, data| {
+            data.insert(connections.open());
             if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                // Responses are written as they come (SSE chunks, a body's last bytes): Nagle's
+                // algorithm would hold small writes back for the client's delayed ACK, up to 40 ms.
                 let _ = tcp.set_nodelay(true);
+                // A client that stops reading (its window stays closed) or vanishes without a
+                // word is dropped by the kernel after the stall timeout, which frees what its
+                // connection holds (nginx's send_timeout): actix has no write timeout of its own.
+                let _ = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(client_stall));
             }
         })
         .disable_signals();
@@ -202,14 +242,44 @@ impl ShutdownHandle {
     }
 }
 
+/// How many client connections (for API requests) and upstream connections the gateway may hold:
+/// as configured, or (0) what the open-file limit allows once [`RESERVED_FILES`] are set aside,
+/// half each since every proxied request holds one of both. A configuration that cannot fit in
+/// the limit is refused, naming the key.
+fn connection_limits(config: &Config) -> Result<(usize, usize), ConfigError> {
+    let files = usize::try_from(raise_open_file_limit()).unwrap_or(usize::MAX);
+    let available = files.saturating_sub(RESERVED_FILES).max(64);
+    let ops = config.server.ops_connections;
+    let client = match config.server.max_connections {
+        0 => (available / 2).saturating_sub(ops).max(1),
+        n => n,
+    };
+    let upstream = match config.upstream.max_connections {
+        0 => available.saturating_sub(client + ops).max(1),
+        n => n,
+    };
+    if client + ops + upstream > available {
+        return Err(ConfigError::Invalid {
+            key: "server.max_connections".into(),
+            reason: format!(
+                "{client} client + {ops} ops (server.ops_connections) + {upstream} upstream \
+                 (upstream.max_connections) connections do not fit in the open-file limit of \
+                 {files} (with {RESERVED_FILES} kept for listeners, probes and logs); lower them \
+                 or leave them at 0 to size them from the limit"
+            ),
+        });
+    }
+    Ok((client, upstream))
+}
+
 /// Raises this process's open-file limit to the hard limit, so thousands of client and upstream
-/// sockets fit whatever the shell's soft limit was.
+/// sockets fit whatever the shell's soft limit was. Returns the limit in force.
 pub fn raise_open_file_limit() -> u64 {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,
         Err(e) => {
             log::warn!("could not raise the open-file limit: {e}");
-            0
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
         }
     }
 }

@@ -6,7 +6,8 @@
 //!   request validation and the one place errors become HTTP ([`error`]).
 //! - [`gateway`]: wiring of the actors (crate `nanogate-actors`) and the HTTP server;
 //!   [`signals`]: graceful shutdown on SIGTERM and endpoint reload on SIGHUP;
-//!   [`config`]: typed, validated configuration over `config/default.toml`.
+//!   [`config`]: typed, validated configuration over `config/default.toml`; [`logging`]: log
+//!   lines rate-limited per source.
 //! - [`simulator`]: a fake GPU inference server (continuous batching, SSE, vLLM metrics, faults)
 //!   so everything runs and is tested without a GPU; [`demo`] starts three of them behind a gateway.
 //! - [`loadtest`]: the load generator; [`stats_view`]: a terminal view of a gateway's `/stats`.
@@ -17,6 +18,7 @@ pub mod error;
 pub mod gateway;
 pub mod ingress;
 pub mod loadtest;
+pub mod logging;
 pub mod signals;
 pub mod simulator;
 pub mod stats_view;

@@ -60,7 +60,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    nanogate::logging::RateLimitedLogger::install();
     let cli = Cli::parse();
     let limit = raise_open_file_limit();
     log::debug!("open-file limit {limit}");

@@ -247,7 +247,7 @@ impl Balancer {
             outcomes: 0,
         };
         for spec in specs {
-            balancer.insert(spec.clone());
+            balancer.insert(spec.clone(), true);
         }
         balancer.publish();
         balancer
@@ -257,11 +257,12 @@ impl Balancer {
         self.view.clone()
     }
 
-    fn insert(&mut self, spec: EndpointSpec) -> usize {
+    /// Adds an endpoint; `healthy` says whether it takes traffic before its first probe.
+    fn insert(&mut self, spec: EndpointSpec, healthy: bool) -> usize {
         let id = self.next_id;
         self.next_id += 1;
         self.entries.push(Entry {
-            endpoint: Arc::new(Endpoint::new(id, &spec)),
+            endpoint: Arc::new(Endpoint::new(id, &spec, healthy)),
             models: (!spec.models.is_empty()).then(|| spec.models.clone()),
             spec,
             breaker: Breaker::default(),
@@ -405,9 +406,9 @@ impl Handler<AddEndpoint> for Balancer {
         if self.entries.len() >= MAX_ENDPOINTS {
             return Err(format!("at most {MAX_ENDPOINTS} endpoints are supported"));
         }
-        let id = self.insert(msg.0);
+        let id = self.insert(msg.0, false);
         self.publish();
-        log::info!("endpoint {url} added as #{id}");
+        log::info!("endpoint {url} added as #{id}; it takes traffic once a health probe passes");
         Ok(id)
     }
 }
@@ -463,7 +464,7 @@ impl Handler<ReplaceEndpoints> for Balancer {
                 Some(_) => reloaded.kept += 1,
                 None => {
                     reloaded.added.push(spec.base_url().to_string());
-                    self.insert(spec);
+                    self.insert(spec, false);
                 }
             }
         }

@@ -15,6 +15,7 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::buffers::{BudgetStats, ByteBudget};
 use crate::clock::SharedClock;
 use crate::{Fail, GetStats, Stats};
 
@@ -26,6 +27,11 @@ pub struct CacheSettings {
     pub ttl_secs: u64,
     pub max_entries: usize,
     pub max_bytes: usize,
+    /// Largest answer stored; a longer one is streamed to its client and not cached.
+    pub max_entry_bytes: usize,
+    /// Bytes of answers being gathered to fill the cache, over all requests at once; a fill that
+    /// would pass it streams instead.
+    pub fill_buffer_bytes: usize,
 }
 
 impl Default for CacheSettings {
@@ -35,6 +41,8 @@ impl Default for CacheSettings {
             ttl_secs: 300,
             max_entries: 10_000,
             max_bytes: 64 * 1024 * 1024,
+            max_entry_bytes: 4 * 1024 * 1024,
+            fill_buffer_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -46,6 +54,10 @@ pub struct CachedResponse {
     pub content_type: Option<String>,
     pub body: Bytes,
 }
+
+/// What identifies a cached answer: the ingress builds it from the route, the credentials and the
+/// exact body.
+pub type Key = Vec<u8>;
 
 struct Entry {
     response: Arc<CachedResponse>,
@@ -69,7 +81,7 @@ pub struct CacheCounters {
 
 /// LRU with TTL and entry and byte limits; plain data, so its rules are tested without an actor.
 pub struct ResponseCache {
-    entries: LruCache<String, Entry>,
+    entries: LruCache<Key, Entry>,
     settings: CacheSettings,
     ttl: Duration,
     clock: SharedClock,
@@ -87,7 +99,7 @@ impl ResponseCache {
         }
     }
 
-    pub fn get(&mut self, key: &str) -> Option<Arc<CachedResponse>> {
+    pub fn get(&mut self, key: &[u8]) -> Option<Arc<CachedResponse>> {
         let now = self.clock.now();
         let fresh = match self.entries.get(key) {
             Some(entry) => now.saturating_duration_since(entry.stored_at) < self.ttl,
@@ -106,7 +118,7 @@ impl ResponseCache {
         self.entries.get(key).map(|e| e.response.clone())
     }
 
-    pub fn put(&mut self, key: String, response: CachedResponse) -> Arc<CachedResponse> {
+    pub fn put(&mut self, key: Key, response: CachedResponse) -> Arc<CachedResponse> {
         let response = Arc::new(response);
         let bytes = key.len() + response.body.len();
         if bytes > self.settings.max_bytes || self.settings.max_entries == 0 {
@@ -137,7 +149,7 @@ impl ResponseCache {
         response
     }
 
-    fn remove(&mut self, key: &str) {
+    fn remove(&mut self, key: &[u8]) {
         if let Some(old) = self.entries.pop(key) {
             self.counters.bytes -= old.bytes;
         }
@@ -146,7 +158,7 @@ impl ResponseCache {
     /// Drops every expired entry, so memory is freed even for keys never asked for again.
     pub fn purge_expired(&mut self) {
         let now = self.clock.now();
-        let expired: Vec<String> = self
+        let expired: Vec<Key> = self
             .entries
             .iter()
             .filter(|(_, e)| now.saturating_duration_since(e.stored_at) >= self.ttl)
@@ -173,7 +185,7 @@ impl ResponseCache {
 #[derive(Message)]
 #[rtype(result = "LookupResult")]
 pub struct Lookup {
-    pub key: String,
+    pub key: Key,
 }
 
 #[derive(MessageResponse)]
@@ -190,14 +202,14 @@ pub enum LookupResult {
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Fill {
-    key: String,
+    key: Key,
     response: Option<CachedResponse>,
 }
 
 /// The leader's duty to fill; dropping it unfilled (the leader failed or its client left)
 /// releases the waiters so they go upstream themselves.
 pub struct FillGuard {
-    key: Option<String>,
+    key: Option<Key>,
     cache: Addr<Cache>,
 }
 
@@ -230,15 +242,18 @@ type Waiters = Vec<oneshot::Sender<Option<Arc<CachedResponse>>>>;
 pub struct Cache {
     cache: ResponseCache,
     enabled: bool,
-    in_flight: HashMap<String, Waiters>,
+    in_flight: HashMap<Key, Waiters>,
+    /// The bytes leaders are gathering to fill entries (the ingress reserves them).
+    fills: Arc<ByteBudget>,
 }
 
 impl Cache {
-    pub fn new(settings: CacheSettings, clock: SharedClock) -> Self {
+    pub fn new(settings: CacheSettings, clock: SharedClock, fills: Arc<ByteBudget>) -> Self {
         Self {
             enabled: settings.enabled,
             cache: ResponseCache::new(settings, clock),
             in_flight: HashMap::new(),
+            fills,
         }
     }
 }
@@ -302,6 +317,7 @@ struct CacheStats {
     #[serde(flatten)]
     counters: CacheCounters,
     leaders_in_flight: usize,
+    fill_buffer: BudgetStats,
 }
 
 impl Handler<GetStats> for Cache {
@@ -312,6 +328,7 @@ impl Handler<GetStats> for Cache {
             enabled: self.enabled,
             counters: self.cache.counters(),
             leaders_in_flight: self.in_flight.len(),
+            fill_buffer: self.fills.stats(),
         })
     }
 }
@@ -344,6 +361,7 @@ mod tests {
             ttl_secs: 300,
             max_entries,
             max_bytes,
+            ..CacheSettings::default()
         };
         (ResponseCache::new(settings, Arc::new(clock.clone())), clock)
     }
@@ -353,9 +371,9 @@ mod tests {
         let (mut c, clock) = cache(10, 1 << 20);
         c.put("k".into(), response("v"));
         clock.advance(Duration::from_secs(299));
-        assert!(c.get("k").is_some());
+        assert!(c.get(b"k").is_some());
         clock.advance(Duration::from_secs(1));
-        assert!(c.get("k").is_none());
+        assert!(c.get(b"k").is_none());
         let counters = c.counters();
         assert_eq!(
             (counters.hits, counters.misses, counters.expirations),
@@ -369,11 +387,11 @@ mod tests {
         let (mut c, _) = cache(2, 1 << 20);
         c.put("a".into(), response("1"));
         c.put("b".into(), response("2"));
-        assert!(c.get("a").is_some());
+        assert!(c.get(b"a").is_some());
         c.put("c".into(), response("3"));
-        assert!(c.get("b").is_none(), "b was least recently used");
-        assert!(c.get("a").is_some());
-        assert!(c.get("c").is_some());
+        assert!(c.get(b"b").is_none(), "b was least recently used");
+        assert!(c.get(b"a").is_some());
+        assert!(c.get(b"c").is_some());
         assert_eq!(c.counters().evictions, 1);
     }
 
@@ -384,10 +402,10 @@ mod tests {
         c.put("b".into(), response("5678"));
         assert_eq!(c.counters().bytes, 10);
         c.put("c".into(), response("9"));
-        assert!(c.get("a").is_none());
+        assert!(c.get(b"a").is_none());
         assert_eq!(c.counters().bytes, 7);
         c.put("big".into(), response("0123456789"));
-        assert!(c.get("big").is_none());
+        assert!(c.get(b"big").is_none());
         assert_eq!(c.counters().entries, 2);
     }
 
@@ -405,7 +423,12 @@ mod tests {
 
     #[actix_rt::test]
     async fn identical_concurrent_misses_share_one_leader() {
-        let cache = Cache::new(CacheSettings::default(), crate::clock::system()).start();
+        let cache = Cache::new(
+            CacheSettings::default(),
+            crate::clock::system(),
+            ByteBudget::new(1 << 20),
+        )
+        .start();
         let lookup = || cache.send(Lookup { key: "k".into() });
         let LookupResult::Lead(guard) = lookup().await.unwrap() else {
             panic!("first lookup leads");
@@ -421,7 +444,12 @@ mod tests {
 
     #[actix_rt::test]
     async fn a_failed_leader_releases_its_waiters() {
-        let cache = Cache::new(CacheSettings::default(), crate::clock::system()).start();
+        let cache = Cache::new(
+            CacheSettings::default(),
+            crate::clock::system(),
+            ByteBudget::new(1 << 20),
+        )
+        .start();
         let LookupResult::Lead(guard) = cache.send(Lookup { key: "k".into() }).await.unwrap()
         else {
             panic!("first lookup leads");

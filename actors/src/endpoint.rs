@@ -77,7 +77,9 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(id: usize, spec: &EndpointSpec) -> Self {
+    /// `healthy`: whether it takes traffic before its first probe. Configured endpoints do (the
+    /// gateway can serve from its first request); endpoints added at runtime wait for a probe.
+    pub fn new(id: usize, spec: &EndpointSpec, healthy: bool) -> Self {
         Self {
             id,
             url: spec.base_url().to_string(),
@@ -85,7 +87,7 @@ impl Endpoint {
             learns_models: spec.models.is_empty(),
             in_flight: AtomicU32::new(0),
             weight_bits: AtomicU64::new(spec.weight.to_bits()),
-            healthy: AtomicBool::new(true),
+            healthy: AtomicBool::new(healthy),
             draining: AtomicBool::new(false),
             circuit: AtomicU8::new(Circuit::Closed.as_u8()),
             consecutive_failures: AtomicU32::new(0),
@@ -426,7 +428,7 @@ pub(crate) mod tests {
             .map(|(id, &weight)| {
                 let mut spec = EndpointSpec::new(format!("http://127.0.0.1:{}", 9000 + id));
                 spec.weight = weight;
-                Arc::new(Endpoint::new(id, &spec))
+                Arc::new(Endpoint::new(id, &spec, true))
             })
             .collect();
         let settings = PolicySettings {

@@ -1,22 +1,26 @@
 //! One proxied response on its way to the client. A small non-streamed answer is read whole by
 //! the worker ([`read_whole`]); anything else is relayed chunk by chunk through a small bounded
 //! channel into [`ExchangeBody`], which the ingress streams to the client: nothing is buffered
-//! beyond a few chunks, a slow client slows the upstream read, and a client that goes away closes
-//! the channel, which makes the worker drop the upstream connection at once (freeing the GPU).
+//! beyond a few chunks, a slow client slows the upstream read, a client that stops reading
+//! altogether is cut off after `client_stall_timeout_ms`, and a client that goes away closes the
+//! channel, which makes the worker drop the upstream connection at once (freeing the GPU).
 //! Either way the exchange measures time to first chunk and the gaps between chunks, and reports
 //! the outcome to the balancer and the metrics actor when it ends, however it ends.
 
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use awc::http::header::HeaderMap;
 use awc::http::StatusCode;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
+use crate::buffers::RelayBytes;
 use crate::endpoint::InFlight;
 use crate::metrics::Observe;
 use crate::pool_supervisor::Permit;
@@ -38,9 +42,10 @@ pub struct Exchange {
 /// saves the relay and the extra wake-ups of the client connection per request.
 pub const INLINE_BODY_MAX: u64 = 256 * 1024;
 
-/// The upstream body was cut off mid-way (not for SSE, which ends with an error event instead).
+/// The body was cut off mid-way: the client's connection is closed rather than the response
+/// ended as if it were complete.
 #[derive(Debug, thiserror::Error)]
-#[error("the backend failed while sending the response: {0}")]
+#[error("the response was cut off: {0}")]
 pub struct RelayError(String);
 
 /// The client side of the relay.
@@ -48,7 +53,16 @@ pub enum ExchangeBody {
     /// Read whole by the worker.
     Complete(Option<Bytes>),
     /// Relayed chunk by chunk as it arrives.
-    Relayed(mpsc::Receiver<Result<Bytes, RelayError>>),
+    Relayed(Relayed),
+}
+
+/// The receiving end of a relay.
+pub struct Relayed {
+    chunks: mpsc::Receiver<Result<Bytes, RelayError>>,
+    gauge: Arc<RelayBytes>,
+    /// Set by the relay when its last item reached the channel: the body ended on purpose.
+    delivered_end: Arc<AtomicBool>,
+    ended: bool,
 }
 
 impl Stream for ExchangeBody {
@@ -57,8 +71,141 @@ impl Stream for ExchangeBody {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match &mut *self {
             ExchangeBody::Complete(body) => Poll::Ready(body.take().map(Ok)),
-            ExchangeBody::Relayed(chunks) => chunks.poll_recv(cx),
+            ExchangeBody::Relayed(relayed) => relayed.poll_chunk(cx),
         }
+    }
+}
+
+impl Relayed {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, RelayError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(self.chunks.poll_recv(cx)) {
+            Some(Ok(chunk)) => {
+                self.gauge.sub(chunk.len());
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Some(Err(e)) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                self.ended = true;
+                if self.delivered_end.load(Ordering::Acquire) {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Err(RelayError(
+                        "the relay ended without finishing the body".into(),
+                    ))))
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        self.chunks.close();
+        while let Ok(item) = self.chunks.try_recv() {
+            if let Ok(chunk) = item {
+                self.gauge.sub(chunk.len());
+            }
+        }
+    }
+}
+
+/// The sending end of a relay.
+pub(crate) struct RelayLink {
+    chunks: mpsc::Sender<Result<Bytes, RelayError>>,
+    gauge: Arc<RelayBytes>,
+    delivered_end: Arc<AtomicBool>,
+}
+
+/// A relay channel for one exchange, counted in this thread's relay gauge.
+pub(crate) fn relay_channel(gauge: &Arc<RelayBytes>) -> (RelayLink, Relayed) {
+    let (sender, receiver) = mpsc::channel(RELAY_DEPTH);
+    let delivered_end = Arc::new(AtomicBool::new(false));
+    (
+        RelayLink {
+            chunks: sender,
+            gauge: gauge.clone(),
+            delivered_end: delivered_end.clone(),
+        },
+        Relayed {
+            chunks: receiver,
+            gauge: gauge.clone(),
+            delivered_end,
+            ended: false,
+        },
+    )
+}
+
+/// How handing one chunk to the client side went.
+enum Delivery {
+    Delivered,
+    /// The client went away.
+    Gone,
+    /// The client left the channel full for the stall timeout, or past the deadline.
+    Stalled(&'static str),
+}
+
+impl RelayLink {
+    /// Hands a chunk over; up to [`RELAY_DEPTH`] pass without waiting (the client connection
+    /// drains them all into one write when it next runs). When the channel is full, waits for the
+    /// client, but not past the stall timeout or the deadline.
+    async fn deliver(
+        &self,
+        chunk: Bytes,
+        closed: Pin<&mut impl std::future::Future<Output = ()>>,
+        limits: &RelayLimits,
+    ) -> Delivery {
+        let bytes = chunk.len();
+        match self.chunks.try_send(Ok(chunk)) {
+            Ok(()) => {
+                self.gauge.add(bytes);
+                Delivery::Delivered
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Gone,
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                let stall = Instant::now() + limits.client_stall;
+                let give_up = stall.min(limits.deadline);
+                tokio::select! {
+                    sent = self.chunks.send(item) => match sent {
+                        Ok(()) => {
+                            self.gauge.add(bytes);
+                            Delivery::Delivered
+                        }
+                        Err(_) => Delivery::Gone,
+                    },
+                    () = closed => Delivery::Gone,
+                    () = tokio::time::sleep_until(give_up.into()) => Delivery::Stalled(
+                        if give_up == stall {
+                            "the client stopped reading"
+                        } else {
+                            "the request's deadline passed while the client was not reading"
+                        },
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Ends the body on purpose: with this last item when there is room for it, otherwise (the
+    /// client is not reading) by cutting the connection.
+    fn end_with(&self, last: Option<Result<Bytes, RelayError>>) {
+        let delivered = match last {
+            None => true,
+            Some(item) => {
+                let bytes = item.as_ref().map_or(0, Bytes::len);
+                let sent = self.chunks.try_send(item).is_ok();
+                if sent {
+                    self.gauge.add(bytes);
+                }
+                sent
+            }
+        };
+        self.delivered_end.store(delivered, Ordering::Release);
     }
 }
 
@@ -74,13 +221,15 @@ pub(crate) struct Held {
 
 /// The event a stream ends with when its backend fails mid-way: the OpenAI SDKs raise it as an
 /// error instead of returning a silently truncated answer.
-const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the backend failed while streaming the response\",\"type\":\"server_error\",\"code\":\"upstream_stream_error\"}}\n\n";
+const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the backend failed while streaming the response\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_error\"}}\n\n";
 
-/// Limits on a relay: the longest silence between chunks and the request's deadline.
+/// Limits on a relay: the longest silence between chunks, the request's deadline, and the longest
+/// a client may leave the relay full without reading.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RelayLimits {
     pub idle: Duration,
     pub deadline: Instant,
+    pub client_stall: Duration,
 }
 
 /// Reads a small non-streamed body whole, within the idle timeout and the deadline. An error
@@ -117,6 +266,14 @@ pub(crate) fn content_length(response: &awc::ClientResponse) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Whether an answer's end can be told from a truncation: it has a `Content-Length` or is chunked.
+/// A body delimited by the backend closing the connection cannot (see `upstream_io`), so it is
+/// relayed but never cached.
+pub fn has_known_length(headers: &HeaderMap) -> bool {
+    headers.contains_key(awc::http::header::CONTENT_LENGTH)
+        || headers.contains_key(awc::http::header::TRANSFER_ENCODING)
+}
+
 /// Reports an exchange whose body was read whole.
 pub(crate) fn report_whole(held: Held, status: u16, started: Instant) {
     let timing = Timing {
@@ -129,10 +286,10 @@ pub(crate) fn report_whole(held: Held, status: u16, started: Instant) {
 }
 
 /// Copies the upstream body into the channel until it ends, fails, stalls, passes its deadline,
-/// or the client goes away.
+/// or the client goes away or stops reading.
 pub(crate) async fn relay(
     mut upstream: awc::ClientResponse,
-    chunks: mpsc::Sender<Result<Bytes, RelayError>>,
+    link: RelayLink,
     held: Held,
     started: Instant,
     limits: RelayLimits,
@@ -154,7 +311,7 @@ pub(crate) async fn relay(
             .min(limits.deadline.saturating_duration_since(started)),
     );
     tokio::pin!(idle);
-    let closed = chunks.closed();
+    let closed = link.chunks.closed();
     tokio::pin!(closed);
     let mut last_activity = Instant::now();
     let ending = loop {
@@ -179,30 +336,25 @@ pub(crate) async fn relay(
                         "the backend went silent"
                     };
                     log::warn!("{why} after {} chunks; ending the response", timing.chunks);
-                    let _ = chunks.send(failure(sse, why)).await;
+                    link.end_with(Some(failure(sse, &tail, why)));
                     break Ending::Broken;
                 }
             },
         };
         match next {
             Some(Ok(chunk)) => {
-                last_activity = timing.chunk(started);
+                timing.chunk(started);
                 received += chunk.len() as u64;
                 if sse {
                     tail.push(&chunk);
                 }
-                // Up to RELAY_DEPTH chunks pass without waiting; the client connection drains
-                // them all into one write when it next runs.
-                let delivered = match chunks.try_send(Ok(chunk)) {
-                    Ok(()) => true,
-                    Err(mpsc::error::TrySendError::Closed(_)) => false,
-                    Err(mpsc::error::TrySendError::Full(item)) => tokio::select! {
-                        sent = chunks.send(item) => sent.is_ok(),
-                        () = &mut closed => false,
-                    },
-                };
-                if !delivered {
-                    break Ending::Cancelled;
+                match link.deliver(chunk, closed.as_mut(), &limits).await {
+                    Delivery::Delivered => last_activity = Instant::now(),
+                    Delivery::Gone => break Ending::Cancelled,
+                    Delivery::Stalled(why) => {
+                        log::debug!("{why}; cutting the response off");
+                        break Ending::Stalled;
+                    }
                 }
             }
             Some(Err(error)) => {
@@ -210,7 +362,7 @@ pub(crate) async fn relay(
                     "upstream body failed after {} chunks: {error}",
                     timing.chunks
                 );
-                let _ = chunks.send(failure(sse, &error.to_string())).await;
+                link.end_with(Some(failure(sse, &tail, &error.to_string())));
                 break Ending::Broken;
             }
             None if sse && status < 300 && !tail.is_done() => {
@@ -218,51 +370,76 @@ pub(crate) async fn relay(
                     "upstream stream ended without [DONE] after {} chunks",
                     timing.chunks
                 );
-                let _ = chunks.send(failure(sse, "the stream ended early")).await;
+                link.end_with(Some(failure(sse, &tail, "the stream ended early")));
                 break Ending::Broken;
             }
             None if expected.is_some_and(|length| received < length) => {
                 log::warn!("upstream body ended after {received} of {expected:?} bytes");
-                let _ = chunks.send(failure(sse, "the body ended early")).await;
+                link.end_with(Some(failure(sse, &tail, "the body ended early")));
                 break Ending::Broken;
             }
-            None => break Ending::Complete,
+            None => {
+                link.end_with(None);
+                break Ending::Complete;
+            }
         }
     };
     report(held, status, ending, &timing, started);
 }
 
-/// What the client gets when the body fails mid-way: an SSE error event for a stream, a broken
-/// body (the connection is closed) otherwise.
-fn failure(sse: bool, why: &str) -> Result<Bytes, RelayError> {
-    if sse {
-        Ok(Bytes::from_static(STREAM_ERROR_EVENT))
-    } else {
-        Err(RelayError(why.to_string()))
+/// What the client gets when the body fails mid-way: an SSE error event for a stream (after
+/// ending the line and event the backend left open, so parsers see it as an event of its own),
+/// a broken body (the connection is closed) otherwise.
+fn failure(sse: bool, tail: &StreamTail, why: &str) -> Result<Bytes, RelayError> {
+    if !sse {
+        return Err(RelayError(why.to_string()));
     }
+    let open = tail.open_lines();
+    let mut event = BytesMut::with_capacity(open + STREAM_ERROR_EVENT.len());
+    event.extend_from_slice(&b"\n\n"[..open]);
+    event.extend_from_slice(STREAM_ERROR_EVENT);
+    Ok(event.freeze())
 }
 
 /// The last bytes of an SSE stream. A backend that dies mid-stream may close the connection in a
 /// way the HTTP client reads as a normal end, so a successful OpenAI stream is recognised by its
 /// final `data: [DONE]` event.
 #[derive(Default)]
-struct StreamTail {
+pub struct StreamTail {
     bytes: Vec<u8>,
 }
 
 impl StreamTail {
     const KEEP: usize = 16;
 
-    fn push(&mut self, chunk: &[u8]) {
+    pub fn push(&mut self, chunk: &[u8]) {
         self.bytes
             .extend_from_slice(&chunk[chunk.len().saturating_sub(Self::KEEP)..]);
         let excess = self.bytes.len().saturating_sub(Self::KEEP);
         self.bytes.drain(..excess);
     }
 
-    fn is_done(&self) -> bool {
+    pub fn is_done(&self) -> bool {
         let trimmed = self.bytes.trim_ascii_end();
         trimmed.ends_with(b"data: [DONE]") || trimmed.ends_with(b"data:[DONE]")
+    }
+
+    /// Line ends needed to close what the stream left open: 0 after a blank line (the event is
+    /// complete), 1 after a line end (the event is open), 2 in the middle of a line.
+    pub fn open_lines(&self) -> usize {
+        let bytes = self.bytes.as_slice();
+        let trailing = bytes
+            .iter()
+            .rev()
+            .take_while(|b| **b == b'\n' || **b == b'\r')
+            .count();
+        if trailing == bytes.len() {
+            return 0;
+        }
+        // Line ends in the trailing run, a CRLF counting as one.
+        let run = &bytes[bytes.len() - trailing..];
+        let line_ends = run.len() - run.windows(2).filter(|w| w == b"\r\n").count();
+        2usize.saturating_sub(line_ends)
     }
 }
 
@@ -270,6 +447,8 @@ enum Ending {
     Complete,
     Broken,
     Cancelled,
+    /// The client stopped reading and was cut off.
+    Stalled,
 }
 
 #[derive(Default)]
@@ -281,8 +460,8 @@ struct Timing {
 }
 
 impl Timing {
-    /// Counts a chunk arriving now; returns now.
-    fn chunk(&mut self, started: Instant) -> Instant {
+    /// Counts a chunk arriving now.
+    fn chunk(&mut self, started: Instant) {
         let now = Instant::now();
         match self.last_chunk {
             None => self.first_chunk = Some(now - started),
@@ -290,7 +469,6 @@ impl Timing {
         }
         self.last_chunk = Some(now);
         self.chunks += 1;
-        now
     }
 }
 
@@ -307,7 +485,7 @@ fn report(held: Held, status: u16, ending: Ending, timing: &Timing, started: Ins
             held.reports.outcome(endpoint, false, None);
             (502, false)
         }
-        Ending::Cancelled => (499, true),
+        Ending::Cancelled | Ending::Stalled => (499, true),
     };
     held.reports.observe(Observe {
         endpoint: Some(endpoint),
@@ -339,5 +517,24 @@ mod tests {
         assert!(tail.is_done());
         tail.push(b"data: {}\n\n");
         assert!(!tail.is_done());
+    }
+
+    #[test]
+    fn an_error_event_first_closes_the_line_and_event_left_open() {
+        let open = |bytes: &[u8]| {
+            let mut tail = StreamTail::default();
+            tail.push(bytes);
+            tail.open_lines()
+        };
+        assert_eq!(open(b""), 0);
+        assert_eq!(open(b"data: {}\n\n"), 0);
+        assert_eq!(open(b"data: {}\r\n\r\n"), 0);
+        assert_eq!(open(b"data: {}\n"), 1);
+        assert_eq!(open(b"data: {}\r\n"), 1);
+        assert_eq!(open(b"data: {\"par"), 2);
+        let mut tail = StreamTail::default();
+        tail.push(b"data: {\"par");
+        let event = failure(true, &tail, "x").unwrap();
+        assert!(event.starts_with(b"\n\ndata: {\"error\""));
     }
 }

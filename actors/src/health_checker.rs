@@ -118,6 +118,8 @@ struct ProbeResult {
 pub struct ProbeState {
     pub url: String,
     pub healthy: bool,
+    /// Not probed yet and not taking traffic (added at runtime): the first good probe admits it.
+    pub pending: bool,
     pub consecutive_successes: u32,
     pub consecutive_failures: u32,
     pub probes: u64,
@@ -132,6 +134,7 @@ impl ProbeState {
         Self {
             url,
             healthy,
+            pending: !healthy,
             consecutive_successes: 0,
             consecutive_failures: 0,
             probes: 0,
@@ -144,10 +147,11 @@ impl ProbeState {
     /// Counts a probe; returns the new verdict when it changed.
     pub fn record(&mut self, ok: bool, settings: &HealthSettings) -> Option<bool> {
         self.probes += 1;
+        let pending = std::mem::take(&mut self.pending);
         if ok {
             self.consecutive_successes += 1;
             self.consecutive_failures = 0;
-            if !self.healthy && self.consecutive_successes >= settings.rise.max(1) {
+            if !self.healthy && (pending || self.consecutive_successes >= settings.rise.max(1)) {
                 self.healthy = true;
                 return Some(true);
             }
@@ -190,6 +194,7 @@ impl HealthChecker {
         self.client
             .get_or_insert_with(|| {
                 awc::Client::builder()
+                    .connector(crate::upstream_io::connector())
                     .timeout(timeout)
                     .no_default_headers()
                     .finish()
@@ -198,11 +203,19 @@ impl HealthChecker {
     }
 
     fn probe_all(&mut self, ctx: &mut Context<Self>) {
+        self.probe(None, ctx);
+    }
+
+    /// Probes one endpoint, or all of them.
+    fn probe(&mut self, only: Option<usize>, ctx: &mut Context<Self>) {
         let client = self.client();
         let table = self.view.table_arc();
         self.states
             .retain(|id, _| table.endpoints.iter().any(|e| e.id == *id));
         for endpoint in &table.endpoints {
+            if only.is_some_and(|id| id != endpoint.id) {
+                continue;
+            }
             let state = self
                 .states
                 .entry(endpoint.id)
@@ -331,6 +344,22 @@ impl Supervised for HealthChecker {
     }
 }
 
+/// Probes at once instead of waiting for the interval: one endpoint, or all of them (after
+/// endpoints were added at runtime, so they take traffic as soon as they answer).
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Probe {
+    pub endpoint: Option<usize>,
+}
+
+impl Handler<Probe> for HealthChecker {
+    type Result = ();
+
+    fn handle(&mut self, msg: Probe, ctx: &mut Self::Context) {
+        self.probe(msg.endpoint, ctx);
+    }
+}
+
 impl Handler<GetStats> for HealthChecker {
     type Result = Stats;
 
@@ -389,6 +418,21 @@ mod tests {
         assert_eq!(s.record(true, &settings), None);
         assert_eq!(s.record(true, &settings), Some(true));
         assert_eq!(s.probes, 8);
+    }
+
+    #[test]
+    fn an_endpoint_added_at_runtime_is_admitted_by_its_first_good_probe() {
+        let settings = HealthSettings::default();
+        let mut s = ProbeState::new("http://a".into(), false);
+        assert!(s.pending);
+        assert_eq!(s.record(true, &settings), Some(true));
+        let mut failing = ProbeState::new("http://b".into(), false);
+        assert_eq!(failing.record(false, &settings), None);
+        assert_eq!(
+            failing.record(true, &settings),
+            None,
+            "once probed, the rise threshold applies"
+        );
     }
 
     #[test]

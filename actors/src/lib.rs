@@ -13,13 +13,16 @@
 //! - [`cache`]: the response cache (LRU, TTL, entry and byte limits, coalescing of identical misses).
 //! - [`metrics`]: counters and HDR histograms per endpoint and per model, Prometheus exposition.
 //! - [`exchange`]: the relay of one upstream response to the client; [`report`]: the per-thread
-//!   batches in which the request path tells the balancer and metrics what happened.
+//!   batches in which the request path tells the balancer and metrics what happened;
+//!   [`upstream_io`]: the backend connections under the HTTP client (close-delimited bodies);
+//!   [`buffers`]: the bounds and gauges of every byte held for a request in flight.
 //!
 //! Every actor starts under an actix `Supervisor` and answers [`GetStats`] with a JSON object that
 //! `/stats` shows as-is.
 
 pub mod balancer;
 pub mod breaker;
+pub mod buffers;
 pub mod cache;
 pub mod clock;
 pub mod endpoint;
@@ -31,6 +34,7 @@ pub mod policy;
 pub mod pool_supervisor;
 pub mod report;
 pub mod retry_budget;
+pub mod upstream_io;
 pub mod worker;
 
 use actix::{Message, MessageResponse};

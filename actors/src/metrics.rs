@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use crate::balancer::BalancerView;
+use crate::buffers::{BufferStats, Buffers};
 use crate::clock::SharedClock;
 use crate::pool_supervisor::Admission;
 use crate::{Fail, GetStats, Stats};
@@ -275,6 +276,12 @@ struct Exposition {
     endpoint_in_flight: Family<EndpointLabels, Gauge>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     dropped: Gauge,
+    buffered: Family<BufferLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BufferLabels {
+    buffer: &'static str,
 }
 
 impl Exposition {
@@ -298,6 +305,7 @@ impl Exposition {
             endpoint_in_flight: Family::default(),
             endpoint_healthy: Family::default(),
             dropped: Gauge::default(),
+            buffered: Family::default(),
         };
         let r = &mut e.registry;
         r.register(
@@ -356,6 +364,11 @@ impl Exposition {
             e.endpoint_healthy.clone(),
         );
         r.register(
+            "buffered_bytes",
+            "Bytes held for requests in flight: request bodies, cache fills, relay channels",
+            e.buffered.clone(),
+        );
+        r.register(
             "metrics_dropped_observations",
             "Observations dropped on a full mailbox",
             e.dropped.clone(),
@@ -370,6 +383,7 @@ pub struct Metrics {
     clock: SharedClock,
     view: BalancerView,
     admission: Admission,
+    buffers: Arc<Buffers>,
     dropped: Arc<AtomicU64>,
     overall: Series,
     endpoints: HashMap<usize, Series>,
@@ -380,11 +394,17 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(clock: SharedClock, view: BalancerView, admission: Admission) -> Self {
+    pub fn new(
+        clock: SharedClock,
+        view: BalancerView,
+        admission: Admission,
+        buffers: Arc<Buffers>,
+    ) -> Self {
         Self {
             clock,
             view,
             admission,
+            buffers,
             dropped: Arc::new(AtomicU64::new(0)),
             overall: Series::new(),
             endpoints: HashMap::new(),
@@ -533,6 +553,16 @@ impl Handler<RenderPrometheus> for Metrics {
         e.pool_queued.set(self.admission.queued() as i64);
         e.pool_refused.set(self.admission.refused() as i64);
         e.dropped.set(self.dropped.load(Ordering::Relaxed) as i64);
+        let buffers = self.buffers.stats();
+        for (buffer, bytes) in [
+            ("request_bodies", buffers.request_bodies.bytes as i64),
+            ("cache_fills", buffers.cache_fills.bytes as i64),
+            ("relay", buffers.relay_bytes as i64),
+        ] {
+            e.buffered
+                .get_or_create(&BufferLabels { buffer })
+                .set(bytes);
+        }
         for endpoint in &self.view.table().endpoints {
             let labels = EndpointLabels {
                 endpoint: endpoint.url.clone(),
@@ -561,6 +591,7 @@ struct MetricsStats {
     endpoints: HashMap<String, SeriesStats>,
     models: HashMap<String, SeriesStats>,
     dropped_observations: u64,
+    buffers: BufferStats,
 }
 
 impl Handler<GetStats> for Metrics {
@@ -581,6 +612,7 @@ impl Handler<GetStats> for Metrics {
                 .map(|(m, s)| (m.clone(), s.stats(now)))
                 .collect(),
             dropped_observations: self.dropped.load(Ordering::Relaxed),
+            buffers: self.buffers.stats(),
         };
         Stats::of(&stats)
     }

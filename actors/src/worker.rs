@@ -19,13 +19,14 @@ use awc::http::header::{self, HeaderValue};
 use awc::http::Method;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
+use crate::buffers::RelayBytes;
 use crate::endpoint::{Bits, Endpoint, PickRequest};
 use crate::error::ForwardError;
 use crate::exchange::{
-    content_length, is_backend_failure, read_whole, relay, report_whole, Exchange, ExchangeBody,
-    Held, RelayLimits, INLINE_BODY_MAX, RELAY_DEPTH,
+    content_length, is_backend_failure, read_whole, relay, relay_channel, report_whole, Exchange,
+    ExchangeBody, Held, RelayLimits, INLINE_BODY_MAX,
 };
 use crate::pool_supervisor::{Admission, Permit};
 use crate::report::{Reporters, ThreadReports};
@@ -40,7 +41,8 @@ pub struct UpstreamSettings {
     /// generation, so it is long by default.
     pub first_byte_timeout_ms: u64,
     /// Upstream connections open at once, over all threads. Every concurrent stream needs one
-    /// (HTTP/1.1), so this bounds the streams the gateway can hold.
+    /// (HTTP/1.1), so this bounds the streams the gateway can hold. 0 in the configuration: the
+    /// gateway sizes it from the open-file limit before the pools are built.
     pub max_connections: usize,
     pub keep_alive_secs: u64,
     pub connection_lifetime_secs: u64,
@@ -63,7 +65,7 @@ impl Default for UpstreamSettings {
         Self {
             connect_timeout_ms: 2000,
             first_byte_timeout_ms: 300_000,
-            max_connections: 20_000,
+            max_connections: 0,
             keep_alive_secs: 30,
             connection_lifetime_secs: 300,
             idle_timeout_ms: 60_000,
@@ -91,6 +93,8 @@ pub struct UpstreamRequest {
     pub affinity: Option<u64>,
     /// When the whole request must be done: the client's deadline or `request_timeout_ms`.
     pub deadline: Instant,
+    /// The time the deadline allowed (for error messages).
+    pub budget: Duration,
 }
 
 // ===== WorkerPool =====
@@ -107,19 +111,37 @@ struct WorkerShared {
     reports: Rc<ThreadReports>,
     settings: UpstreamSettings,
     retry_budget: Arc<RetryBudget>,
+    relay_bytes: Arc<RelayBytes>,
+    client_stall: Duration,
+}
+
+/// What every thread's [`WorkerPool`] is built from.
+#[derive(Clone)]
+pub struct WorkerPoolConfig {
+    pub admission: Admission,
+    pub reporters: Reporters,
+    pub settings: UpstreamSettings,
+    pub retry_budget: Arc<RetryBudget>,
+    pub buffers: Arc<crate::buffers::Buffers>,
+    /// Longest a client may leave its response unread before it is cut off.
+    pub client_stall: Duration,
+    /// How many pools share `settings.max_connections`.
+    pub threads: usize,
 }
 
 impl WorkerPool {
-    /// `threads` is how many pools share `settings.max_connections`. Must be called on the HTTP
-    /// thread that will use the pool (the `HttpServer` factory).
-    pub fn new(
-        admission: Admission,
-        reporters: Reporters,
-        settings: UpstreamSettings,
-        retry_budget: Arc<RetryBudget>,
-        threads: usize,
-    ) -> Rc<Self> {
-        let connector = awc::Connector::new()
+    /// Must be called on the HTTP thread that will use the pool (the `HttpServer` factory).
+    pub fn new(config: WorkerPoolConfig) -> Rc<Self> {
+        let WorkerPoolConfig {
+            admission,
+            reporters,
+            settings,
+            retry_budget,
+            buffers,
+            client_stall,
+            threads,
+        } = config;
+        let connector = crate::upstream_io::connector()
             .limit((settings.max_connections / threads.max(1)).max(1))
             .timeout(Duration::from_millis(settings.connect_timeout_ms))
             .conn_keep_alive(Duration::from_secs(settings.keep_alive_secs))
@@ -137,6 +159,8 @@ impl WorkerPool {
                 reports: ThreadReports::start(reporters),
                 settings,
                 retry_budget,
+                relay_bytes: buffers.thread_relay(),
+                client_stall,
             }),
             admission,
         })
@@ -229,6 +253,7 @@ impl Handler<Forward> for Worker {
             let limits = RelayLimits {
                 idle: Duration::from_millis(shared.settings.idle_timeout_ms),
                 deadline: request.deadline,
+                client_stall: shared.client_stall,
             };
             let connected = tokio::select! {
                 answer = connect(&shared, request, permit, limits) => answer,
@@ -258,12 +283,12 @@ impl Handler<Forward> for Worker {
                 let _ = head.send(Ok(answer));
                 return;
             }
-            let (chunks, relayed) = mpsc::channel(RELAY_DEPTH);
+            let (link, relayed) = relay_channel(&shared.relay_bytes);
             if head
                 .send(Ok(exchange(ExchangeBody::Relayed(relayed))))
                 .is_ok()
             {
-                relay(response, chunks, held, started, limits).await;
+                relay(response, link, held, started, limits).await;
             }
         };
         Box::pin(
@@ -329,9 +354,8 @@ async fn connect(
         let left = request.deadline.saturating_duration_since(Instant::now());
         let first_byte = Duration::from_millis(shared.settings.first_byte_timeout_ms).min(left);
         if first_byte.is_zero() {
-            return Err(ForwardError::Timeout {
-                endpoint: endpoint.url.clone(),
-                timeout: Duration::ZERO,
+            return Err(ForwardError::DeadlinePassed {
+                budget: request.budget,
             });
         }
         let in_flight = endpoint.begin();
@@ -351,7 +375,7 @@ async fn connect(
             continue;
         }
         let bad = |reason: String| ForwardError::BadResponse {
-            endpoint: endpoint.url.clone(),
+            endpoint: endpoint.id,
             reason,
         };
         let (error, retry) = match sent {
@@ -378,21 +402,21 @@ async fn connect(
             },
             Err(SendRequestError::Timeout) => (
                 ForwardError::Timeout {
-                    endpoint: endpoint.url.clone(),
+                    endpoint: endpoint.id,
                     timeout: first_byte,
                 },
                 may_retry(attempt, &pick),
             ),
             Err(SendRequestError::Connect(e)) => (
                 ForwardError::Connect {
-                    endpoint: endpoint.url.clone(),
+                    endpoint: endpoint.id,
                     reason: e.to_string(),
                 },
                 may_retry(attempt, &pick),
             ),
             Err(e) => (bad(e.to_string()), may_retry(attempt, &pick)),
         };
-        log::warn!("{error}");
+        log::warn!("{}: {error}", endpoint.url);
         shared.reports.outcome(endpoint.id, false, None);
         last_error = Some(error);
         if !retry {

@@ -6,8 +6,12 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use nanogate_actors::balancer::{AddEndpoint, DrainEndpoint, ListEndpoints, RemoveEndpoint};
 use nanogate_actors::endpoint::EndpointSpec;
+use nanogate_actors::health_checker::Probe;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
+use super::connections::admit;
+use super::request::{read_body, BodyLimits};
 use super::AppState;
 use crate::config::check_endpoint;
 use crate::error::GatewayError;
@@ -35,16 +39,22 @@ fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), GatewayError> {
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
-    if constant_time_eq(given, expected.as_bytes()) {
+    if digests_equal(&digest(given), expected) {
         Ok(())
     } else {
         Err(GatewayError::Unauthorized)
     }
 }
 
+/// The SHA-256 digest of a secret: comparing digests of equal length compares secrets without
+/// revealing their length or where they first differ.
+pub fn digest(secret: &[u8]) -> [u8; 32] {
+    Sha256::digest(secret).into()
+}
+
 /// Compares without stopping at the first difference, so timing does not reveal the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn unavailable(e: impl std::fmt::Display) -> GatewayError {
@@ -77,14 +87,29 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
     Ok(HttpResponse::Ok().json(json!({"endpoints": endpoints})))
 }
 
+/// The largest admin request body.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
 async fn add(
     req: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> Result<HttpResponse, GatewayError> {
+    admit(&req)?;
     authorize(&req, &state)?;
+    let limits = BodyLimits {
+        max_bytes: MAX_ADMIN_BODY,
+        ..state.body_limits.clone()
+    };
+    let (body, _reservation) = read_body(req.headers(), payload, &limits).await?;
     let spec: EndpointSpec =
         serde_json::from_slice(&body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+    if spec.models.len() > 1024 || spec.models.iter().any(|m| m.len() > 256) {
+        return Err(GatewayError::InvalidField {
+            field: "models",
+            reason: "at most 1024 names of at most 256 bytes each".into(),
+        });
+    }
     check_endpoint(&spec, "body").map_err(|e| GatewayError::InvalidField {
         field: "url",
         reason: e.to_string(),
@@ -95,7 +120,10 @@ async fn add(
         .await
         .map_err(unavailable)?
     {
-        Ok(id) => Ok(HttpResponse::Created().json(json!({"id": id}))),
+        Ok(id) => {
+            state.health.do_send(Probe { endpoint: Some(id) });
+            Ok(HttpResponse::Created().json(json!({"id": id, "healthy": false})))
+        }
         Err(reason) => Err(GatewayError::Conflict(reason)),
     }
 }
@@ -161,12 +189,14 @@ async fn set_draining(
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{digest, digests_equal};
 
     #[test]
     fn token_comparison() {
-        assert!(constant_time_eq(b"Bearer abc", b"Bearer abc"));
-        assert!(!constant_time_eq(b"Bearer abd", b"Bearer abc"));
-        assert!(!constant_time_eq(b"Bearer ab", b"Bearer abc"));
+        let expected = digest(b"Bearer abc");
+        assert!(digests_equal(&digest(b"Bearer abc"), &expected));
+        assert!(!digests_equal(&digest(b"Bearer abd"), &expected));
+        assert!(!digests_equal(&digest(b"Bearer ab"), &expected));
+        assert!(!digests_equal(&digest(b""), &expected));
     }
 }

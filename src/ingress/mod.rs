@@ -4,6 +4,8 @@
 //! ([`status`]) and the token-protected `/admin/endpoints` ([`admin`]).
 
 pub mod admin;
+pub mod connections;
+pub mod path;
 pub mod proxy;
 pub mod request;
 pub mod status;
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use nanogate_actors::balancer::{Balancer, BalancerView};
+use nanogate_actors::buffers::ByteBudget;
 use nanogate_actors::cache::Cache;
 use nanogate_actors::health_checker::HealthChecker;
 use nanogate_actors::metrics::{MetricsHandle, Observe};
@@ -22,7 +25,8 @@ use nanogate_actors::pool_supervisor::PoolSupervisor;
 
 use crate::config::AffinitySettings;
 use crate::error::GatewayError;
-use request::Operation;
+use connections::ConnectionLimit;
+use request::{BodyLimits, Operation};
 
 /// What every handler shares, across threads.
 #[derive(Clone)]
@@ -33,12 +37,16 @@ pub struct AppState {
     pub health: Addr<HealthChecker>,
     pub cache: Addr<Cache>,
     pub cache_enabled: bool,
+    /// Bytes gathered to fill the cache, over all requests.
+    pub cache_fills: Arc<ByteBudget>,
+    pub max_cache_entry_bytes: usize,
     pub metrics: MetricsHandle,
-    pub max_body_bytes: usize,
+    pub body_limits: BodyLimits,
+    pub connections: Arc<ConnectionLimit>,
     pub affinity: AffinitySettings,
     pub request_timeout: Duration,
-    /// `Bearer <token>` for the admin routes; `None` turns them off.
-    pub admin_authorization: Option<String>,
+    /// The SHA-256 digest of `Bearer <token>` for the admin routes; `None` turns them off.
+    pub admin_authorization: Option<[u8; 32]>,
     /// Set when shutdown begins: `/ready` answers 503 from then on.
     pub shutting_down: Arc<AtomicBool>,
 }

@@ -7,15 +7,19 @@ use std::time::Instant;
 
 use actix_web::body::SizedStream;
 use actix_web::http::header::{self, HeaderName};
-use actix_web::http::Method;
+use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder, ResponseError};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use nanogate_actors::cache::{CachedResponse, FillGuard, Lookup, LookupResult};
-use nanogate_actors::exchange::{Exchange, ExchangeBody};
+use nanogate_actors::cache::{CachedResponse, FillGuard, Key, Lookup, LookupResult};
+use nanogate_actors::error::ForwardError;
+use nanogate_actors::exchange::{has_known_length, Exchange, ExchangeBody};
 use nanogate_actors::worker::{UpstreamRequest, WorkerPool};
+use sha2::{Digest, Sha256};
 
-use super::request::{classify, deadline, read_body, Classified, Operation};
+use super::connections::admit;
+use super::path::normalize_v1;
+use super::request::{classify, read_body, time_budget, Classified, Operation};
 use super::AppState;
 use crate::error::GatewayError;
 
@@ -23,6 +27,14 @@ use crate::error::GatewayError;
 pub const CACHE_HEADER: &str = "x-nanogate-cache";
 /// Response header naming the endpoint (its id, as in `/stats` and `/admin/endpoints`) that answered.
 pub const ENDPOINT_HEADER: &str = "x-nanogate-endpoint";
+
+/// Request headers that make an answer someone's own: a cached answer is shared only between
+/// requests that carry the same values.
+const CREDENTIAL_HEADERS: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
+];
 
 type Pool = web::Data<Rc<WorkerPool>>;
 type Result<T> = std::result::Result<T, GatewayError>;
@@ -36,7 +48,9 @@ pub async fn pass_through(
 ) -> HttpResponse {
     let started = Instant::now();
     let answer = async {
-        let body = read_body(req.headers(), payload, state.max_body_bytes).await?;
+        admit(&req)?;
+        let path = normalize_v1(req.method().as_str(), req.uri().path())?;
+        let (body, _reservation) = read_body(req.headers(), payload, &state.body_limits).await?;
         let model = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
@@ -44,10 +58,10 @@ pub async fn pass_through(
         if !model.is_empty() && !state.view.table().knows_model(&model) {
             return Err(GatewayError::ModelNotFound(model));
         }
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| req.path().to_string(), |p| p.to_string());
+        let path = match req.uri().query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        };
         let mut upstream =
             upstream_request(&req, &state, req.method().clone(), path.into(), body, model);
         upstream.openai_route = false;
@@ -90,7 +104,8 @@ async fn serve(
     pool: &Pool,
     started: Instant,
 ) -> Result<HttpResponse> {
-    let body = read_body(req.headers(), payload, state.max_body_bytes).await?;
+    admit(req)?;
+    let (body, _reservation) = read_body(req.headers(), payload, &state.body_limits).await?;
     let Classified {
         model,
         cacheable,
@@ -99,7 +114,7 @@ async fn serve(
     if !state.view.table().knows_model(&model) {
         return Err(GatewayError::ModelNotFound(model));
     }
-    let key = (cacheable && state.cache_enabled).then(|| cache_key(operation, &body));
+    let key = (cacheable && state.cache_enabled).then(|| cache_key(operation, req, &body));
     let path = Cow::Borrowed(operation.path());
     let mut upstream = upstream_request(req, state, Method::POST, path, body, model);
     upstream.affinity = affinity;
@@ -119,7 +134,9 @@ async fn serve(
             }
             _ => Ok(relay(pool.forward(upstream).await?)),
         },
-        Ok(LookupResult::Lead(fill)) => fill_cache(pool.forward(upstream).await?, fill).await,
+        Ok(LookupResult::Lead(fill)) => {
+            fill_cache(pool.forward(upstream).await?, fill, state).await
+        }
         Ok(LookupResult::Disabled) | Err(_) => Ok(relay(pool.forward(upstream).await?)),
     }
 }
@@ -129,9 +146,10 @@ fn upstream_request(
     state: &AppState,
     method: Method,
     path: Cow<'static, str>,
-    body: bytes::Bytes,
+    body: Bytes,
     model: String,
 ) -> UpstreamRequest {
+    let budget = time_budget(req.headers(), state.request_timeout);
     UpstreamRequest {
         method,
         path,
@@ -141,16 +159,27 @@ fn upstream_request(
         model,
         openai_route: true,
         affinity: None,
-        deadline: deadline(req.headers(), state.request_timeout),
+        deadline: Instant::now() + budget,
+        budget,
     }
 }
 
-/// The cache key: route and exact body, so only byte-identical requests share an answer.
-fn cache_key(operation: Operation, body: &[u8]) -> String {
-    let mut key = String::with_capacity(operation.path().len() + 1 + body.len());
-    key.push_str(operation.path());
-    key.push('\n');
-    key.push_str(&String::from_utf8_lossy(body));
+/// The cache key: route, a digest of the credentials, and the exact body, so only byte-identical
+/// requests by the same caller share an answer.
+fn cache_key(operation: Operation, req: &HttpRequest, body: &[u8]) -> Key {
+    let mut credentials = Sha256::new();
+    for name in &CREDENTIAL_HEADERS {
+        if let Some(value) = req.headers().get(name) {
+            credentials.update(value.as_bytes());
+        }
+        credentials.update([0]);
+    }
+    let path = operation.path().as_bytes();
+    let mut key = Vec::with_capacity(path.len() + 33 + body.len());
+    key.extend_from_slice(path);
+    key.push(b'\n');
+    key.extend_from_slice(&credentials.finalize());
+    key.extend_from_slice(body);
     key
 }
 
@@ -199,40 +228,65 @@ fn relay(mut exchange: Exchange) -> HttpResponse {
     }
 }
 
-/// Reads the whole (non-streamed) answer, stores it when it is a success, and answers with it.
-async fn fill_cache(mut exchange: Exchange, fill: FillGuard) -> Result<HttpResponse> {
+/// Gathers the (non-streamed) answer to fill the cache, within `cache.max_entry_bytes` and the
+/// gateway-wide fill buffer; stores it when it is a complete JSON success, and answers with it.
+/// An answer that outgrows either limit is streamed to the client from where the gathering
+/// stopped, and not cached.
+async fn fill_cache(
+    mut exchange: Exchange,
+    fill: FillGuard,
+    state: &AppState,
+) -> Result<HttpResponse> {
+    let mut reservation = state.cache_fills.reservation();
     let mut body = BytesMut::new();
     while let Some(chunk) = exchange.body.next().await {
         let chunk = chunk.map_err(|e| {
-            GatewayError::Forward(nanogate_actors::error::ForwardError::BadResponse {
-                endpoint: exchange.endpoint.to_string(),
+            GatewayError::Forward(ForwardError::BadResponse {
+                endpoint: exchange.endpoint,
                 reason: e.to_string(),
             })
         })?;
+        if body.len() + chunk.len() > state.max_cache_entry_bytes || !reservation.grow(chunk.len())
+        {
+            drop(fill);
+            drop(reservation);
+            let mut response = response_head(&exchange);
+            response.insert_header((CACHE_HEADER, "miss"));
+            let gathered = futures_util::stream::iter([Ok(body.freeze()), Ok(chunk)]);
+            return Ok(response.streaming(gathered.chain(exchange.body)));
+        }
         body.extend_from_slice(&chunk);
     }
     let body = body.freeze();
     let mut response = response_head(&exchange);
     response.insert_header((CACHE_HEADER, "miss"));
-    if exchange.status.is_success() {
-        fill.fill(CachedResponse {
-            status: exchange.status.as_u16(),
-            content_type: exchange
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            body: body.clone(),
-        });
+    if let Some(stored) = storable(&exchange, &body) {
+        fill.fill(stored);
     }
     Ok(response.body(body))
 }
 
+/// The answer as the cache would store it, if it may be: a 2xx whose end was known (not a body
+/// the backend ended by closing the connection) and a non-empty JSON body that parses.
+fn storable(exchange: &Exchange, body: &Bytes) -> Option<CachedResponse> {
+    let content_type = exchange
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let complete =
+        matches!(exchange.body, ExchangeBody::Complete(_)) || has_known_length(&exchange.headers);
+    let json = content_type.is_some_and(|t| t.starts_with("application/json"))
+        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
+    (exchange.status.is_success() && complete && json).then(|| CachedResponse {
+        status: exchange.status.as_u16(),
+        content_type: content_type.map(str::to_string),
+        body: body.clone(),
+    })
+}
+
 fn from_cache(cached: &CachedResponse) -> HttpResponse {
-    let mut response = HttpResponse::build(
-        actix_web::http::StatusCode::from_u16(cached.status)
-            .unwrap_or(actix_web::http::StatusCode::OK),
-    );
+    let mut response =
+        HttpResponse::build(StatusCode::from_u16(cached.status).unwrap_or(StatusCode::OK));
     if let Some(content_type) = &cached.content_type {
         response.insert_header((header::CONTENT_TYPE, content_type.as_str()));
     }

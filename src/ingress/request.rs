@@ -3,12 +3,14 @@
 //! any backend is bothered. Only those fields are parsed; the rest of the body is passed on as
 //! the exact bytes the client sent.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use actix_web::http::header::{self, HeaderMap, HeaderName};
 use actix_web::web;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use std::time::{Duration, Instant};
-
+use nanogate_actors::buffers::{ByteBudget, Reservation};
 use nanogate_actors::policy::affinity::stable_hash_seeded;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -39,8 +41,9 @@ pub const CACHE_OPT_IN: &str = "x-nanogate-cache";
 
 /// Request header with a client's deadline for the whole request, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
-/// The OpenAI SDKs send their timeout in seconds under this name.
-pub const SDK_TIMEOUT_HEADER: &str = "x-stainless-timeout";
+/// The OpenAI SDKs send their timeout in seconds: the Python SDK as its read timeout, the Node SDK
+/// as its whole timeout.
+pub const SDK_TIMEOUT_HEADERS: [&str; 2] = ["x-stainless-read-timeout", "x-stainless-timeout"];
 
 #[derive(Deserialize)]
 struct Fields<'a> {
@@ -85,13 +88,30 @@ pub struct Classified {
     pub affinity: Option<u64>,
 }
 
-/// Reads the body, refusing more than `limit` bytes (by `Content-Length` at once, else as it
-/// arrives).
+/// How a request body may arrive.
+#[derive(Debug, Clone)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    /// For the whole body, and for the longest pause within it.
+    pub total: Duration,
+    pub idle: Duration,
+    /// Bytes of request bodies held over all requests.
+    pub budget: Arc<ByteBudget>,
+}
+
+/// The first allocation for a body; it grows as bytes arrive, so a `Content-Length` a client
+/// declares but does not send reserves nothing.
+const INITIAL_BODY_CAPACITY: usize = 16 * 1024;
+
+/// Reads the body within its limits: at most `max_bytes` (by `Content-Length` at once, else as it
+/// arrives), in time, and within the gateway-wide body budget, whose bytes the returned
+/// reservation holds until it is dropped.
 pub async fn read_body(
     headers: &HeaderMap,
     mut payload: web::Payload,
-    limit: usize,
-) -> Result<Bytes, GatewayError> {
+    limits: &BodyLimits,
+) -> Result<(Bytes, Reservation), GatewayError> {
+    let limit = limits.max_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -99,16 +119,37 @@ pub async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(GatewayError::TooLarge { limit });
     }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
-    while let Some(chunk) = payload.next().await {
+    let mut reservation = limits.budget.reservation();
+    let mut body = BytesMut::with_capacity(
+        declared
+            .unwrap_or(1024)
+            .min(INITIAL_BODY_CAPACITY)
+            .min(limit),
+    );
+    let deadline = Instant::now() + limits.total;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let next = match tokio::time::timeout(left.min(limits.idle), payload.next()).await {
+            Ok(next) => next,
+            Err(_) if left <= limits.idle => {
+                return Err(GatewayError::RequestTimeout("body_timeout_ms passed"))
+            }
+            Err(_) => return Err(GatewayError::RequestTimeout("the client paused too long")),
+        };
+        let Some(chunk) = next else {
+            break;
+        };
         let chunk =
             chunk.map_err(|e| GatewayError::BadJson(format!("reading the body failed: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(GatewayError::TooLarge { limit });
         }
+        if !reservation.grow(chunk.len()) {
+            return Err(GatewayError::BodyBufferFull);
+        }
         body.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
+    Ok((body.freeze(), reservation))
 }
 
 /// Validates the fields `operation` requires and decides cacheability and affinity.
@@ -180,8 +221,9 @@ pub fn classify(
     })
 }
 
-/// When the request must be done: `limit` from now, or sooner if the client asks.
-pub fn deadline(headers: &HeaderMap, limit: Duration) -> Instant {
+/// How long the request may take: `limit`, or less if the client asks (its own header in
+/// milliseconds, else the OpenAI SDKs' timeout in seconds).
+pub fn time_budget(headers: &HeaderMap, limit: Duration) -> Duration {
     let header = |name: &'static str| {
         headers
             .get(HeaderName::from_static(name))
@@ -191,12 +233,14 @@ pub fn deadline(headers: &HeaderMap, limit: Duration) -> Instant {
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_millis)
         .or_else(|| {
-            header(SDK_TIMEOUT_HEADER)
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .filter(|s| s.is_finite() && *s > 0.0)
-                .map(|s| Duration::from_secs_f64(s.min(limit.as_secs_f64())))
+            SDK_TIMEOUT_HEADERS.iter().find_map(|name| {
+                header(name)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .map(|s| Duration::from_secs_f64(s.min(limit.as_secs_f64())))
+            })
         });
-    Instant::now() + asked.map_or(limit, |a| a.min(limit))
+    asked.map_or(limit, |a| a.min(limit))
 }
 
 #[cfg(test)]
@@ -342,23 +386,32 @@ mod affinity_tests {
     }
 
     #[test]
-    fn the_deadline_is_the_client_s_when_shorter() {
+    fn the_time_budget_is_the_client_s_when_shorter() {
         let limit = Duration::from_secs(600);
         let mut headers = HeaderMap::new();
-        let now = Instant::now();
-        assert!(deadline(&headers, limit) >= now + limit);
+        assert_eq!(time_budget(&headers, limit), limit);
         headers.insert(
             HeaderName::from_static(TIMEOUT_HEADER),
             HeaderValue::from_static("1500"),
         );
-        let d = deadline(&headers, limit);
-        assert!(d >= now + Duration::from_millis(1500) && d < now + Duration::from_secs(2));
-        let mut sdk = HeaderMap::new();
-        sdk.insert(
-            HeaderName::from_static(SDK_TIMEOUT_HEADER),
-            HeaderValue::from_static("2.5"),
+        assert_eq!(time_budget(&headers, limit), Duration::from_millis(1500));
+        for name in SDK_TIMEOUT_HEADERS {
+            let mut sdk = HeaderMap::new();
+            sdk.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static("2.5"),
+            );
+            assert_eq!(
+                time_budget(&sdk, limit),
+                Duration::from_millis(2500),
+                "{name}"
+            );
+        }
+        let mut huge = HeaderMap::new();
+        huge.insert(
+            HeaderName::from_static(SDK_TIMEOUT_HEADERS[0]),
+            HeaderValue::from_static("1e9"),
         );
-        let d = deadline(&sdk, limit);
-        assert!(d >= now + Duration::from_millis(2500) && d < now + Duration::from_secs(3));
+        assert_eq!(time_budget(&huge, limit), limit);
     }
 }

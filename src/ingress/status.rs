@@ -43,11 +43,17 @@ pub async fn models(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))
 }
 
-/// The sections of `/stats`, in order.
-const SECTIONS: [&str; 5] = ["pool", "balancer", "health", "cache", "metrics"];
+/// The sections of `/stats`, in order: one per actor, and the ingress's own counters.
+const SECTIONS: [&str; 6] = ["ingress", "pool", "balancer", "health", "cache", "metrics"];
 
 async fn section(state: &AppState, name: &str) -> Option<Value> {
     let answer = match name {
+        "ingress" => {
+            return Some(json!({
+                "connections": state.connections.stats(),
+                "request_bodies": state.body_limits.budget.stats(),
+            }))
+        }
         "pool" => state.pool.send(GetStats).await,
         "balancer" => state.balancer.send(GetStats).await,
         "health" => state.health.send(GetStats).await,

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod rogue;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -172,4 +174,38 @@ pub async fn stats(client: &awc::Client, gateway: &Gateway) -> Value {
     get(client, &format!("{}/stats", gateway.url()))
         .await
         .json()
+}
+
+/// Sends `request` as raw bytes on a new connection and reads what comes back until the gateway
+/// closes the connection or `read_for` passes. Blocking: runs on a blocking-pool thread.
+pub async fn raw_exchange(addr: SocketAddr, request: Vec<u8>, read_for: Duration) -> String {
+    actix_rt::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream.write_all(&request).expect("write");
+        stream.set_read_timeout(Some(read_for)).unwrap();
+        let deadline = Instant::now() + read_for;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 8192];
+        while Instant::now() < deadline {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .expect("raw exchange")
+}
+
+/// A gateway config in front of one backend at `url` that serves the model `sim` (so no model
+/// discovery is needed) and is probed rarely.
+pub fn config_for(url: &str) -> Config {
+    let mut config = config(&[]);
+    let mut endpoint = EndpointSpec::new(url);
+    endpoint.models = vec!["sim".into()];
+    config.endpoints = vec![endpoint];
+    config.health.interval_ms = 60_000;
+    config
 }
