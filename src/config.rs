@@ -44,24 +44,40 @@ pub struct Config {
     pub cache: CacheSettings,
     pub affinity: AffinitySettings,
     pub admin: AdminSettings,
+    pub cors: CorsSettings,
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
+}
+
+/// Which browser origins may call the gateway (CORS); none by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSettings {
+    /// Origins such as `https://chat.example.com`, or `*` for any.
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may keep a preflight's answer.
+    pub max_age_secs: usize,
 }
 
 /// Where a request's affinity key comes from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AffinitySettings {
-    /// Parsed once here rather than on every request.
-    #[serde(deserialize_with = "header_name")]
-    pub header: HeaderName,
+    /// Session headers, the first present wins; parsed once here rather than on every request.
+    #[serde(deserialize_with = "header_names")]
+    pub headers: Vec<HeaderName>,
     pub prefix_bytes: usize,
 }
 
-fn header_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HeaderName, D::Error> {
-    let name = String::deserialize(d)?;
-    HeaderName::try_from(name.as_str())
-        .map_err(|_| serde::de::Error::custom(format!("'{name}' is not a valid HTTP header name")))
+fn header_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<HeaderName>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .into_iter()
+        .map(|name| {
+            HeaderName::try_from(name.as_str()).map_err(|_| {
+                serde::de::Error::custom(format!("'{name}' is not a valid HTTP header name"))
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +167,18 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        for (i, origin) in self.cors.allowed_origins.iter().enumerate() {
+            let valid = origin == "*"
+                || (origin.starts_with("http://") || origin.starts_with("https://"))
+                    && origin.parse::<Uri>().is_ok()
+                    && !origin.ends_with('/');
+            if !valid {
+                return Err(invalid(
+                    format!("cors.allowed_origins[{i}]"),
+                    format!("'{origin}' is not an origin like https://app.example.com (or *)"),
+                ));
             }
         }
         let c = &self.cache;
@@ -394,7 +422,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nanogate-config-h-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let bad = dir.join("bad.toml");
-        std::fs::write(&bad, "[affinity]\nheader = \"not a header\"\n").unwrap();
+        std::fs::write(&bad, "[affinity]\nheaders = [\"not a header\"]\n").unwrap();
         let message = Config::load(Some(&bad)).unwrap_err().to_string();
         assert!(
             message.contains("header") && message.contains("not a valid HTTP header name"),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use nanogate_actors::error::ForwardError;
+use nanogate_actors::metrics::Cause;
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +96,25 @@ impl GatewayError {
             Self::MissingField(field) | Self::InvalidField { field, .. } => Some(field),
             Self::ModelNotFound(_) => Some("model"),
             _ => None,
+        }
+    }
+
+    /// Why the request failed, as the metrics count it.
+    pub fn cause(&self) -> Cause {
+        match self {
+            Self::Forward(f) => match f {
+                ForwardError::Overloaded { .. } => Cause::Overload,
+                ForwardError::NoBackend { .. } => Cause::NoBackend,
+                ForwardError::Connect { .. } => Cause::Unreachable,
+                ForwardError::Timeout { .. } | ForwardError::DeadlinePassed { .. } => {
+                    Cause::Timeout
+                }
+                ForwardError::BadResponse { .. } => Cause::BadResponse,
+                ForwardError::WorkerGone => Cause::Internal,
+            },
+            Self::TooManyConnections | Self::BodyBufferFull => Cause::Overload,
+            Self::Internal(_) => Cause::Internal,
+            _ => Cause::ClientError,
         }
     }
 

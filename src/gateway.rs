@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Arbiter, Supervisor};
+use actix_cors::Cors;
 use actix_web::dev::ServerHandle;
+use actix_web::middleware::Condition;
 use actix_web::{web, App, HttpServer};
 use nanogate_actors::balancer::Balancer;
 use nanogate_actors::buffers::Buffers;
@@ -22,7 +24,7 @@ use nanogate_actors::report::Reporters;
 use nanogate_actors::retry_budget::RetryBudget;
 use nanogate_actors::worker::{WorkerPool, WorkerPoolConfig};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, CorsSettings};
 use crate::ingress::admin::digest;
 use crate::ingress::connections::ConnectionLimit;
 use crate::ingress::request::BodyLimits;
@@ -101,8 +103,14 @@ impl Gateway {
             );
             Supervisor::start_in_arbiter(&arbiter, move |_| Cache::new(settings, clock, fills))
         };
-        let metrics = Metrics::new(clock, view.clone(), admission.clone(), buffers.clone())
-            .start_in(&arbiter);
+        let metrics = Metrics::new(
+            clock,
+            view.clone(),
+            admission.clone(),
+            buffers.clone(),
+            retry_budget.clone(),
+        )
+        .start_in(&arbiter);
 
         let state = AppState {
             view: view.clone(),
@@ -144,8 +152,13 @@ impl Gateway {
             threads,
         };
         let app_state = web::Data::new(state.clone());
+        let cors = config.cors.clone();
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(Condition::new(
+                    !cors.allowed_origins.is_empty(),
+                    cors_policy(&cors),
+                ))
                 .app_data(app_state.clone())
                 .app_data(web::Data::new(WorkerPool::new(pools.clone())))
                 .configure(ingress::routes)
@@ -161,8 +174,10 @@ impl Gateway {
         .h1_allow_half_closed(false)
         .shutdown_timeout(config.server.shutdown_grace_secs)
         .on_connect(move |connection, data| {
-            data.insert(connections.open());
-            if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            let tcp = connection.downcast_ref::<actix_web::rt::net::TcpStream>();
+            let peer = tcp.and_then(|tcp| tcp.peer_addr().ok()).map(|a| a.ip());
+            data.insert(connections.open(peer));
+            if let Some(tcp) = tcp {
                 // Responses are written as they come (SSE chunks, a body's last bytes): Nagle's
                 // algorithm would hold small writes back for the client's delayed ACK, up to 40 ms.
                 let _ = tcp.set_nodelay(true);
@@ -240,6 +255,29 @@ impl ShutdownHandle {
         actix_rt::time::sleep(self.delay).await;
         self.server.stop(true).await;
     }
+}
+
+/// The CORS policy of `[cors]`: the allowed origins, any method and request header (the OpenAI
+/// SDKs send several of their own), and the gateway's response headers exposed to the page.
+fn cors_policy(settings: &CorsSettings) -> Cors {
+    let mut cors = Cors::default()
+        .allow_any_method()
+        .allow_any_header()
+        .expose_headers([
+            "x-request-id",
+            "x-nanogate-endpoint",
+            "x-nanogate-cache",
+            "retry-after",
+        ])
+        .max_age(settings.max_age_secs);
+    for origin in &settings.allowed_origins {
+        cors = if origin == "*" {
+            cors.allow_any_origin()
+        } else {
+            cors.allowed_origin(origin)
+        };
+    }
+    cors
 }
 
 /// How many client connections (for API requests) and upstream connections the gateway may hold:

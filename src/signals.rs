@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use nanogate_actors::balancer::ReplaceEndpoints;
+use nanogate_actors::health_checker::ProbeNow;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
@@ -26,7 +27,7 @@ pub fn install(gateway: &Gateway, reload_from: Option<PathBuf>) -> std::io::Resu
         shutdown.shutdown().await;
     });
     let mut hangup = signal(SignalKind::hangup())?;
-    let balancer = gateway.state.balancer.clone();
+    let (balancer, health) = (gateway.state.balancer.clone(), gateway.state.health.clone());
     actix_rt::spawn(async move {
         while hangup.recv().await.is_some() {
             let Some(file) = &reload_from else {
@@ -35,13 +36,17 @@ pub fn install(gateway: &Gateway, reload_from: Option<PathBuf>) -> std::io::Resu
             };
             match Config::reload_endpoints(file) {
                 Ok(specs) => match balancer.send(ReplaceEndpoints(specs)).await {
-                    Ok(r) => log::info!(
-                        "SIGHUP: endpoints reloaded from {}: added {:?}, removed {:?}, kept {}",
-                        file.display(),
-                        r.added,
-                        r.removed,
-                        r.kept
-                    ),
+                    Ok(r) => {
+                        log::info!(
+                            "SIGHUP: endpoints reloaded from {}: added {:?}, removed {:?}, kept {}",
+                            file.display(),
+                            r.added,
+                            r.removed,
+                            r.kept
+                        );
+                        // Added endpoints take traffic once a probe passes: probe now.
+                        health.do_send(ProbeNow { endpoint: None });
+                    }
                     Err(e) => log::error!("SIGHUP: the balancer did not answer: {e}"),
                 },
                 Err(e) => log::error!("SIGHUP: endpoints unchanged, the config is invalid: {e}"),

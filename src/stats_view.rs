@@ -48,6 +48,25 @@ fn latency(v: &Value) -> String {
     )
 }
 
+/// Errors by cause, largest first: `timeout 3, backend 1`.
+fn causes(v: &Value) -> String {
+    let mut counts: Vec<(&String, u64)> = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(cause, n)| Some((cause, n.as_u64()?)))
+        .collect();
+    if counts.is_empty() {
+        return "none".into();
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    counts
+        .iter()
+        .map(|(cause, n)| format!("{cause} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The text view of a `/stats` object.
 pub fn render(s: &Value) -> String {
     let mut out = String::new();
@@ -90,7 +109,7 @@ pub fn render(s: &Value) -> String {
         let load = &probe["load"];
         let _ = writeln!(
             out,
-            "  {:<28} {:<9} circuit {:<9} weight {:>5}  latency {} ms  in-flight {:>4}  probe {} (ok {} / fail {})  backend running {} waiting {}",
+            "  {:<28} {:<9} circuit {:<9} ejections {:>3}  weight {:>5}  latency {} ms  in-flight {:>4}  probe {} (ok {} / fail {})  backend running {} waiting {}",
             num(&e["url"]),
             if e["draining"].as_bool() == Some(true) {
                 "draining"
@@ -100,6 +119,7 @@ pub fn render(s: &Value) -> String {
                 "DOWN"
             },
             num(&e["circuit"]),
+            num(&e["ejections_total"]),
             num(&e["weight"]),
             num(&e["latency_ewma_ms"]),
             num(&e["in_flight"]),
@@ -122,23 +142,42 @@ pub fn render(s: &Value) -> String {
         num(&c["evictions"]),
         num(&c["expirations"])
     );
+    let budget = &s["balancer"]["retry_budget"];
+    let _ = writeln!(
+        out,
+        "retries   {}  denied by the budget {}  budget left {}",
+        num(&budget["retries"]),
+        num(&budget["denied"]),
+        num(&budget["tokens"])
+    );
     let m = &s["metrics"];
     let series = |out: &mut String, name: &str, v: &Value| {
+        let recent = &v["last_minute"];
         let _ = writeln!(
             out,
-            "  {:<28} requests {}  errors {} ({:.2}%)  rps {}\n  {:<28} latency {}\n  {:<28} ttft    {}",
+            "  {:<28} requests {}  errors {} ({:.2}%)  client errors {}  cancelled {}  rps {}\n  {:<28} errors by cause: {}\n  {:<28} latency {}\n  {:<28} ttft    {}\n  {:<28} last minute: requests {}  errors {}  latency {}\n  {:<28}              ttft    {}",
             name,
             num(&v["requests"]),
             num(&v["errors"]),
             v["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            num(&v["client_errors"]),
+            num(&v["cancelled"]),
             num(&v["rps"]),
+            "",
+            causes(&v["by_cause"]),
             "",
             latency(&v["latency_ms"]),
             "",
             latency(&v["ttft_ms"]),
+            "",
+            num(&recent["requests"]),
+            num(&recent["errors"]),
+            latency(&recent["latency_ms"]),
+            "",
+            latency(&recent["ttft_ms"]),
         );
     };
-    let _ = writeln!(out, "\ntraffic");
+    let _ = writeln!(out, "\ntraffic (since start, and the last minute)");
     series(&mut out, "all", &m["overall"]);
     for section in ["endpoints", "models"] {
         if let Some(map) = m[section].as_object() {
@@ -161,7 +200,9 @@ mod tests {
             "balancer": {"policy": "weighted", "endpoints": [{"id": 3, "url": "http://a", "healthy": true, "circuit": "closed", "weight": 1.1, "in_flight": 2}]},
             "health": {"endpoints": [{"id": 3, "last_result": "200 OK", "consecutive_successes": 4, "consecutive_failures": 0, "load": {"running": 3.0, "waiting": 0.0}}]},
             "cache": {"entries": 1, "hits": 5},
-            "metrics": {"overall": {"requests": 9, "errors": 1, "error_rate": 0.111, "rps": 2.5, "latency_ms": {"p50": 1.5}}, "endpoints": {}, "models": {"sim": {"requests": 9}}}
+            "metrics": {"overall": {"requests": 9, "errors": 1, "error_rate": 0.111, "rps": 2.5, "latency_ms": {"p50": 1.5},
+                "by_cause": {"timeout": 1, "client_error": 2}, "last_minute": {"requests": 4, "latency_ms": {"p99": 7.5}}},
+                "endpoints": {}, "models": {"sim": {"requests": 9}}}
         });
         let text = render(&stats);
         for needle in [
@@ -173,6 +214,9 @@ mod tests {
             "requests 9",
             "11.10%",
             "sim",
+            "client_error 2, timeout 1",
+            "last minute: requests 4",
+            "p99 7.5",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

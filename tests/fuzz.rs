@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 fn affinity() -> AffinitySettings {
     AffinitySettings {
-        header: HeaderName::from_static("x-session-id"),
+        headers: vec![HeaderName::from_static("x-session-id")],
         prefix_bytes: 64,
     }
 }

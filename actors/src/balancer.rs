@@ -308,6 +308,9 @@ impl Balancer {
             entry.breaker.consecutive_failures(),
         );
         if let Some(circuit) = changed {
+            if circuit == Circuit::Open {
+                endpoint.count_ejection();
+            }
             log_circuit(&endpoint, circuit);
         }
     }
@@ -502,7 +505,10 @@ struct EndpointStats {
     draining: bool,
     circuit: Circuit,
     consecutive_failures: u32,
+    /// Ejections in a row without a success (they set the cool-down).
     ejections: u32,
+    /// Ejections since the endpoint was added.
+    ejections_total: u64,
     reopens_in_ms: Option<u128>,
     latency_ewma_ms: f64,
     /// Running and waiting requests and KV-cache use, as the backend last reported them.
@@ -548,6 +554,7 @@ impl Handler<GetStats> for Balancer {
                         circuit: entry.breaker.circuit(),
                         consecutive_failures: entry.breaker.consecutive_failures(),
                         ejections: entry.breaker.ejections(),
+                        ejections_total: e.ejections(),
                         reopens_in_ms: entry.breaker.reopens_in(now).map(|d| d.as_millis()),
                         latency_ewma_ms: e.latency_ms(),
                         reported: {

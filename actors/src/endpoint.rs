@@ -28,9 +28,52 @@ pub struct EndpointSpec {
     /// Models this backend serves; empty means "learn them from its `/v1/models`".
     #[serde(default)]
     pub models: Vec<String>,
-    /// Sent upstream as `Authorization: Bearer ...` when set.
+    /// Sent upstream as `Authorization: Bearer ...` when set (also to its `/v1/models`).
     #[serde(default, skip_serializing)]
     pub api_key: Option<String>,
+    /// How its health is probed: `auto` (`/health`, else `/v1/models`, else any HTTP answer),
+    /// `tcp` (a connection), or a path to `GET` (e.g. Ollama's `/api/version`).
+    #[serde(default)]
+    pub probe: Probe,
+}
+
+/// How an endpoint's health is probed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Probe {
+    /// `GET /health`; where that route is missing (404), `GET /v1/models`; where that is missing
+    /// too, any HTTP answer other than a 5xx or 429 counts: a missing route is not a sick backend.
+    #[default]
+    Auto,
+    /// A TCP connection that opens.
+    Tcp,
+    /// `GET` this path; a 2xx is healthy.
+    Path(String),
+}
+
+impl Serialize for Probe {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Probe::Auto => s.serialize_str("auto"),
+            Probe::Tcp => s.serialize_str("tcp"),
+            Probe::Path(path) => s.serialize_str(path),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Probe {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "auto" => Ok(Probe::Auto),
+            "tcp" => Ok(Probe::Tcp),
+            path if path.starts_with('/') && !path.contains(char::is_whitespace) => {
+                Ok(Probe::Path(path.to_string()))
+            }
+            other => Err(serde::de::Error::custom(format!(
+                "probe '{other}' is not \"auto\", \"tcp\" or a path starting with /"
+            ))),
+        }
+    }
 }
 
 fn default_weight() -> f64 {
@@ -44,6 +87,7 @@ impl EndpointSpec {
             weight: default_weight(),
             models: Vec::new(),
             api_key: None,
+            probe: Probe::Auto,
         }
     }
 
@@ -60,16 +104,21 @@ pub struct Endpoint {
     pub id: usize,
     /// Base URL without a trailing slash.
     pub url: String,
+    /// Its id as a header value, for the `x-nanogate-endpoint` of every answer it gives.
+    pub id_header: awc::http::header::HeaderValue,
     /// The full `Authorization` header value to send upstream, when configured.
     pub authorization: Option<String>,
     /// Whether its models come from its `/v1/models` rather than from the config.
     pub learns_models: bool,
+    pub probe: Probe,
     in_flight: AtomicU32,
     weight_bits: AtomicU64,
     healthy: AtomicBool,
     draining: AtomicBool,
     circuit: AtomicU8,
     consecutive_failures: AtomicU32,
+    /// Times live failures ejected it, since it was added.
+    ejections: AtomicU64,
     latency_ms_bits: AtomicU64,
     reported_running_bits: AtomicU64,
     reported_waiting_bits: AtomicU64,
@@ -83,14 +132,17 @@ impl Endpoint {
         Self {
             id,
             url: spec.base_url().to_string(),
+            id_header: awc::http::header::HeaderValue::from(id),
             authorization: spec.api_key.as_ref().map(|key| format!("Bearer {key}")),
             learns_models: spec.models.is_empty(),
+            probe: spec.probe.clone(),
             in_flight: AtomicU32::new(0),
             weight_bits: AtomicU64::new(spec.weight.to_bits()),
             healthy: AtomicBool::new(healthy),
             draining: AtomicBool::new(false),
             circuit: AtomicU8::new(Circuit::Closed.as_u8()),
             consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU64::new(0),
             latency_ms_bits: AtomicU64::new(0f64.to_bits()),
             reported_running_bits: AtomicU64::new(0f64.to_bits()),
             reported_waiting_bits: AtomicU64::new(0f64.to_bits()),
@@ -135,6 +187,14 @@ impl Endpoint {
 
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    pub fn ejections(&self) -> u64 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_ejection(&self) {
+        self.ejections.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Peak-EWMA of time to first byte, in milliseconds (0 until measured).
@@ -344,6 +404,13 @@ impl RoutingTable {
             }
         }
         slots
+    }
+
+    /// Whether some backend is known to serve `model` (configured, or learned from its
+    /// `/v1/models`); unlike [`Self::knows_model`], not true of any name while a backend's models
+    /// are still unknown.
+    pub fn serves(&self, model: &str) -> bool {
+        self.by_model.contains_key(model)
     }
 
     /// Whether any backend (healthy or not) may serve `model`: the difference between a 404 and

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::buffers::RelayBytes;
 use crate::endpoint::InFlight;
-use crate::metrics::Observe;
+use crate::metrics::{Cause, Observe};
 use crate::pool_supervisor::Permit;
 use crate::report::ThreadReports;
 
@@ -34,6 +34,8 @@ pub struct Exchange {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub endpoint: usize,
+    /// `endpoint` as a header value, made once per endpoint.
+    pub endpoint_header: awc::http::header::HeaderValue,
     pub body: ExchangeBody,
 }
 
@@ -217,19 +219,74 @@ pub(crate) struct Held {
     pub _permit: Permit,
     pub reports: Rc<ThreadReports>,
     pub model: String,
+    /// Whether the outcome counts for the endpoint (the balancer's weights and circuit): not
+    /// when the answer is a refusal that followed the request from backend to backend.
+    pub counts: bool,
 }
 
-/// The event a stream ends with when its backend fails mid-way: the OpenAI SDKs raise it as an
-/// error instead of returning a silently truncated answer.
-const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the backend failed while streaming the response\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_error\"}}\n\n";
+/// How a successful stream of an API ends, so that a stream cut short (a backend that died in a
+/// way the HTTP client reads as a normal end) is told from a finished one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Chat Completions and Completions: a final `data: [DONE]`.
+    Done,
+    /// The Responses API: an `event: response.completed` (or `.failed`, `.incomplete`, `error`).
+    ResponseCompleted,
+    /// Anthropic's Messages API: an `event: message_stop` (or `error`).
+    MessageStop,
+    /// Any other route: a clean end of the body.
+    BodyEnd,
+}
+
+impl StreamEnd {
+    /// Whether a stream whose tail and last event name are these ended as its API says.
+    fn reached(self, tail: &StreamTail, last_event: &LastEvent) -> bool {
+        let event = last_event.name();
+        match self {
+            StreamEnd::Done => tail.is_done(),
+            StreamEnd::ResponseCompleted => {
+                tail.open_lines() == 0
+                    && matches!(
+                        event,
+                        b"response.completed"
+                            | b"response.failed"
+                            | b"response.incomplete"
+                            | b"error"
+                    )
+            }
+            StreamEnd::MessageStop => {
+                tail.open_lines() == 0 && matches!(event, b"message_stop" | b"error")
+            }
+            StreamEnd::BodyEnd => true,
+        }
+    }
+
+    /// The event a stream ends with when its backend fails mid-way, in the API's own error
+    /// shape, so its SDKs raise it as an error instead of returning a silently truncated answer.
+    fn error_event(self) -> &'static [u8] {
+        match self {
+            StreamEnd::Done | StreamEnd::BodyEnd => b"data: {\"error\":{\"message\":\"the backend failed while streaming the response\",\"type\":\"server_error\",\"param\":null,\"code\":\"upstream_stream_error\"}}\n\n",
+            StreamEnd::ResponseCompleted => b"event: error\ndata: {\"type\":\"error\",\"code\":\"upstream_stream_error\",\"message\":\"the backend failed while streaming the response\",\"param\":null,\"sequence_number\":0}\n\n",
+            StreamEnd::MessageStop => b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"the backend failed while streaming the response\"}}\n\n",
+        }
+    }
+
+    /// Whether the relay must follow `event:` lines to know the end.
+    fn follows_events(self) -> bool {
+        matches!(self, StreamEnd::ResponseCompleted | StreamEnd::MessageStop)
+    }
+}
 
 /// Limits on a relay: the longest silence between chunks, the request's deadline, and the longest
-/// a client may leave the relay full without reading.
+/// a client may leave the relay full without reading; and how its stream must end.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RelayLimits {
     pub idle: Duration,
+    /// Whether `idle` is the client's read timeout rather than the gateway's own.
+    pub idle_is_clients: bool,
     pub deadline: Instant,
     pub client_stall: Duration,
+    pub stream_end: StreamEnd,
 }
 
 /// Reads a small non-streamed body whole, within the idle timeout and the deadline. An error
@@ -282,7 +339,7 @@ pub(crate) fn report_whole(held: Held, status: u16, started: Instant) {
         gaps: Duration::ZERO,
         chunks: 1,
     };
-    report(held, status, Ending::Complete, &timing, started);
+    report(held, false, status, Ending::Complete, &timing, started);
 }
 
 /// Copies the upstream body into the channel until it ends, fails, stalls, passes its deadline,
@@ -303,6 +360,8 @@ pub(crate) async fn relay(
     let mut received = 0u64;
     let mut timing = Timing::default();
     let mut tail = StreamTail::default();
+    let mut last_event = LastEvent::default();
+    let follow_events = sse && limits.stream_end.follows_events();
     // One timer for the whole relay, re-armed only when it fires early (a chunk came since it
     // was set), not on every chunk; one `closed` future, polled whenever the relay waits.
     let idle = tokio::time::sleep(
@@ -330,14 +389,16 @@ pub(crate) async fn relay(
                         idle.as_mut().reset(wake.into());
                         continue;
                     }
-                    let why = if now >= limits.deadline {
-                        "the request's deadline passed"
+                    let (why, ending) = if now >= limits.deadline {
+                        ("the request's deadline passed", Ending::Expired)
+                    } else if limits.idle_is_clients {
+                        ("the client's read timeout passed", Ending::Expired)
                     } else {
-                        "the backend went silent"
+                        ("the backend went silent", Ending::Broken)
                     };
                     log::warn!("{why} after {} chunks; ending the response", timing.chunks);
-                    link.end_with(Some(failure(sse, &tail, why)));
-                    break Ending::Broken;
+                    link.end_with(Some(failure(sse, &tail, limits.stream_end, why)));
+                    break ending;
                 }
             },
         };
@@ -347,6 +408,9 @@ pub(crate) async fn relay(
                 received += chunk.len() as u64;
                 if sse {
                     tail.push(&chunk);
+                    if follow_events {
+                        last_event.push(&chunk);
+                    }
                 }
                 match link.deliver(chunk, closed.as_mut(), &limits).await {
                     Delivery::Delivered => last_activity = Instant::now(),
@@ -362,20 +426,36 @@ pub(crate) async fn relay(
                     "upstream body failed after {} chunks: {error}",
                     timing.chunks
                 );
-                link.end_with(Some(failure(sse, &tail, &error.to_string())));
+                link.end_with(Some(failure(
+                    sse,
+                    &tail,
+                    limits.stream_end,
+                    &error.to_string(),
+                )));
                 break Ending::Broken;
             }
-            None if sse && status < 300 && !tail.is_done() => {
+            None if sse && status < 300 && !limits.stream_end.reached(&tail, &last_event) => {
                 log::warn!(
-                    "upstream stream ended without [DONE] after {} chunks",
+                    "upstream stream ended before its final event ({:?}) after {} chunks",
+                    limits.stream_end,
                     timing.chunks
                 );
-                link.end_with(Some(failure(sse, &tail, "the stream ended early")));
+                link.end_with(Some(failure(
+                    sse,
+                    &tail,
+                    limits.stream_end,
+                    "the stream ended early",
+                )));
                 break Ending::Broken;
             }
             None if expected.is_some_and(|length| received < length) => {
                 log::warn!("upstream body ended after {received} of {expected:?} bytes");
-                link.end_with(Some(failure(sse, &tail, "the body ended early")));
+                link.end_with(Some(failure(
+                    sse,
+                    &tail,
+                    limits.stream_end,
+                    "the body ended early",
+                )));
                 break Ending::Broken;
             }
             None => {
@@ -384,21 +464,91 @@ pub(crate) async fn relay(
             }
         }
     };
-    report(held, status, ending, &timing, started);
+    report(held, sse, status, ending, &timing, started);
 }
 
 /// What the client gets when the body fails mid-way: an SSE error event for a stream (after
 /// ending the line and event the backend left open, so parsers see it as an event of its own),
 /// a broken body (the connection is closed) otherwise.
-fn failure(sse: bool, tail: &StreamTail, why: &str) -> Result<Bytes, RelayError> {
+fn failure(
+    sse: bool,
+    tail: &StreamTail,
+    stream_end: StreamEnd,
+    why: &str,
+) -> Result<Bytes, RelayError> {
     if !sse {
         return Err(RelayError(why.to_string()));
     }
     let open = tail.open_lines();
-    let mut event = BytesMut::with_capacity(open + STREAM_ERROR_EVENT.len());
+    let error = stream_end.error_event();
+    let mut event = BytesMut::with_capacity(open + error.len());
     event.extend_from_slice(&b"\n\n"[..open]);
-    event.extend_from_slice(STREAM_ERROR_EVENT);
+    event.extend_from_slice(error);
     Ok(event.freeze())
+}
+
+/// The name of the last `event:` line of an SSE stream (the Responses and Messages APIs name
+/// their events; the final one says whether the stream finished). Lines are found with memchr;
+/// only a line that could be an `event:` line is kept, at most 64 bytes of it.
+#[derive(Default)]
+pub struct LastEvent {
+    name: Vec<u8>,
+    line: Vec<u8>,
+    /// The current line cannot be an `event:` line (it started otherwise or ran long).
+    skipping: bool,
+}
+
+impl LastEvent {
+    const KEEP: usize = 64;
+    const FIELD: &'static [u8] = b"event:";
+
+    pub fn push(&mut self, mut chunk: &[u8]) {
+        loop {
+            match memchr::memchr(b'\n', chunk) {
+                Some(end) => {
+                    self.feed(&chunk[..end]);
+                    self.end_line();
+                    chunk = &chunk[end + 1..];
+                }
+                None => {
+                    self.feed(chunk);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn feed(&mut self, part: &[u8]) {
+        if self.skipping || part.is_empty() {
+            return;
+        }
+        let room = Self::KEEP - self.line.len();
+        if part.len() > room {
+            self.skipping = true;
+            return;
+        }
+        self.line.extend_from_slice(part);
+        let known = self.line.len().min(Self::FIELD.len());
+        if self.line[..known] != Self::FIELD[..known] {
+            self.skipping = true;
+        }
+    }
+
+    fn end_line(&mut self) {
+        if !self.skipping {
+            if let Some(name) = self.line.strip_prefix(Self::FIELD) {
+                self.name.clear();
+                self.name.extend_from_slice(name.trim_ascii());
+            }
+        }
+        self.line.clear();
+        self.skipping = false;
+    }
+
+    /// The last event name seen (empty before any).
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
 }
 
 /// The last bytes of an SSE stream. A backend that dies mid-stream may close the connection in a
@@ -446,6 +596,9 @@ impl StreamTail {
 enum Ending {
     Complete,
     Broken,
+    /// A limit the client chose ran out (its deadline or read timeout): ended like a broken
+    /// body, but not counted against the backend.
+    Expired,
     Cancelled,
     /// The client stopped reading and was cut off.
     Stalled,
@@ -472,30 +625,33 @@ impl Timing {
     }
 }
 
-fn report(held: Held, status: u16, ending: Ending, timing: &Timing, started: Instant) {
+fn report(held: Held, sse: bool, status: u16, ending: Ending, timing: &Timing, started: Instant) {
     let endpoint = held.in_flight.endpoint().id;
-    let (status, cancelled) = match ending {
+    let (status, cause) = match ending {
         Ending::Complete => {
             let ok = !is_backend_failure(status);
-            held.reports
-                .outcome(endpoint, ok, timing.first_chunk.or(Some(started.elapsed())));
-            (status, false)
+            if held.counts {
+                held.reports
+                    .outcome(endpoint, ok, timing.first_chunk.or(Some(started.elapsed())));
+            }
+            (status, Cause::of_status(status))
         }
         Ending::Broken => {
             held.reports.outcome(endpoint, false, None);
-            (502, false)
+            (502, Some(Cause::BadResponse))
         }
-        Ending::Cancelled | Ending::Stalled => (499, true),
+        Ending::Expired => (504, Some(Cause::Timeout)),
+        Ending::Cancelled | Ending::Stalled => (499, Some(Cause::Cancelled)),
     };
     held.reports.observe(Observe {
         endpoint: Some(endpoint),
         model: (!held.model.is_empty()).then_some(held.model),
         status,
+        cause,
         latency: started.elapsed(),
-        ttft: timing.first_chunk,
+        ttft: timing.first_chunk.filter(|_| sse),
         inter_token: (timing.chunks > 1).then(|| timing.gaps / (timing.chunks - 1)),
         cache_hit: false,
-        cancelled,
     });
 }
 
@@ -534,7 +690,28 @@ mod tests {
         assert_eq!(open(b"data: {\"par"), 2);
         let mut tail = StreamTail::default();
         tail.push(b"data: {\"par");
-        let event = failure(true, &tail, "x").unwrap();
+        let event = failure(true, &tail, StreamEnd::Done, "x").unwrap();
         assert!(event.starts_with(b"\n\ndata: {\"error\""));
+    }
+
+    #[test]
+    fn the_last_event_name_is_followed_across_chunks() {
+        let mut last = LastEvent::default();
+        last.push(b"event: response.output_text.delta\ndata: {\"delta\":\"x\"}\n\nevent: respo");
+        assert_eq!(last.name(), b"response.output_text.delta");
+        last.push(b"nse.completed\r\ndata: {\"response\":{\"output\":\"");
+        last.push(
+            "a long line that is not an event line: event: fake\n"
+                .repeat(50)
+                .as_bytes(),
+        );
+        last.push(b"\"}}\n\n");
+        assert_eq!(last.name(), b"response.completed");
+        let mut tail = StreamTail::default();
+        tail.push(b"\"}}\n\n");
+        assert!(StreamEnd::ResponseCompleted.reached(&tail, &last));
+        assert!(!StreamEnd::MessageStop.reached(&tail, &last));
+        assert!(!StreamEnd::Done.reached(&tail, &last));
+        assert!(StreamEnd::BodyEnd.reached(&tail, &last));
     }
 }

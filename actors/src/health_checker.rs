@@ -1,9 +1,14 @@
-//! The health checker: probes `GET {url}/health` on an interval with a short timeout (a vLLM
-//! that is still loading accepts connections but does not answer, so a timeout means "not
-//! ready"), applies rise/fall thresholds so one lost probe does not flap an endpoint, and tells
-//! the balancer when an endpoint's verdict changes. It also reads the load gauges vLLM, SGLang,
-//! TGI and llama.cpp publish on `/metrics` (on a shorter interval, for the `least_load` policy),
-//! and learns the models of endpoints configured without a model list from their `/v1/models`.
+//! The health checker: probes each endpoint on an interval with a short timeout (a vLLM that is
+//! still loading accepts connections but does not answer, so a timeout means "not ready"),
+//! applies rise/fall thresholds so one lost probe does not flap an endpoint, and tells the
+//! balancer when an endpoint's verdict changes. Not every server has `/health` (Ollama, hosted
+//! APIs, llama-cpp-python, many mock servers): the automatic probe falls back to `/v1/models`,
+//! then to any answer at all, because a missing route is not a sick backend; an endpoint can also
+//! name its own path or ask for a TCP connect. Any 2xx counts, whatever the body (vLLM and TGI
+//! answer `/health` with an empty 200). It also reads the load gauges vLLM, SGLang, TGI and
+//! llama.cpp publish on `/metrics` (on a shorter interval, for the `least_load` policy; less and
+//! less often from a server that has none), and learns the models of endpoints configured without
+//! a model list from their `/v1/models` (sending the endpoint's key), whatever the probe says.
 //! It probes whatever endpoints the balancer's published table holds, so endpoints added or
 //! removed at runtime are picked up on the next round.
 
@@ -14,6 +19,7 @@ use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::balancer::{BackendLoad, Balancer, BalancerView, HealthChanged, ModelsLearned};
+use crate::endpoint::Probe;
 use crate::{Fail, GetStats, Stats};
 
 /// Probe schedule and thresholds; defaults documented in `config/default.toml`.
@@ -111,6 +117,20 @@ struct ProbeResult {
     ok: bool,
     detail: String,
     models: Option<Vec<String>>,
+    /// What an automatic probe found to work, to go straight to next time.
+    resolved: Option<Resolved>,
+}
+
+/// What an automatic probe settled on for an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolved {
+    /// `/health` answers.
+    Health,
+    /// `/health` is missing (404) but `/v1/models` answers.
+    Models,
+    /// Neither route exists: any HTTP answer other than a 5xx or 429 means it is up.
+    AnyAnswer,
 }
 
 /// Rise/fall bookkeeping for one endpoint.
@@ -125,7 +145,14 @@ pub struct ProbeState {
     pub probes: u64,
     pub last_probe_unix_ms: Option<u128>,
     pub last_result: Option<String>,
+    /// For `probe = "auto"`: which check the endpoint answers.
+    pub resolved: Option<Resolved>,
     pub load: Option<ScrapedLoad>,
+    /// `/metrics` is read again only after this many ms when it had no load gauges (a server
+    /// without them, or without `/metrics`), doubling each time up to five minutes.
+    pub load_backoff_ms: u64,
+    #[serde(skip)]
+    next_scrape: Option<std::time::Instant>,
 }
 
 impl ProbeState {
@@ -140,7 +167,10 @@ impl ProbeState {
             probes: 0,
             last_probe_unix_ms: None,
             last_result: None,
+            resolved: None,
             load: None,
+            load_backoff_ms: 0,
+            next_scrape: None,
         }
     }
 
@@ -165,7 +195,24 @@ impl ProbeState {
         }
         None
     }
+
+    /// Notes how a `/metrics` read went: a failure pushes the next one back.
+    fn scraped(&mut self, found: bool, now: std::time::Instant) {
+        self.load_backoff_ms = if found {
+            0
+        } else {
+            (self.load_backoff_ms * 2).clamp(5_000, MAX_LOAD_BACKOFF_MS)
+        };
+        self.next_scrape = Some(now + Duration::from_millis(self.load_backoff_ms));
+    }
+
+    fn scrape_due(&self, now: std::time::Instant) -> bool {
+        self.next_scrape.is_none_or(|at| now >= at)
+    }
 }
+
+/// The longest wait between two reads of a `/metrics` that had no load gauges.
+const MAX_LOAD_BACKOFF_MS: u64 = 300_000;
 
 // ===== HealthChecker =====
 
@@ -194,7 +241,7 @@ impl HealthChecker {
         self.client
             .get_or_insert_with(|| {
                 awc::Client::builder()
-                    .connector(crate::upstream_io::connector())
+                    .connector(crate::upstream_io::connector().timeout(timeout))
                     .timeout(timeout)
                     .no_default_headers()
                     .finish()
@@ -210,6 +257,7 @@ impl HealthChecker {
     fn probe(&mut self, only: Option<usize>, ctx: &mut Context<Self>) {
         let client = self.client();
         let table = self.view.table_arc();
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
         self.states
             .retain(|id, _| table.endpoints.iter().any(|e| e.id == *id));
         for endpoint in &table.endpoints {
@@ -221,7 +269,14 @@ impl HealthChecker {
                 .entry(endpoint.id)
                 .or_insert_with(|| ProbeState::new(endpoint.url.clone(), endpoint.is_healthy()));
             let id = endpoint.id;
-            let probe = probe(client.clone(), state.url.clone(), endpoint.learns_models);
+            let target = Target {
+                client: client.clone(),
+                url: state.url.clone(),
+                authorization: endpoint.authorization.clone(),
+                learn_models: endpoint.learns_models,
+                timeout,
+            };
+            let probe = probe(target, endpoint.probe.clone(), state.resolved.clone());
             ctx.spawn(probe.into_actor(self).map(move |result, this, _| {
                 this.apply(id, result);
             }));
@@ -230,13 +285,28 @@ impl HealthChecker {
 
     fn scrape_all(&mut self, ctx: &mut Context<Self>) {
         let client = self.client();
+        let now = std::time::Instant::now();
         for endpoint in &self.view.table_arc().endpoints {
-            if !endpoint.is_healthy() {
+            let due = self
+                .states
+                .get(&endpoint.id)
+                .is_none_or(|s| s.scrape_due(now));
+            if !endpoint.is_healthy() || !due {
                 continue;
             }
             let id = endpoint.id;
             let scrape = scrape(client.clone(), endpoint.url.clone());
             ctx.spawn(scrape.into_actor(self).map(move |load, this, _| {
+                let found = load.is_some();
+                if let Some(state) = this.states.get_mut(&id) {
+                    state.scraped(found, std::time::Instant::now());
+                    if !found && state.load_backoff_ms == 5_000 {
+                        log::debug!(
+                            "{} has no load gauges on /metrics; reading it less often",
+                            state.url
+                        );
+                    }
+                }
                 let Some(load) = load else {
                     return;
                 };
@@ -268,6 +338,7 @@ impl HealthChecker {
             .ok()
             .map(|d| d.as_millis());
         state.last_result = Some(result.detail);
+        state.resolved = result.resolved;
         if let Some(models) = result.models {
             self.balancer.do_send(ModelsLearned {
                 endpoint: id,
@@ -277,30 +348,170 @@ impl HealthChecker {
     }
 }
 
-async fn probe(client: awc::Client, url: String, learn_models: bool) -> ProbeResult {
-    let health = client.get(format!("{url}/health")).send().await;
-    let (ok, detail) = match health {
-        Ok(response) if response.status().is_success() => (true, "200 OK".to_string()),
-        Ok(response) => (false, format!("status {}", response.status())),
-        Err(e) => (false, e.to_string()),
-    };
-    let mut result = ProbeResult {
+/// Where one probe goes.
+struct Target {
+    client: awc::Client,
+    url: String,
+    authorization: Option<String>,
+    learn_models: bool,
+    timeout: Duration,
+}
+
+/// What one `GET` got: a status and (for `/v1/models`) the model ids, or why there was no answer.
+enum Answer {
+    Status(u16, Option<Vec<String>>),
+    Failed(String),
+}
+
+impl Target {
+    /// `GET {url}{path}`, with no body and no `Content-Length` (some servers log an error for a
+    /// GET that has one); `/v1/models` goes with the endpoint's key and its model ids are read.
+    async fn get(&self, path: &str) -> Answer {
+        let models = path == "/v1/models";
+        let mut request = self.client.get(format!("{}{path}", self.url));
+        if models {
+            if let Some(key) = &self.authorization {
+                request = request.insert_header((awc::http::header::AUTHORIZATION, key.as_str()));
+            }
+        }
+        match request.send_body(awc::body::None::new()).await {
+            Ok(mut response) => {
+                let status = response.status().as_u16();
+                let ids = if models && response.status().is_success() {
+                    response
+                        .json::<ModelList>()
+                        .limit(4 * 1024 * 1024)
+                        .await
+                        .ok()
+                        .map(|list| list.data.into_iter().map(|m| m.id).collect())
+                } else {
+                    None
+                };
+                Answer::Status(status, ids)
+            }
+            Err(e) => Answer::Failed(e.to_string()),
+        }
+    }
+
+    /// Whether a TCP connection to the endpoint opens.
+    async fn connect(&self) -> Result<(), String> {
+        let authority = self
+            .url
+            .parse::<awc::http::Uri>()
+            .ok()
+            .and_then(|uri| {
+                let host = uri.host()?.to_string();
+                Some(format!("{host}:{}", uri.port_u16().unwrap_or(80)))
+            })
+            .ok_or_else(|| format!("no host:port in {}", self.url))?;
+        let connect = actix_rt::net::TcpStream::connect(authority);
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("connect timed out".into()),
+        }
+    }
+}
+
+/// Statuses that say a route is missing rather than the server being unwell.
+fn missing(status: u16) -> bool {
+    status == 404 || status == 405
+}
+
+/// Statuses a live server answers when it is up (if not for this request).
+fn alive(status: u16) -> bool {
+    status < 500 && status != 429
+}
+
+async fn probe(target: Target, kind: Probe, resolved: Option<Resolved>) -> ProbeResult {
+    let verdict = |ok: bool, detail: String, resolved: Option<Resolved>| ProbeResult {
         ok,
         detail,
         models: None,
+        resolved,
     };
-    if ok && learn_models {
-        if let Ok(mut response) = client.get(format!("{url}/v1/models")).send().await {
-            if let Ok(list) = response.json::<ModelList>().limit(4 * 1024 * 1024).await {
-                result.models = Some(list.data.into_iter().map(|m| m.id).collect());
+    let mut result = match kind {
+        Probe::Tcp => match target.connect().await {
+            Ok(()) => verdict(true, "connected".into(), None),
+            Err(e) => verdict(false, e, None),
+        },
+        Probe::Path(path) => match target.get(&path).await {
+            Answer::Status(status, _) if (200..300).contains(&status) => {
+                verdict(true, format!("{path}: {status}"), None)
             }
+            Answer::Status(status, _) => verdict(false, format!("{path}: status {status}"), None),
+            Answer::Failed(e) => verdict(false, format!("{path}: {e}"), None),
+        },
+        Probe::Auto => probe_auto(&target, resolved).await,
+    };
+    if result.models.is_none() && target.learn_models {
+        if let Answer::Status(_, Some(models)) = target.get("/v1/models").await {
+            result.models = Some(models);
         }
     }
     result
 }
 
+/// `/health`; where it is missing, `/v1/models`; where that is missing too, any answer at all.
+/// Starts from what worked last time, so a settled endpoint costs one request a round.
+async fn probe_auto(target: &Target, resolved: Option<Resolved>) -> ProbeResult {
+    let failed = |detail: String| ProbeResult {
+        ok: false,
+        detail,
+        models: None,
+        resolved: resolved.clone(),
+    };
+    if resolved != Some(Resolved::Models) {
+        match target.get("/health").await {
+            Answer::Status(status, _) if (200..300).contains(&status) => {
+                return ProbeResult {
+                    ok: true,
+                    detail: format!("/health: {status}"),
+                    models: None,
+                    resolved: Some(Resolved::Health),
+                }
+            }
+            Answer::Status(status, _)
+                if missing(status) && resolved == Some(Resolved::AnyAnswer) =>
+            {
+                return ProbeResult {
+                    ok: true,
+                    detail: format!("/health: {status}; the server answers"),
+                    models: None,
+                    resolved,
+                }
+            }
+            Answer::Status(status, _) if !missing(status) => {
+                return failed(format!("/health: status {status}"))
+            }
+            Answer::Status(..) => {}
+            Answer::Failed(e) => return failed(format!("/health: {e}")),
+        }
+    }
+    match target.get("/v1/models").await {
+        Answer::Status(status, models) if alive(status) && !missing(status) => ProbeResult {
+            ok: true,
+            detail: format!("/v1/models: {status}"),
+            models,
+            resolved: Some(Resolved::Models),
+        },
+        Answer::Status(status, _) if missing(status) => ProbeResult {
+            ok: true,
+            detail: format!("/health and /v1/models: {status}; the server answers"),
+            models: None,
+            resolved: Some(Resolved::AnyAnswer),
+        },
+        Answer::Status(status, _) => failed(format!("/v1/models: status {status}")),
+        Answer::Failed(e) => failed(format!("/v1/models: {e}")),
+    }
+}
+
 async fn scrape(client: awc::Client, url: String) -> Option<ScrapedLoad> {
-    let mut response = client.get(format!("{url}/metrics")).send().await.ok()?;
+    let mut response = client
+        .get(format!("{url}/metrics"))
+        .send_body(awc::body::None::new())
+        .await
+        .ok()?;
     if !response.status().is_success() {
         return None;
     }
@@ -348,14 +559,14 @@ impl Supervised for HealthChecker {
 /// endpoints were added at runtime, so they take traffic as soon as they answer).
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
-pub struct Probe {
+pub struct ProbeNow {
     pub endpoint: Option<usize>,
 }
 
-impl Handler<Probe> for HealthChecker {
+impl Handler<ProbeNow> for HealthChecker {
     type Result = ();
 
-    fn handle(&mut self, msg: Probe, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: ProbeNow, ctx: &mut Self::Context) {
         self.probe(msg.endpoint, ctx);
     }
 }

@@ -1,7 +1,8 @@
 //! The metrics actor: request counters and HDR histograms (total latency, time to first token,
-//! inter-token gap) overall, per endpoint and per model, a per-second request rate window, and the
-//! Prometheus exposition. Observations arrive fire-and-forget after each request; a full mailbox
-//! drops them (counted) instead of slowing requests down.
+//! inter-token gap) overall, per endpoint and per model, since start and over the last minute, a
+//! per-second request rate window, errors by cause, and the Prometheus exposition (the classic
+//! text format by default, OpenMetrics when asked for). Observations arrive fire-and-forget after
+//! each request; a full mailbox drops them (counted) instead of slowing requests down.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,14 +23,89 @@ use crate::balancer::BalancerView;
 use crate::buffers::{BufferStats, Buffers};
 use crate::clock::SharedClock;
 use crate::pool_supervisor::Admission;
+use crate::retry_budget::RetryBudget;
 use crate::{Fail, GetStats, Stats};
 
 /// Seconds of history behind the requests-per-second figure.
 const RATE_WINDOW_SECS: usize = 10;
 /// Histograms cover 1 µs to one hour at 3 significant digits.
 const HISTOGRAM_MAX_US: u64 = 3_600_000_000;
+/// The recent window: this many slots of [`SLOT_SECS`] (the last minute).
+const SLOTS: usize = 6;
+const SLOT_SECS: u64 = 10;
 /// Mailbox size; beyond it observations are dropped and counted.
 const MAILBOX: usize = 65_536;
+
+/// Why a request did not get a good answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// The request was refused as the client's mistake (a 4xx), by the gateway or the backend.
+    ClientError,
+    /// The gateway was at capacity (pool and queue, connections, body buffer): 503.
+    Overload,
+    /// No healthy backend serves the model: 503.
+    NoBackend,
+    /// No backend answered in time, or the request's deadline passed: 504.
+    Timeout,
+    /// No backend could be reached: 502.
+    Unreachable,
+    /// A backend answered garbage, or its answer broke off mid-way.
+    BadResponse,
+    /// A backend's own 5xx or 429, passed on.
+    Backend,
+    /// The client went away, or stopped reading and was cut off.
+    Cancelled,
+    /// The gateway failed itself.
+    Internal,
+}
+
+impl Cause {
+    const ALL: [Cause; 9] = [
+        Cause::ClientError,
+        Cause::Overload,
+        Cause::NoBackend,
+        Cause::Timeout,
+        Cause::Unreachable,
+        Cause::BadResponse,
+        Cause::Backend,
+        Cause::Cancelled,
+        Cause::Internal,
+    ];
+
+    /// Whether it is the gateway's or a backend's failure (what the error rate counts), rather
+    /// than the client's doing.
+    pub fn is_failure(self) -> bool {
+        !matches!(self, Cause::ClientError | Cause::Cancelled)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cause::ClientError => "client_error",
+            Cause::Overload => "overload",
+            Cause::NoBackend => "no_backend",
+            Cause::Timeout => "timeout",
+            Cause::Unreachable => "unreachable",
+            Cause::BadResponse => "bad_response",
+            Cause::Backend => "backend",
+            Cause::Cancelled => "cancelled",
+            Cause::Internal => "internal",
+        }
+    }
+
+    /// The cause of an answer a backend gave, by its status.
+    pub fn of_status(status: u16) -> Option<Cause> {
+        match status {
+            0..=399 => None,
+            429 | 500.. => Some(Cause::Backend),
+            _ => Some(Cause::ClientError),
+        }
+    }
+}
 
 /// What happened to one request, as the metrics actor records it.
 #[derive(Message, Debug, Clone)]
@@ -40,14 +116,14 @@ pub struct Observe {
     /// The requested model, or `None` when the request never named a servable one.
     pub model: Option<String>,
     pub status: u16,
+    /// Why it failed, if it did.
+    pub cause: Option<Cause>,
     pub latency: Duration,
-    /// Time until the first body chunk came back (the first token, for a stream).
+    /// Time until the first token of a stream (OpenTelemetry's TTFT: streams only).
     pub ttft: Option<Duration>,
     /// Mean gap between body chunks after the first, for a stream.
     pub inter_token: Option<Duration>,
     pub cache_hit: bool,
-    /// The client went away before the response ended.
-    pub cancelled: bool,
 }
 
 /// A thread's batch of observations.
@@ -55,10 +131,13 @@ pub struct Observe {
 #[rtype(result = "()")]
 pub struct Observations(pub Vec<Observe>);
 
-/// Renders the Prometheus text exposition.
+/// The Prometheus exposition, in the format the scraper asked for.
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "String")]
-pub struct RenderPrometheus;
+pub struct RenderPrometheus {
+    /// OpenMetrics 1.0 (`application/openmetrics-text`) rather than the classic text format.
+    pub openmetrics: bool,
+}
 
 /// Sends observations without waiting and counts the ones a full mailbox refused.
 #[derive(Clone)]
@@ -88,16 +167,75 @@ impl MetricsHandle {
 
 // ===== Series =====
 
+/// Counts by cause.
+#[derive(Clone, Copy, Default, PartialEq, Debug)]
+struct Causes([u64; Cause::ALL.len()]);
+
+impl Causes {
+    fn add(&mut self, cause: Cause) {
+        self.0[cause.index()] += 1;
+    }
+
+    fn failures(&self) -> u64 {
+        Cause::ALL
+            .iter()
+            .filter(|c| c.is_failure())
+            .map(|c| self.0[c.index()])
+            .sum()
+    }
+
+    fn get(&self, cause: Cause) -> u64 {
+        self.0[cause.index()]
+    }
+
+    /// The non-zero counts, by cause name.
+    fn named(&self) -> HashMap<&'static str, u64> {
+        Cause::ALL
+            .iter()
+            .filter(|c| self.get(**c) > 0)
+            .map(|c| (c.name(), self.get(*c)))
+            .collect()
+    }
+}
+
+/// One slot of the recent window.
+struct Slot {
+    /// Which ten seconds since the series began this slot holds.
+    epoch: u64,
+    requests: u64,
+    causes: Causes,
+    latency: Histogram<u32>,
+    ttft: Histogram<u32>,
+}
+
+impl Slot {
+    fn new() -> Self {
+        let histogram = || {
+            Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 2)
+                .expect("constant histogram bounds are valid")
+        };
+        Self {
+            epoch: u64::MAX,
+            requests: 0,
+            causes: Causes::default(),
+            latency: histogram(),
+            ttft: histogram(),
+        }
+    }
+}
+
 /// Counters and histograms for one slice of traffic (all, one endpoint, one model).
 struct Series {
     requests: u64,
-    errors: u64,
-    cancelled: u64,
+    causes: Causes,
     cache_hits: u64,
     latency: Histogram<u64>,
     ttft: Histogram<u64>,
     inter_token: Histogram<u64>,
     rate: RateWindow,
+    /// The last minute, in slots that are reused as time moves on.
+    recent: Vec<Slot>,
+    origin: Option<Instant>,
 }
 
 impl Series {
@@ -108,23 +246,28 @@ impl Series {
         };
         Self {
             requests: 0,
-            errors: 0,
-            cancelled: 0,
+            causes: Causes::default(),
             cache_hits: 0,
             latency: histogram(),
             ttft: histogram(),
             inter_token: histogram(),
             rate: RateWindow::default(),
+            recent: (0..SLOTS).map(|_| Slot::new()).collect(),
+            origin: None,
         }
+    }
+
+    fn epoch(&mut self, now: Instant) -> u64 {
+        let origin = *self.origin.get_or_insert(now);
+        now.saturating_duration_since(origin).as_secs() / SLOT_SECS
     }
 
     fn record(&mut self, o: &Observe, now: Instant) {
         self.requests += 1;
         self.rate.add(now);
-        if o.status >= 400 && !o.cancelled {
-            self.errors += 1;
+        if let Some(cause) = o.cause {
+            self.causes.add(cause);
         }
-        self.cancelled += u64::from(o.cancelled);
         self.cache_hits += u64::from(o.cache_hit);
         self.latency.saturating_record(micros(o.latency));
         if let Some(ttft) = o.ttft {
@@ -133,24 +276,85 @@ impl Series {
         if let Some(gap) = o.inter_token {
             self.inter_token.saturating_record(micros(gap));
         }
+        let epoch = self.epoch(now);
+        let slot = &mut self.recent[(epoch % SLOTS as u64) as usize];
+        if slot.epoch != epoch {
+            slot.epoch = epoch;
+            slot.requests = 0;
+            slot.causes = Causes::default();
+            slot.latency.reset();
+            slot.ttft.reset();
+        }
+        slot.requests += 1;
+        if let Some(cause) = o.cause {
+            slot.causes.add(cause);
+        }
+        slot.latency.saturating_record(micros(o.latency));
+        if let Some(ttft) = o.ttft {
+            slot.ttft.saturating_record(micros(ttft));
+        }
     }
 
-    fn stats(&self, now: Instant) -> SeriesStats {
+    fn stats(&mut self, now: Instant) -> SeriesStats {
+        let epoch = self.epoch(now);
+        let mut recent = RecentStats {
+            seconds: SLOTS as u64 * SLOT_SECS,
+            requests: 0,
+            errors: 0,
+            error_rate: 0.0,
+            by_cause: HashMap::new(),
+            latency_ms: None,
+            ttft_ms: None,
+        };
+        let mut causes = Causes::default();
+        let mut latency: Option<Histogram<u32>> = None;
+        let mut ttft: Option<Histogram<u32>> = None;
+        for slot in self
+            .recent
+            .iter()
+            .filter(|s| s.epoch <= epoch && epoch - s.epoch < SLOTS as u64)
+        {
+            recent.requests += slot.requests;
+            for cause in Cause::ALL {
+                causes.0[cause.index()] += slot.causes.get(cause);
+            }
+            for (merged, histogram) in [(&mut latency, &slot.latency), (&mut ttft, &slot.ttft)] {
+                match merged {
+                    Some(m) => {
+                        let _ = m.add(histogram);
+                    }
+                    None => *merged = Some(histogram.clone()),
+                }
+            }
+        }
+        recent.errors = causes.failures();
+        recent.error_rate = ratio(recent.errors, recent.requests);
+        recent.by_cause = causes.named();
+        recent.latency_ms = latency.as_ref().and_then(Summary::of);
+        recent.ttft_ms = ttft.as_ref().and_then(Summary::of);
+        let errors = self.causes.failures();
         SeriesStats {
             requests: self.requests,
-            errors: self.errors,
-            error_rate: if self.requests == 0 {
-                0.0
-            } else {
-                self.errors as f64 / self.requests as f64
-            },
-            cancelled: self.cancelled,
+            errors,
+            error_rate: ratio(errors, self.requests),
+            client_errors: self.causes.get(Cause::ClientError),
+            cancelled: self.causes.get(Cause::Cancelled),
+            by_cause: self.causes.named(),
             cache_hits: self.cache_hits,
             rps: self.rate.per_second(now),
             latency_ms: Summary::of(&self.latency),
             ttft_ms: Summary::of(&self.ttft),
             inter_token_ms: Summary::of(&self.inter_token),
+            last_minute: recent,
         }
+    }
+}
+
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
     }
 }
 
@@ -212,7 +416,7 @@ pub struct Summary {
 }
 
 impl Summary {
-    fn of(h: &Histogram<u64>) -> Option<Self> {
+    fn of<T: hdrhistogram::Counter>(h: &Histogram<T>) -> Option<Self> {
         if h.is_empty() {
             return None;
         }
@@ -232,14 +436,30 @@ impl Summary {
 #[derive(Serialize)]
 struct SeriesStats {
     requests: u64,
+    /// The gateway's and backends' failures (everything but client errors and cancellations).
     errors: u64,
     error_rate: f64,
+    client_errors: u64,
     cancelled: u64,
+    by_cause: HashMap<&'static str, u64>,
     cache_hits: u64,
     rps: f64,
     latency_ms: Option<Summary>,
     ttft_ms: Option<Summary>,
     inter_token_ms: Option<Summary>,
+    last_minute: RecentStats,
+}
+
+/// The same figures over the last minute only (since start, a p99 says little about now).
+#[derive(Serialize)]
+struct RecentStats {
+    seconds: u64,
+    requests: u64,
+    errors: u64,
+    error_rate: f64,
+    by_cause: HashMap<&'static str, u64>,
+    latency_ms: Option<Summary>,
+    ttft_ms: Option<Summary>,
 }
 
 // ===== Prometheus =====
@@ -262,21 +482,9 @@ struct EndpointLabels {
     endpoint: String,
 }
 
-struct Exposition {
-    registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    latency: Family<RouteLabels, PromHistogram>,
-    ttft: Family<RouteLabels, PromHistogram>,
-    inter_token: Family<RouteLabels, PromHistogram>,
-    pool_size: Gauge,
-    pool_busy: Gauge,
-    pool_queued: Gauge,
-    pool_refused: Gauge,
-    endpoint_weight: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
-    endpoint_in_flight: Family<EndpointLabels, Gauge>,
-    endpoint_healthy: Family<EndpointLabels, Gauge>,
-    dropped: Gauge,
-    buffered: Family<BufferLabels, Gauge>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -284,14 +492,41 @@ struct BufferLabels {
     buffer: &'static str,
 }
 
+/// Latency buckets, in seconds: 1 ms doubling to 524 s, and the default request timeout (600 s).
+fn latency_buckets() -> Vec<f64> {
+    exponential_buckets(0.001, 2.0, 20).chain([600.0]).collect()
+}
+
+struct Exposition {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    errors: Family<CauseLabels, Counter>,
+    latency: Family<RouteLabels, PromHistogram>,
+    ttft: Family<RouteLabels, PromHistogram>,
+    inter_token: Family<RouteLabels, PromHistogram>,
+    pool_size: Gauge,
+    pool_busy: Gauge,
+    pool_queued: Gauge,
+    pool_refused: Counter,
+    retries: Counter,
+    retries_denied: Counter,
+    endpoint_weight: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
+    endpoint_in_flight: Family<EndpointLabels, Gauge>,
+    endpoint_healthy: Family<EndpointLabels, Gauge>,
+    endpoint_ejections: Family<EndpointLabels, Counter>,
+    dropped: Counter,
+    buffered: Family<BufferLabels, Gauge>,
+}
+
 impl Exposition {
     fn new() -> Self {
         let seconds = || -> Family<RouteLabels, PromHistogram> {
-            Family::new_with_constructor(|| PromHistogram::new(exponential_buckets(0.001, 2.0, 18)))
+            Family::new_with_constructor(|| PromHistogram::new(latency_buckets()))
         };
         let mut e = Self {
             registry: Registry::with_prefix("nanogate"),
             requests: Family::default(),
+            errors: Family::default(),
             latency: seconds(),
             ttft: seconds(),
             inter_token: Family::new_with_constructor(|| {
@@ -300,11 +535,14 @@ impl Exposition {
             pool_size: Gauge::default(),
             pool_busy: Gauge::default(),
             pool_queued: Gauge::default(),
-            pool_refused: Gauge::default(),
+            pool_refused: Counter::default(),
+            retries: Counter::default(),
+            retries_denied: Counter::default(),
             endpoint_weight: Family::default(),
             endpoint_in_flight: Family::default(),
             endpoint_healthy: Family::default(),
-            dropped: Gauge::default(),
+            endpoint_ejections: Family::default(),
+            dropped: Counter::default(),
             buffered: Family::default(),
         };
         let r = &mut e.registry;
@@ -314,13 +552,18 @@ impl Exposition {
             e.requests.clone(),
         );
         r.register(
+            "request_errors",
+            "Requests that failed, by cause (client_error and cancelled are the client's doing)",
+            e.errors.clone(),
+        );
+        r.register(
             "request_duration_seconds",
             "Total request latency",
             e.latency.clone(),
         );
         r.register(
             "time_to_first_token_seconds",
-            "Time to the first response chunk",
+            "Time to the first token of a streamed answer",
             e.ttft.clone(),
         );
         r.register(
@@ -345,8 +588,18 @@ impl Exposition {
         );
         r.register(
             "pool_refused",
-            "Requests refused for overload since start",
+            "Requests refused for overload",
             e.pool_refused.clone(),
+        );
+        r.register(
+            "retries",
+            "Requests retried on another backend",
+            e.retries.clone(),
+        );
+        r.register(
+            "retries_denied",
+            "Retries the retry budget refused",
+            e.retries_denied.clone(),
         );
         r.register(
             "endpoint_weight",
@@ -364,6 +617,11 @@ impl Exposition {
             e.endpoint_healthy.clone(),
         );
         r.register(
+            "endpoint_ejections",
+            "Times live failures ejected the endpoint",
+            e.endpoint_ejections.clone(),
+        );
+        r.register(
             "buffered_bytes",
             "Bytes held for requests in flight: request bodies, cache fills, relay channels",
             e.buffered.clone(),
@@ -377,6 +635,44 @@ impl Exposition {
     }
 }
 
+/// Sets a counter kept elsewhere (an atomic) to its current value.
+fn sync_counter(counter: &Counter, value: u64) {
+    let known = counter.get();
+    if value > known {
+        counter.inc_by(value - known);
+    }
+}
+
+/// The classic Prometheus text format (0.0.4) from prometheus-client's OpenMetrics text: a
+/// counter's `# HELP`/`# TYPE` name the `_total` samples, and OpenMetrics-only lines (`# UNIT`,
+/// `# EOF`) go. Scrapers that do not ask for OpenMetrics (promtool, the Python client's text
+/// parser, most tools) read this one.
+fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => text.push_str(&line),
+            None => text.push_str(line),
+        }
+        text.push('\n');
+    }
+    text
+}
+
 // ===== Metrics =====
 
 pub struct Metrics {
@@ -384,6 +680,7 @@ pub struct Metrics {
     view: BalancerView,
     admission: Admission,
     buffers: Arc<Buffers>,
+    retry_budget: Arc<RetryBudget>,
     dropped: Arc<AtomicU64>,
     overall: Series,
     endpoints: HashMap<usize, Series>,
@@ -399,12 +696,14 @@ impl Metrics {
         view: BalancerView,
         admission: Admission,
         buffers: Arc<Buffers>,
+        retry_budget: Arc<RetryBudget>,
     ) -> Self {
         Self {
             clock,
             view,
             admission,
             buffers,
+            retry_budget,
             dropped: Arc::new(AtomicU64::new(0)),
             overall: Series::new(),
             endpoints: HashMap::new(),
@@ -468,9 +767,19 @@ impl Handler<Observations> for Metrics {
     }
 }
 
+/// The label of a model nobody is known to serve: such names come from clients, and must not
+/// grow the number of series without bound.
+const OTHER_MODEL: &str = "other";
+
 impl Metrics {
-    fn record(&mut self, o: Observe) {
+    fn record(&mut self, mut o: Observe) {
         let now = self.clock.now();
+        if o.model
+            .as_deref()
+            .is_some_and(|m| !self.view.table().serves(m))
+        {
+            o.model = Some(OTHER_MODEL.to_string());
+        }
         self.overall.record(&o, now);
         if let Some(id) = o.endpoint {
             self.endpoints
@@ -488,6 +797,14 @@ impl Metrics {
                 }
             }
         }
+        if let Some(cause) = o.cause {
+            self.exposition
+                .errors
+                .get_or_create(&CauseLabels {
+                    cause: cause.name(),
+                })
+                .inc();
+        }
         let metrics = self.route_metrics(&o);
         metrics.requests.inc();
         metrics.latency.observe(o.latency.as_secs_f64());
@@ -498,7 +815,6 @@ impl Metrics {
             metrics.inter_token.observe(gap.as_secs_f64());
         }
     }
-
     /// The Prometheus series of an observation's labels, looked up once per label set: building
     /// label strings and hashing them for every request would cost more than the recording.
     fn route_metrics(&mut self, o: &Observe) -> &RouteMetrics {
@@ -546,13 +862,16 @@ struct RouteMetrics {
 impl Handler<RenderPrometheus> for Metrics {
     type Result = String;
 
-    fn handle(&mut self, _msg: RenderPrometheus, _ctx: &mut Self::Context) -> String {
+    fn handle(&mut self, msg: RenderPrometheus, _ctx: &mut Self::Context) -> String {
         let e = &self.exposition;
         e.pool_size.set(self.admission.capacity() as i64);
         e.pool_busy.set(self.admission.busy() as i64);
         e.pool_queued.set(self.admission.queued() as i64);
-        e.pool_refused.set(self.admission.refused() as i64);
-        e.dropped.set(self.dropped.load(Ordering::Relaxed) as i64);
+        sync_counter(&e.pool_refused, self.admission.refused());
+        sync_counter(&e.dropped, self.dropped.load(Ordering::Relaxed));
+        let budget = self.retry_budget.stats();
+        sync_counter(&e.retries, budget.retries);
+        sync_counter(&e.retries_denied, budget.denied);
         let buffers = self.buffers.stats();
         for (buffer, bytes) in [
             ("request_bodies", buffers.request_bodies.bytes as i64),
@@ -576,12 +895,20 @@ impl Handler<RenderPrometheus> for Metrics {
             e.endpoint_healthy
                 .get_or_create(&labels)
                 .set(i64::from(endpoint.is_healthy()));
+            sync_counter(
+                &e.endpoint_ejections.get_or_create(&labels),
+                endpoint.ejections(),
+            );
         }
         let mut text = String::new();
         if encode(&mut text, &e.registry).is_err() {
             log::error!("prometheus encoding failed");
         }
-        text
+        if msg.openmetrics {
+            text
+        } else {
+            classic_text(&text)
+        }
     }
 }
 
@@ -599,16 +926,21 @@ impl Handler<GetStats> for Metrics {
 
     fn handle(&mut self, _msg: GetStats, _ctx: &mut Self::Context) -> Stats {
         let now = self.clock.now();
+        let names: HashMap<usize, String> = self
+            .endpoints
+            .keys()
+            .map(|&id| (id, self.endpoint_name(Some(id), false)))
+            .collect();
         let stats = MetricsStats {
             overall: self.overall.stats(now),
             endpoints: self
                 .endpoints
-                .iter()
-                .map(|(&id, s)| (self.endpoint_name(Some(id), false), s.stats(now)))
+                .iter_mut()
+                .map(|(id, s)| (names[id].clone(), s.stats(now)))
                 .collect(),
             models: self
                 .models
-                .iter()
+                .iter_mut()
                 .map(|(m, s)| (m.clone(), s.stats(now)))
                 .collect(),
             dropped_observations: self.dropped.load(Ordering::Relaxed),
@@ -648,30 +980,74 @@ mod tests {
         assert_eq!(w.per_second(clock.now()), 0.0);
     }
 
-    #[test]
-    fn series_counts_errors_but_not_cancellations() {
-        let mut s = Series::new();
-        let now = Instant::now();
-        let observe = |status, cancelled| Observe {
+    fn observe(status: u16, cause: Option<Cause>, ms: u64) -> Observe {
+        Observe {
             endpoint: Some(0),
             model: Some("m".into()),
             status,
-            latency: Duration::from_millis(10),
+            cause,
+            latency: Duration::from_millis(ms),
             ttft: Some(Duration::from_millis(2)),
             inter_token: None,
             cache_hit: false,
-            cancelled,
-        };
-        s.record(&observe(200, false), now);
-        s.record(&observe(502, false), now);
-        s.record(&observe(499, true), now);
+        }
+    }
+
+    #[test]
+    fn series_counts_failures_apart_from_client_errors_and_cancellations() {
+        let mut s = Series::new();
+        let now = Instant::now();
+        s.record(&observe(200, None, 10), now);
+        s.record(&observe(502, Some(Cause::Unreachable), 10), now);
+        s.record(&observe(499, Some(Cause::Cancelled), 10), now);
+        s.record(&observe(400, Some(Cause::ClientError), 10), now);
         let stats = s.stats(now);
-        assert_eq!(stats.requests, 3);
-        assert_eq!(stats.errors, 1);
-        assert_eq!(stats.cancelled, 1);
+        assert_eq!(stats.requests, 4);
+        assert_eq!(
+            (stats.errors, stats.client_errors, stats.cancelled),
+            (1, 1, 1)
+        );
+        assert_eq!(stats.by_cause["unreachable"], 1);
         let latency = stats.latency_ms.unwrap();
-        assert_eq!(latency.count, 3);
+        assert_eq!(latency.count, 4);
         assert!((latency.p50 - 10.0).abs() < 0.01);
         assert!((stats.ttft_ms.unwrap().max - 2.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn the_recent_window_forgets_what_is_older_than_a_minute() {
+        let clock = ManualClock::default();
+        let mut s = Series::new();
+        for _ in 0..5 {
+            s.record(&observe(200, None, 900), clock.now());
+        }
+        clock.advance(Duration::from_secs(45));
+        s.record(&observe(503, Some(Cause::Overload), 5), clock.now());
+        let stats = s.stats(clock.now());
+        assert_eq!(stats.last_minute.requests, 6);
+        clock.advance(Duration::from_secs(30));
+        s.record(&observe(200, None, 5), clock.now());
+        let stats = s.stats(clock.now());
+        assert_eq!(stats.requests, 7, "totals keep everything");
+        assert_eq!(
+            stats.last_minute.requests, 2,
+            "the first five are over a minute old"
+        );
+        assert_eq!(stats.last_minute.errors, 1);
+        assert!(stats.last_minute.latency_ms.unwrap().max < 10.0);
+        assert!(stats.latency_ms.unwrap().max > 800.0);
+    }
+
+    #[test]
+    fn the_classic_format_names_counters_by_their_samples_and_drops_openmetrics_lines() {
+        let openmetrics = "# HELP nanogate_requests Requests.\n# TYPE nanogate_requests counter\n\
+            nanogate_requests_total{status=\"200\"} 3\n# HELP nanogate_pool_busy Busy.\n\
+            # TYPE nanogate_pool_busy gauge\nnanogate_pool_busy 1\n# UNIT x seconds\n# EOF\n";
+        assert_eq!(
+            classic_text(openmetrics),
+            "# HELP nanogate_requests_total Requests.\n# TYPE nanogate_requests_total counter\n\
+             nanogate_requests_total{status=\"200\"} 3\n# HELP nanogate_pool_busy Busy.\n\
+             # TYPE nanogate_pool_busy gauge\nnanogate_pool_busy 1\n"
+        );
     }
 }

@@ -101,7 +101,9 @@ impl<Io> UpstreamIo<Io> {
 
 /// Where a response head ends (just past its blank line), if it is complete.
 fn head_end(bytes: &[u8]) -> Option<usize> {
-    memchr::memmem::find(bytes, b"\r\n\r\n").map(|i| i + 4)
+    memchr::memchr_iter(b'\n', bytes)
+        .find(|&i| i >= 3 && &bytes[i - 3..=i] == b"\r\n\r\n")
+        .map(|i| i + 1)
 }
 
 /// Whether an HTTP/1.1 head announces a body that ends when the connection closes: a status
@@ -121,10 +123,15 @@ pub fn close_delimited(head: &[u8], head_request: bool) -> bool {
     let has = |line: &[u8], name: &[u8]| {
         line.len() > name.len() && line[..name.len()].eq_ignore_ascii_case(name)
     };
-    !head
-        .split(|b| *b == b'\n')
-        .skip(1)
-        .any(|line| has(line, b"content-length:") || has(line, b"transfer-encoding:"))
+    // Each header line starts just after a line feed: look only at those starts.
+    !memchr::memchr_iter(b'\n', head).any(|end| {
+        let line = &head[end + 1..];
+        match line.first() {
+            Some(b'c' | b'C') => has(line, b"content-length:"),
+            Some(b't' | b'T') => has(line, b"transfer-encoding:"),
+            _ => false,
+        }
+    })
 }
 
 impl<Io: AsyncRead + Unpin> AsyncRead for UpstreamIo<Io> {

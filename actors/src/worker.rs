@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use awc::error::SendRequestError;
-use awc::http::header::{self, HeaderValue};
+use awc::http::header::{self, HeaderName, HeaderValue};
 use awc::http::Method;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ use crate::endpoint::{Bits, Endpoint, PickRequest};
 use crate::error::ForwardError;
 use crate::exchange::{
     content_length, is_backend_failure, read_whole, relay, relay_channel, report_whole, Exchange,
-    ExchangeBody, Held, RelayLimits, INLINE_BODY_MAX,
+    ExchangeBody, Held, RelayLimits, StreamEnd, INLINE_BODY_MAX,
 };
 use crate::pool_supervisor::{Admission, Permit};
 use crate::report::{Reporters, ThreadReports};
@@ -83,18 +83,25 @@ pub struct UpstreamRequest {
     /// Path and query, e.g. `/v1/chat/completions` (static for the OpenAI routes).
     pub path: Cow<'static, str>,
     pub body: Bytes,
-    pub content_type: Option<HeaderValue>,
-    /// The client's own `Authorization`, passed on when the endpoint has no key of its own.
-    pub authorization: Option<HeaderValue>,
+    /// The client's end-to-end headers as they go upstream (the ingress has removed hop-by-hop
+    /// and the gateway's own headers and added `X-Forwarded-For`, `Forwarded` and
+    /// `X-Request-Id`); `Authorization` is replaced by the endpoint's key where it has one.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The request's id (`X-Request-Id`), for the logs.
+    pub request_id: HeaderValue,
     pub model: String,
-    /// Whether a 2xx answer must be JSON or SSE (the OpenAI routes); other paths pass through.
+    /// Whether a 2xx answer must be JSON or SSE (the API routes); other paths pass through.
     pub openai_route: bool,
+    /// How a successful stream of this route ends.
+    pub stream_end: StreamEnd,
     /// Hash of the affinity key (session, user, or prompt prefix).
     pub affinity: Option<u64>,
     /// When the whole request must be done: the client's deadline or `request_timeout_ms`.
     pub deadline: Instant,
     /// The time the deadline allowed (for error messages).
     pub budget: Duration,
+    /// The client's limit on each read (the head, each next chunk), when it set one.
+    pub read_timeout: Option<Duration>,
 }
 
 // ===== WorkerPool =====
@@ -250,10 +257,15 @@ impl Handler<Forward> for Worker {
                 permit,
                 mut head,
             } = msg;
+            let own_idle = Duration::from_millis(shared.settings.idle_timeout_ms);
             let limits = RelayLimits {
-                idle: Duration::from_millis(shared.settings.idle_timeout_ms),
+                idle: request
+                    .read_timeout
+                    .map_or(own_idle, |read| read.min(own_idle)),
+                idle_is_clients: request.read_timeout.is_some_and(|read| read < own_idle),
                 deadline: request.deadline,
                 client_stall: shared.client_stall,
+                stream_end: request.stream_end,
             };
             let connected = tokio::select! {
                 answer = connect(&shared, request, permit, limits) => answer,
@@ -275,6 +287,7 @@ impl Handler<Forward> for Worker {
                 status: response.status(),
                 headers: response.headers().clone(),
                 endpoint: held.in_flight.endpoint().id,
+                endpoint_header: held.in_flight.endpoint().id_header.clone(),
                 body,
             };
             if let Some(whole) = whole {
@@ -340,6 +353,15 @@ async fn connect(
         attempt < attempts && table.has_alternative(pick) && budget.try_retry()
     };
     let mut last_error = None;
+    // A backend's own refusal (5xx or 429) whose outcome waits for the next attempt: the same
+    // status from another backend for the same request says the failure follows the request
+    // (a prompt every backend rejects), not the backend, and neither counts towards ejection.
+    let mut refused: Option<(usize, u16)> = None;
+    let count_refusal = |refused: &mut Option<(usize, u16)>| {
+        if let Some((endpoint, _)) = refused.take() {
+            shared.reports.outcome(endpoint, false, None);
+        }
+    };
     // Servers close idle keep-alive connections on their own schedule, and the pool may hand out
     // one that was just closed: the first transport failure of a request is retried once on a
     // fresh connection, outside the attempt limit and the budget (nothing reached the backend's
@@ -352,17 +374,25 @@ async fn connect(
         };
         pick.exclude.insert(slot);
         let left = request.deadline.saturating_duration_since(Instant::now());
-        let first_byte = Duration::from_millis(shared.settings.first_byte_timeout_ms).min(left);
+        let own_first_byte = Duration::from_millis(shared.settings.first_byte_timeout_ms);
+        let clients = request.read_timeout.map_or(left, |read| read.min(left));
+        let first_byte = own_first_byte.min(clients);
         if first_byte.is_zero() {
+            count_refusal(&mut refused);
             return Err(ForwardError::DeadlinePassed {
                 budget: request.budget,
             });
         }
         let in_flight = endpoint.begin();
         let started = Instant::now();
-        let sent = upstream_request(shared, &request, endpoint, first_byte)
-            .send_body(request.body.clone())
-            .await;
+        let upstream = upstream_request(shared, &request, endpoint, first_byte);
+        let sent = if request.body.is_empty()
+            && !matches!(request.method, Method::POST | Method::PUT | Method::PATCH)
+        {
+            upstream.send_body(awc::body::None::new()).await
+        } else {
+            upstream.send_body(request.body.clone()).await
+        };
         let transport_failure = matches!(
             sent,
             Err(SendRequestError::Connect(_)
@@ -379,27 +409,63 @@ async fn connect(
             reason,
         };
         let (error, retry) = match sent {
-            Ok(response) => match judge(response, request.openai_route, limits, || {
-                may_retry(attempt, &pick)
-            })
-            .await
-            {
-                Judged::Usable(response, body) => {
-                    return Ok(Connected {
-                        response,
-                        body,
-                        held: Held {
-                            in_flight,
-                            _permit: permit,
-                            reports: shared.reports.clone(),
-                            model: request.model,
-                        },
-                        started,
-                    });
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let follows_request = is_backend_failure(status)
+                    && refused.is_some_and(|(other, s)| s == status && other != endpoint.id);
+                match judge(response, request.openai_route, limits, || {
+                    !follows_request && may_retry(attempt, &pick)
+                })
+                .await
+                {
+                    Judged::Usable(response, body) => {
+                        if follows_request {
+                            log::info!(
+                                "request {:?}: two backends answered {status}; passing it on, counting neither",
+                                request.request_id
+                            );
+                        } else {
+                            count_refusal(&mut refused);
+                        }
+                        return Ok(Connected {
+                            response,
+                            body,
+                            held: Held {
+                                in_flight,
+                                _permit: permit,
+                                reports: shared.reports.clone(),
+                                model: request.model,
+                                counts: !follows_request,
+                            },
+                            started,
+                        });
+                    }
+                    Judged::Retry(status) => {
+                        log::warn!(
+                            "request {:?}: {} answered {status}; trying another backend",
+                            request.request_id,
+                            endpoint.url
+                        );
+                        count_refusal(&mut refused);
+                        refused = Some((endpoint.id, status.as_u16()));
+                        attempt += 1;
+                        continue;
+                    }
+                    Judged::Unusable(reason) => (bad(reason), may_retry(attempt, &pick)),
                 }
-                Judged::Retry(status) => (bad(format!("answered {status}")), true),
-                Judged::Unusable(reason) => (bad(reason), may_retry(attempt, &pick)),
-            },
+            }
+            // The client's own limit ran out (its deadline or read timeout): it would not wait
+            // any longer, and the backend was not necessarily at fault, so it is not counted.
+            Err(SendRequestError::Timeout) if first_byte < own_first_byte => {
+                count_refusal(&mut refused);
+                return Err(ForwardError::DeadlinePassed {
+                    budget: if first_byte == left {
+                        request.budget
+                    } else {
+                        first_byte
+                    },
+                });
+            }
             Err(SendRequestError::Timeout) => (
                 ForwardError::Timeout {
                     endpoint: endpoint.id,
@@ -416,7 +482,12 @@ async fn connect(
             ),
             Err(e) => (bad(e.to_string()), may_retry(attempt, &pick)),
         };
-        log::warn!("{}: {error}", endpoint.url);
+        log::warn!(
+            "request {:?}: {}: {error}",
+            request.request_id,
+            endpoint.url
+        );
+        count_refusal(&mut refused);
         shared.reports.outcome(endpoint.id, false, None);
         last_error = Some(error);
         if !retry {
@@ -424,13 +495,14 @@ async fn connect(
         }
         attempt += 1;
     }
+    count_refusal(&mut refused);
     Err(last_error.unwrap_or(ForwardError::NoBackend {
         model: request.model,
     }))
 }
 
-/// The request to one endpoint: the client's body and content type, and the endpoint's own key
-/// (or else the client's) as authorization.
+/// The request to one endpoint: the client's body and end-to-end headers, and the endpoint's own
+/// key (or else the client's) as authorization.
 fn upstream_request(
     shared: &WorkerShared,
     request: &UpstreamRequest,
@@ -444,16 +516,16 @@ fn upstream_request(
             format!("{}{}", endpoint.url, request.path),
         )
         .timeout(first_byte);
-    if let Some(content_type) = &request.content_type {
-        upstream = upstream.insert_header((header::CONTENT_TYPE, content_type.clone()));
+    let headers = upstream.headers_mut();
+    for (name, value) in &request.headers {
+        headers.append(name.clone(), value.clone());
     }
-    match (&endpoint.authorization, &request.authorization) {
-        (Some(key), _) => upstream.insert_header((header::AUTHORIZATION, key.as_str())),
-        (None, Some(client_key)) => {
-            upstream.insert_header((header::AUTHORIZATION, client_key.clone()))
+    if let Some(key) = &endpoint.authorization {
+        if let Ok(key) = HeaderValue::from_str(key) {
+            upstream = upstream.insert_header((header::AUTHORIZATION, key));
         }
-        (None, None) => upstream,
     }
+    upstream
 }
 
 /// What a backend's answer is good for.
@@ -462,12 +534,14 @@ enum Judged {
     Usable(awc::ClientResponse, Option<Bytes>),
     /// The backend's own 5xx or 429, and a retry was granted: try another endpoint.
     Retry(awc::http::StatusCode),
-    /// Not an OpenAI answer, or its body broke before the end: never relayed.
+    /// A 2xx that is not an answer of the API (not JSON or SSE), or a body that broke before the
+    /// end: never relayed.
     Unusable(String),
 }
 
-/// Judges an answer. The backend's own refusal (5xx or 429, in JSON) is retried when
-/// `retry_refusal` grants it, and relayed to the client otherwise.
+/// Judges an answer. The backend's own refusal (5xx or 429, whatever its content type) is retried
+/// when `retry_refusal` grants it, and relayed to the client otherwise, body and all: a 502 is
+/// only for a backend that could not be reached or sent garbage with a 2xx.
 async fn judge(
     mut response: awc::ClientResponse,
     openai_route: bool,
@@ -483,7 +557,7 @@ async fn judge(
     let sse = content_type.starts_with("text/event-stream");
     let json = content_type.starts_with("application/json");
     let failed = is_backend_failure(status.as_u16());
-    if openai_route && ((status.is_success() && !(json || sse)) || (failed && !json)) {
+    if openai_route && status.is_success() && !(json || sse) {
         return Judged::Unusable(format!(
             "status {status} with content type '{content_type}'"
         ));

@@ -6,7 +6,7 @@ use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use nanogate_actors::balancer::{AddEndpoint, DrainEndpoint, ListEndpoints, RemoveEndpoint};
 use nanogate_actors::endpoint::EndpointSpec;
-use nanogate_actors::health_checker::Probe;
+use nanogate_actors::health_checker::ProbeNow;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -121,7 +121,7 @@ async fn add(
         .map_err(unavailable)?
     {
         Ok(id) => {
-            state.health.do_send(Probe { endpoint: Some(id) });
+            state.health.do_send(ProbeNow { endpoint: Some(id) });
             Ok(HttpResponse::Created().json(json!({"id": id, "healthy": false})))
         }
         Err(reason) => Err(GatewayError::Conflict(reason)),

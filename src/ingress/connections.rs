@@ -6,9 +6,11 @@
 //! 503 with `Retry-After` and the connection closed. Beyond both, actix stops accepting and new
 //! connections wait in the kernel's backlog, so accept never fails for lack of descriptors.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use actix_web::http::header::HeaderValue;
 use actix_web::http::{header, Method};
 use actix_web::HttpRequest;
 use serde::Serialize;
@@ -31,6 +33,34 @@ pub struct ConnectionSlot {
     limit: Arc<ConnectionLimit>,
     /// Opened beyond `server.max_connections`: only the operator's routes are served on it.
     over_limit: bool,
+    /// What the gateway tells backends about this connection's peer, worked out once.
+    pub peer: Option<PeerHeaders>,
+}
+
+/// `X-Forwarded-For` and `Forwarded` (RFC 7239) values naming a connection's peer.
+#[derive(Debug, Clone)]
+pub struct PeerHeaders {
+    pub ip: IpAddr,
+    pub forwarded_for: HeaderValue,
+    pub forwarded: HeaderValue,
+}
+
+impl PeerHeaders {
+    pub fn new(ip: IpAddr) -> Option<Self> {
+        Some(Self {
+            ip,
+            forwarded_for: HeaderValue::from_str(&ip.to_string()).ok()?,
+            forwarded: HeaderValue::from_str(&Self::forwarded_element(ip)).ok()?,
+        })
+    }
+
+    /// `for=...;proto=http`, an IPv6 address quoted and bracketed as RFC 7239 asks.
+    pub fn forwarded_element(ip: IpAddr) -> String {
+        match ip {
+            IpAddr::V4(ip) => format!("for={ip};proto=http"),
+            IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto=http"),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -54,13 +84,14 @@ impl ConnectionLimit {
         })
     }
 
-    /// Counts a connection that was just accepted.
-    pub fn open(self: &Arc<Self>) -> ConnectionSlot {
+    /// Counts a connection that was just accepted from `peer`.
+    pub fn open(self: &Arc<Self>, peer: Option<IpAddr>) -> ConnectionSlot {
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak.fetch_max(open, Ordering::Relaxed);
         ConnectionSlot {
             limit: self.clone(),
             over_limit: open > self.api_limit,
+            peer: peer.and_then(PeerHeaders::new),
         }
     }
 
@@ -114,15 +145,19 @@ mod tests {
     #[test]
     fn connections_beyond_the_limit_are_marked_and_counted_until_closed() {
         let limit = ConnectionLimit::new(2, 1);
-        let a = limit.open();
-        let b = limit.open();
-        let c = limit.open();
+        let a = limit.open(None);
+        let b = limit.open(None);
+        let c = limit.open(Some("::1".parse().unwrap()));
+        assert_eq!(
+            c.peer.as_ref().unwrap().forwarded,
+            "for=\"[::1]\";proto=http"
+        );
         assert!(!a.over_limit && !b.over_limit && c.over_limit);
         assert_eq!(limit.per_thread(2), 2);
         drop(a);
         drop(c);
         assert_eq!(limit.stats().open, 1);
-        assert!(!limit.open().over_limit);
+        assert!(!limit.open(None).over_limit);
         assert_eq!(limit.stats().peak, 3);
     }
 }

@@ -20,7 +20,7 @@ use nanogate_actors::balancer::{Balancer, BalancerView};
 use nanogate_actors::buffers::ByteBudget;
 use nanogate_actors::cache::Cache;
 use nanogate_actors::health_checker::HealthChecker;
-use nanogate_actors::metrics::{MetricsHandle, Observe};
+use nanogate_actors::metrics::{Cause, MetricsHandle, Observe};
 use nanogate_actors::pool_supervisor::PoolSupervisor;
 
 use crate::config::AffinitySettings;
@@ -52,33 +52,30 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Records a request the gateway answered itself (an error or a cache hit).
+    /// Records a request the gateway answered itself (an error, or a cache hit when `cause` is
+    /// `None`).
     pub fn observe_local(
         &self,
         started: Instant,
         status: u16,
+        cause: Option<Cause>,
         model: Option<String>,
-        cache_hit: bool,
     ) {
         self.metrics.observe(Observe {
             endpoint: None,
             model,
             status,
+            cause,
             latency: started.elapsed(),
             ttft: None,
             inter_token: None,
-            cache_hit,
-            cancelled: false,
+            cache_hit: cause.is_none(),
         });
     }
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    for operation in [
-        Operation::ChatCompletions,
-        Operation::Completions,
-        Operation::Embeddings,
-    ] {
+    for operation in Operation::ALL {
         cfg.service(
             web::resource(operation.path())
                 .app_data(operation)
@@ -87,11 +84,24 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         );
     }
     cfg.route("/v1/models", web::get().to(status::models))
-        .route("/health", web::get().to(status::health))
-        .route("/ready", web::get().to(status::ready))
+        .route("/v1/models/{id:.+}", web::get().to(status::one_model))
+        .service(
+            web::resource("/health")
+                .route(web::get().to(status::health))
+                .route(web::head().to(status::health)),
+        )
+        .service(
+            web::resource("/ready")
+                .route(web::get().to(status::ready))
+                .route(web::head().to(status::ready)),
+        )
         .route("/stats", web::get().to(status::stats))
         .route("/stats/{actor}", web::get().to(status::stats_of))
-        .route("/metrics", web::get().to(status::metrics))
+        .service(
+            web::resource("/metrics")
+                .route(web::get().to(status::metrics))
+                .route(web::head().to(status::metrics)),
+        )
         .configure(admin::routes)
         .service(web::resource("/v1/{rest:.*}").to(proxy::pass_through))
         .default_service(web::to(unknown_route));

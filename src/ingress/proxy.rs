@@ -6,20 +6,20 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use actix_web::body::SizedStream;
-use actix_web::http::header::{self, HeaderName};
-use actix_web::http::{Method, StatusCode};
+use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::http::{ConnectionType, Method, StatusCode, Version};
 use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder, ResponseError};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use nanogate_actors::cache::{CachedResponse, FillGuard, Key, Lookup, LookupResult};
 use nanogate_actors::error::ForwardError;
-use nanogate_actors::exchange::{has_known_length, Exchange, ExchangeBody};
+use nanogate_actors::exchange::{has_known_length, Exchange, ExchangeBody, RelayError, StreamEnd};
 use nanogate_actors::worker::{UpstreamRequest, WorkerPool};
 use sha2::{Digest, Sha256};
 
-use super::connections::admit;
+use super::connections::{admit, ConnectionSlot, PeerHeaders};
 use super::path::normalize_v1;
-use super::request::{classify, read_body, time_budget, Classified, Operation};
+use super::request::{classify, client_timeouts, read_body, Classified, Operation, TIMEOUT_HEADER};
 use super::AppState;
 use crate::error::GatewayError;
 
@@ -27,6 +27,10 @@ use crate::error::GatewayError;
 pub const CACHE_HEADER: &str = "x-nanogate-cache";
 /// Response header naming the endpoint (its id, as in `/stats` and `/admin/endpoints`) that answered.
 pub const ENDPOINT_HEADER: &str = "x-nanogate-endpoint";
+/// The request's id, taken from the client or made up, on every answer and upstream request.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Request headers that make an answer someone's own: a cached answer is shared only between
 /// requests that carry the same values.
@@ -47,6 +51,7 @@ pub async fn pass_through(
     pool: Pool,
 ) -> HttpResponse {
     let started = Instant::now();
+    let request_id = request_id(&req);
     let answer = async {
         admit(&req)?;
         let path = normalize_v1(req.method().as_str(), req.uri().path())?;
@@ -62,12 +67,22 @@ pub async fn pass_through(
             Some(query) => format!("{path}?{query}"),
             None => path,
         };
-        let mut upstream =
-            upstream_request(&req, &state, req.method().clone(), path.into(), body, model);
+        let mut upstream = upstream_request(
+            &req,
+            &state,
+            req.method().clone(),
+            path.into(),
+            body,
+            model,
+            &request_id,
+        );
         upstream.openai_route = false;
-        Ok(relay(pool.forward(upstream).await?))
+        upstream.stream_end = StreamEnd::BodyEnd;
+        Ok(relay(&req, pool.forward(upstream).await?))
     };
-    answer.await.unwrap_or_else(|e| fail(&state, started, e))
+    let mut response = answer.await.unwrap_or_else(|e| fail(&state, started, e));
+    response.headers_mut().insert(REQUEST_ID, request_id);
+    response
 }
 
 /// The OpenAI routes; which one is in the route's data.
@@ -78,21 +93,36 @@ pub async fn openai(
     pool: Pool,
 ) -> HttpResponse {
     let started = Instant::now();
-    let Some(&operation) = req.app_data::<Operation>() else {
-        return fail(
+    let request_id = request_id(&req);
+    let mut response = match req.app_data::<Operation>() {
+        Some(&operation) => serve(
+            operation,
+            &req,
+            payload,
+            &state,
+            &pool,
+            started,
+            &request_id,
+        )
+        .await
+        .unwrap_or_else(|e| fail(&state, started, e)),
+        None => fail(
             &state,
             started,
             GatewayError::Internal("route without an operation".into()),
-        );
+        ),
     };
-    match serve(operation, &req, payload, &state, &pool, started).await {
-        Ok(response) => response,
-        Err(e) => fail(&state, started, e),
-    }
+    response.headers_mut().insert(REQUEST_ID, request_id);
+    response
 }
 
 fn fail(state: &AppState, started: Instant, error: GatewayError) -> HttpResponse {
-    state.observe_local(started, error.status_code().as_u16(), None, false);
+    state.observe_local(
+        started,
+        error.status_code().as_u16(),
+        Some(error.cause()),
+        None,
+    );
     error.error_response()
 }
 
@@ -103,6 +133,7 @@ async fn serve(
     state: &AppState,
     pool: &Pool,
     started: Instant,
+    request_id: &HeaderValue,
 ) -> Result<HttpResponse> {
     admit(req)?;
     let (body, _reservation) = read_body(req.headers(), payload, &state.body_limits).await?;
@@ -116,28 +147,29 @@ async fn serve(
     }
     let key = (cacheable && state.cache_enabled).then(|| cache_key(operation, req, &body));
     let path = Cow::Borrowed(operation.path());
-    let mut upstream = upstream_request(req, state, Method::POST, path, body, model);
+    let mut upstream = upstream_request(req, state, Method::POST, path, body, model, request_id);
     upstream.affinity = affinity;
+    upstream.stream_end = operation.stream_end();
     let Some(key) = key else {
-        return Ok(relay(pool.forward(upstream).await?));
+        return Ok(relay(req, pool.forward(upstream).await?));
     };
     let model = upstream.model.clone();
     match state.cache.send(Lookup { key }).await {
         Ok(LookupResult::Hit(hit)) => {
-            state.observe_local(started, hit.status, Some(model), true);
+            state.observe_local(started, hit.status, None, Some(model));
             Ok(from_cache(&hit))
         }
         Ok(LookupResult::Wait(leader)) => match leader.await {
             Ok(Some(shared)) => {
-                state.observe_local(started, shared.status, Some(model), true);
+                state.observe_local(started, shared.status, None, Some(model));
                 Ok(from_cache(&shared))
             }
-            _ => Ok(relay(pool.forward(upstream).await?)),
+            _ => Ok(relay(req, pool.forward(upstream).await?)),
         },
         Ok(LookupResult::Lead(fill)) => {
-            fill_cache(pool.forward(upstream).await?, fill, state).await
+            fill_cache(req, pool.forward(upstream).await?, fill, state).await
         }
-        Ok(LookupResult::Disabled) | Err(_) => Ok(relay(pool.forward(upstream).await?)),
+        Ok(LookupResult::Disabled) | Err(_) => Ok(relay(req, pool.forward(upstream).await?)),
     }
 }
 
@@ -148,20 +180,118 @@ fn upstream_request(
     path: Cow<'static, str>,
     body: Bytes,
     model: String,
+    request_id: &HeaderValue,
 ) -> UpstreamRequest {
-    let budget = time_budget(req.headers(), state.request_timeout);
+    let timeouts = client_timeouts(req.headers(), state.request_timeout);
     UpstreamRequest {
         method,
         path,
         body,
-        content_type: req.headers().get(header::CONTENT_TYPE).cloned(),
-        authorization: req.headers().get(header::AUTHORIZATION).cloned(),
+        headers: upstream_headers(req, request_id),
+        request_id: request_id.clone(),
         model,
         openai_route: true,
+        stream_end: StreamEnd::Done,
         affinity: None,
-        deadline: Instant::now() + budget,
-        budget,
+        deadline: Instant::now() + timeouts.total,
+        budget: timeouts.total,
+        read_timeout: timeouts.read,
     }
+}
+
+/// The request's id: the client's `X-Request-Id` when it sent a sane one, else a new random one.
+/// It goes upstream, back on every answer, and into the log lines about the request.
+fn request_id(req: &HttpRequest) -> HeaderValue {
+    if let Some(id) = req.headers().get(REQUEST_ID) {
+        let bytes = id.as_bytes();
+        if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(u8::is_ascii_graphic) {
+            return id.clone();
+        }
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let random: u128 = rand::random();
+    let mut id = [0u8; 32];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((random >> (4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&id))
+        .unwrap_or(HeaderValue::from_static("-"))
+}
+
+/// The client's headers as they go upstream: every end-to-end header (trace context, OpenAI
+/// organization, project and beta, the user agent, anything a backend may use), without the
+/// hop-by-hop ones (and those the client's `Connection` names), `Host` and `Content-Length`
+/// (the HTTP client sets its own), `Accept-Encoding` (a compressed answer could not be checked or
+/// cached), and the gateway's own request headers; with `X-Request-Id`, `X-Forwarded-For`,
+/// `X-Forwarded-Proto` and `Forwarded` (RFC 7239) added for the backend's logs.
+fn upstream_headers(req: &HttpRequest, request_id: &HeaderValue) -> Vec<(HeaderName, HeaderValue)> {
+    let incoming = req.headers();
+    let connection_lists = incoming.contains_key(header::CONNECTION);
+    let named_by_connection = |name: &HeaderName| {
+        incoming.get_all(header::CONNECTION).any(|v| {
+            v.to_str().is_ok_and(|list| {
+                list.split(',')
+                    .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+            })
+        })
+    };
+    let mut headers = Vec::with_capacity(incoming.len() + 4);
+    let (mut forwarded_for, mut forwarded, mut proto) = (None, None, false);
+    for (name, value) in incoming.iter() {
+        if *name == header::FORWARDED {
+            forwarded = Some(value);
+        } else if *name == X_FORWARDED_FOR {
+            forwarded_for = Some(value);
+        } else if *name == X_FORWARDED_PROTO {
+            proto = true;
+        }
+        let own = name.as_str().starts_with("x-nanogate-")
+            || name.as_str() == TIMEOUT_HEADER
+            || *name == REQUEST_ID;
+        let dropped = own
+            || hop_by_hop(name)
+            || *name == header::HOST
+            || *name == header::ACCEPT_ENCODING
+            || *name == header::EXPECT
+            || *name == header::FORWARDED
+            || *name == X_FORWARDED_FOR
+            || (connection_lists && named_by_connection(name));
+        if !dropped {
+            headers.push((name.clone(), value.clone()));
+        }
+    }
+    headers.push((REQUEST_ID, request_id.clone()));
+    if let Some(peer) = req
+        .conn_data::<ConnectionSlot>()
+        .and_then(|s| s.peer.as_ref())
+    {
+        // The peer's own values were worked out when it connected; a proxy in front of the
+        // gateway may have sent earlier hops, which the peer is appended to.
+        let appended =
+            |earlier: Option<&HeaderValue>, element: &dyn Fn() -> String, own: &HeaderValue| {
+                match earlier.and_then(|v| v.to_str().ok()) {
+                    Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {}", element()))
+                        .unwrap_or_else(|_| own.clone()),
+                    None => own.clone(),
+                }
+            };
+        headers.push((
+            X_FORWARDED_FOR,
+            appended(forwarded_for, &|| peer.ip.to_string(), &peer.forwarded_for),
+        ));
+        headers.push((
+            header::FORWARDED,
+            appended(
+                forwarded,
+                &|| PeerHeaders::forwarded_element(peer.ip),
+                &peer.forwarded,
+            ),
+        ));
+    }
+    if !proto {
+        headers.push((X_FORWARDED_PROTO, HeaderValue::from_static("http")));
+    }
+    headers
 }
 
 /// The cache key: route, a digest of the credentials, and the exact body, so only byte-identical
@@ -183,13 +313,16 @@ fn cache_key(operation: Operation, req: &HttpRequest, body: &[u8]) -> Key {
     key
 }
 
-/// Headers that belong to one connection, not to the response, and are not relayed.
+/// Headers that belong to one connection, not to the message, and are never relayed (either
+/// way); `Content-Length` and `Date` are set anew by whoever writes the message.
 fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"
             | "keep-alive"
             | "proxy-connection"
+            | "proxy-authorization"
+            | "proxy-authenticate"
             | "transfer-encoding"
             | "te"
             | "trailer"
@@ -206,13 +339,13 @@ fn response_head(exchange: &Exchange) -> HttpResponseBuilder {
             response.append_header((name.clone(), value.clone()));
         }
     }
-    response.insert_header((ENDPOINT_HEADER, exchange.endpoint));
+    response.insert_header((ENDPOINT_HEADER, exchange.endpoint_header.clone()));
     response
 }
 
 /// Streams the backend's body to the client as it arrives (or answers with it at once when the
 /// worker read it whole).
-fn relay(mut exchange: Exchange) -> HttpResponse {
+fn relay(req: &HttpRequest, mut exchange: Exchange) -> HttpResponse {
     let mut response = response_head(&exchange);
     if let ExchangeBody::Complete(body) = &mut exchange.body {
         return response.body(body.take().unwrap_or_default());
@@ -224,8 +357,23 @@ fn relay(mut exchange: Exchange) -> HttpResponse {
         .and_then(|v| v.parse::<u64>().ok());
     match length {
         Some(length) => response.body(SizedStream::new(length, exchange.body)),
-        None => response.streaming(exchange.body),
+        None => streaming(req, &mut response, exchange.body),
     }
+}
+
+/// A body of unknown length: chunked for HTTP/1.1, and for an HTTP/1.0 client (which has no
+/// chunked encoding) written as it comes and ended by closing the connection.
+fn streaming<S>(req: &HttpRequest, response: &mut HttpResponseBuilder, body: S) -> HttpResponse
+where
+    S: futures_util::Stream<Item = std::result::Result<Bytes, RelayError>> + 'static,
+{
+    let mut response = response.streaming(body);
+    if req.version() == Version::HTTP_10 {
+        let head = response.head_mut();
+        head.no_chunking(true);
+        head.set_connection_type(ConnectionType::Close);
+    }
+    response
 }
 
 /// Gathers the (non-streamed) answer to fill the cache, within `cache.max_entry_bytes` and the
@@ -233,6 +381,7 @@ fn relay(mut exchange: Exchange) -> HttpResponse {
 /// An answer that outgrows either limit is streamed to the client from where the gathering
 /// stopped, and not cached.
 async fn fill_cache(
+    req: &HttpRequest,
     mut exchange: Exchange,
     fill: FillGuard,
     state: &AppState,
@@ -253,7 +402,7 @@ async fn fill_cache(
             let mut response = response_head(&exchange);
             response.insert_header((CACHE_HEADER, "miss"));
             let gathered = futures_util::stream::iter([Ok(body.freeze()), Ok(chunk)]);
-            return Ok(response.streaming(gathered.chain(exchange.body)));
+            return Ok(streaming(req, &mut response, gathered.chain(exchange.body)));
         }
         body.extend_from_slice(&chunk);
     }

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::{self, HeaderMap, HeaderName};
 use actix_web::web;
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use nanogate_actors::buffers::{ByteBudget, Reservation};
+use nanogate_actors::exchange::StreamEnd;
 use nanogate_actors::policy::affinity::stable_hash_seeded;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -18,20 +19,53 @@ use serde_json::value::RawValue;
 use crate::config::AffinitySettings;
 use crate::error::GatewayError;
 
-/// Which OpenAI operation a route is, and so which fields it requires.
+/// Which API operation a route is, and so which fields it requires and how its stream ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
     ChatCompletions,
     Completions,
     Embeddings,
+    /// OpenAI's Responses API.
+    Responses,
+    /// Anthropic's Messages API (vLLM, SGLang and llama.cpp serve it too).
+    Messages,
 }
 
 impl Operation {
+    pub const ALL: [Operation; 5] = [
+        Self::ChatCompletions,
+        Self::Completions,
+        Self::Embeddings,
+        Self::Responses,
+        Self::Messages,
+    ];
+
     pub fn path(self) -> &'static str {
         match self {
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
             Self::Embeddings => "/v1/embeddings",
+            Self::Responses => "/v1/responses",
+            Self::Messages => "/v1/messages",
+        }
+    }
+
+    /// How a successful stream of this API ends.
+    pub fn stream_end(self) -> StreamEnd {
+        match self {
+            Self::ChatCompletions | Self::Completions | Self::Embeddings => StreamEnd::Done,
+            Self::Responses => StreamEnd::ResponseCompleted,
+            Self::Messages => StreamEnd::MessageStop,
+        }
+    }
+
+    /// The field that carries the prompt, and whether it is required.
+    fn content_field(self) -> (&'static str, bool) {
+        match self {
+            Self::ChatCompletions | Self::Messages => ("messages", true),
+            Self::Completions => ("prompt", true),
+            Self::Embeddings => ("input", true),
+            Self::Responses => ("input", false),
         }
     }
 }
@@ -41,9 +75,26 @@ pub const CACHE_OPT_IN: &str = "x-nanogate-cache";
 
 /// Request header with a client's deadline for the whole request, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
-/// The OpenAI SDKs send their timeout in seconds: the Python SDK as its read timeout, the Node SDK
-/// as its whole timeout.
-pub const SDK_TIMEOUT_HEADERS: [&str; 2] = ["x-stainless-read-timeout", "x-stainless-timeout"];
+/// The OpenAI Node SDK's timeout for the whole request, in seconds.
+pub const SDK_TIMEOUT_HEADER: &str = "x-stainless-timeout";
+/// The OpenAI Python SDK's read timeout, in seconds: the longest wait for any read of the answer
+/// (its head, or each next chunk of a stream), not a limit on the whole request.
+pub const SDK_READ_TIMEOUT_HEADER: &str = "x-stainless-read-timeout";
+
+/// What the gateway adds to the OpenAI SDKs' timeouts. The SDK enforces its own timeout (and
+/// closes the connection, which cancels the request upstream); the gateway's is the backstop for a
+/// client that would wait anyway, a little later, so the client sees its own timeout error as it
+/// would without a gateway rather than a 504 that races it.
+pub const SDK_TIMEOUT_GRACE: Duration = Duration::from_millis(250);
+
+/// How long the client is prepared to wait.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClientTimeouts {
+    /// For the whole request: the gateway's limit, or less if the client asks.
+    pub total: Duration,
+    /// For each read: the answer's head, and each gap between chunks.
+    pub read: Option<Duration>,
+}
 
 #[derive(Deserialize)]
 struct Fields<'a> {
@@ -55,6 +106,12 @@ struct Fields<'a> {
     prompt: Option<&'a RawValue>,
     #[serde(borrow)]
     input: Option<&'a RawValue>,
+    /// The system prompt of the Messages API, and the instructions of the Responses API: the
+    /// start of the prompt, so the start of the affinity key.
+    #[serde(borrow)]
+    system: Option<&'a RawValue>,
+    #[serde(borrow)]
+    instructions: Option<&'a RawValue>,
     stream: Option<bool>,
     temperature: Option<f64>,
     seed: Option<i64>,
@@ -84,7 +141,7 @@ impl Text<'_> {
 pub struct Classified {
     pub model: String,
     pub cacheable: bool,
-    /// Hash of the affinity key: the affinity header, else `user`, else the prompt's prefix.
+    /// Hash of the affinity key: a session header, else `user`, else the prompt's prefix.
     pub affinity: Option<u64>,
 }
 
@@ -126,15 +183,25 @@ pub async fn read_body(
             .min(INITIAL_BODY_CAPACITY)
             .min(limit),
     );
-    let deadline = Instant::now() + limits.total;
+    let mut deadline = None;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let next = match tokio::time::timeout(left.min(limits.idle), payload.next()).await {
-            Ok(next) => next,
-            Err(_) if left <= limits.idle => {
-                return Err(GatewayError::RequestTimeout("body_timeout_ms passed"))
+        // What has arrived is taken without a timer: a small body is usually all there with the
+        // head. Only a wait arms one.
+        let next = match payload.next().now_or_never() {
+            Some(next) => next,
+            None => {
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + limits.total);
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left.min(limits.idle), payload.next()).await {
+                    Ok(next) => next,
+                    Err(_) if left <= limits.idle => {
+                        return Err(GatewayError::RequestTimeout("body_timeout_ms passed"))
+                    }
+                    Err(_) => {
+                        return Err(GatewayError::RequestTimeout("the client paused too long"))
+                    }
+                }
             }
-            Err(_) => return Err(GatewayError::RequestTimeout("the client paused too long")),
         };
         let Some(chunk) = next else {
             break;
@@ -161,10 +228,7 @@ pub fn classify(
 ) -> Result<Classified, GatewayError> {
     let fields: Fields = serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
-            GatewayError::InvalidField {
-                field: "body",
-                reason: e.to_string(),
-            }
+            wrong_field(body)
         } else {
             GatewayError::BadJson(e.to_string())
         }
@@ -179,38 +243,42 @@ pub fn classify(
             reason: "must not be empty".into(),
         });
     }
-    let (name, content) = match operation {
-        Operation::ChatCompletions => ("messages", fields.messages),
-        Operation::Completions => ("prompt", fields.prompt),
-        Operation::Embeddings => ("input", fields.input),
+    let (name, required) = operation.content_field();
+    let content = match name {
+        "messages" => fields.messages,
+        "prompt" => fields.prompt,
+        _ => fields.input,
     };
-    let Some(content) = content else {
+    if required && content.is_none() {
         return Err(GatewayError::MissingField(name));
-    };
-    if operation == Operation::ChatCompletions && !content.get().starts_with('[') {
+    }
+    if name == "messages" && content.is_some_and(|c| !c.get().starts_with('[')) {
         return Err(GatewayError::InvalidField {
             field: "messages",
             reason: "must be an array of messages".into(),
         });
     }
+    let lead = fields.system.or(fields.instructions).or(content);
     let stream = fields.stream.unwrap_or(false);
     let deterministic = operation == Operation::Embeddings
         || fields.temperature == Some(0.0)
         || fields.seed.is_some();
+    const OPT_IN: HeaderName = HeaderName::from_static(CACHE_OPT_IN);
     let opted_in = headers
-        .get(HeaderName::from_static(CACHE_OPT_IN))
+        .get(OPT_IN)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"on"));
     let bypass = headers
         .get(header::CACHE_CONTROL)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("no-cache") || v.contains("no-store"));
-    let key = headers
-        .get(&affinity.header)
+    let key = affinity
+        .headers
+        .iter()
+        .find_map(|name| headers.get(name).filter(|v| !v.is_empty()))
         .map(|v| (b'h', v.as_bytes()))
-        .filter(|(_, v)| !v.is_empty())
         .or_else(|| fields.user.as_ref().map(|u| (b'u', u.as_str().as_bytes())))
         .or_else(|| {
-            let raw = content.get().as_bytes();
+            let raw = lead?.get().as_bytes();
             (affinity.prefix_bytes > 0)
                 .then(|| (b'p', &raw[..raw.len().min(affinity.prefix_bytes)]))
         });
@@ -221,26 +289,62 @@ pub fn classify(
     })
 }
 
-/// How long the request may take: `limit`, or less if the client asks (its own header in
-/// milliseconds, else the OpenAI SDKs' timeout in seconds).
-pub fn time_budget(headers: &HeaderMap, limit: Duration) -> Duration {
-    let header = |name: &'static str| {
-        headers
-            .get(HeaderName::from_static(name))
-            .and_then(|v| v.to_str().ok())
+/// The field whose type is wrong, named, for a body that is JSON but not what the fields must be
+/// (serde's own message names a type and a column, not the field). Only on the error path.
+fn wrong_field(body: &[u8]) -> GatewayError {
+    let invalid = |field, reason: &str| GatewayError::InvalidField {
+        field,
+        reason: reason.into(),
     };
-    let asked = header(TIMEOUT_HEADER)
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
+    else {
+        return invalid("body", "must be a JSON object");
+    };
+    type Check = (&'static str, fn(&serde_json::Value) -> bool, &'static str);
+    let checks: [Check; 5] = [
+        ("model", serde_json::Value::is_string, "expected a string"),
+        (
+            "stream",
+            serde_json::Value::is_boolean,
+            "expected true or false",
+        ),
+        (
+            "temperature",
+            serde_json::Value::is_number,
+            "expected a number",
+        ),
+        ("seed", |v| v.is_i64() || v.is_u64(), "expected an integer"),
+        ("user", serde_json::Value::is_string, "expected a string"),
+    ];
+    for (field, ok, reason) in checks {
+        if map.get(field).is_some_and(|v| !v.is_null() && !ok(v)) {
+            return invalid(field, reason);
+        }
+    }
+    invalid("body", "a field has the wrong type")
+}
+
+/// How long the client waits: `limit` for the whole request, or less if it asks (its own header in
+/// milliseconds, else the Node SDK's timeout in seconds); and the Python SDK's read timeout.
+pub fn client_timeouts(headers: &HeaderMap, limit: Duration) -> ClientTimeouts {
+    let header = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let seconds = |name| {
+        header(name)
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(|s| Duration::from_secs_f64(s.min(limit.as_secs_f64())) + SDK_TIMEOUT_GRACE)
+    };
+    const OWN: HeaderName = HeaderName::from_static(TIMEOUT_HEADER);
+    const SDK: HeaderName = HeaderName::from_static(SDK_TIMEOUT_HEADER);
+    const SDK_READ: HeaderName = HeaderName::from_static(SDK_READ_TIMEOUT_HEADER);
+    let asked = header(OWN)
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_millis)
-        .or_else(|| {
-            SDK_TIMEOUT_HEADERS.iter().find_map(|name| {
-                header(name)
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .filter(|s| s.is_finite() && *s > 0.0)
-                    .map(|s| Duration::from_secs_f64(s.min(limit.as_secs_f64())))
-            })
-        });
-    asked.map_or(limit, |a| a.min(limit))
+        .or_else(|| seconds(SDK));
+    ClientTimeouts {
+        total: asked.map_or(limit, |asked| asked.min(limit)),
+        read: seconds(SDK_READ),
+    }
 }
 
 #[cfg(test)]
@@ -250,7 +354,7 @@ mod tests {
 
     fn affinity() -> AffinitySettings {
         AffinitySettings {
-            header: HeaderName::from_static("x-session-id"),
+            headers: vec![HeaderName::from_static("x-session-id")],
             prefix_bytes: 32,
         }
     }
@@ -346,7 +450,7 @@ mod affinity_tests {
 
     fn key(body: &str, session: Option<&str>) -> Option<u64> {
         let settings = AffinitySettings {
-            header: HeaderName::from_static("x-session-id"),
+            headers: vec![HeaderName::from_static("x-session-id")],
             prefix_bytes: 40,
         };
         let mut headers = HeaderMap::new();
@@ -386,32 +490,39 @@ mod affinity_tests {
     }
 
     #[test]
-    fn the_time_budget_is_the_client_s_when_shorter() {
+    fn the_client_s_timeouts_are_read_from_its_headers() {
         let limit = Duration::from_secs(600);
-        let mut headers = HeaderMap::new();
-        assert_eq!(time_budget(&headers, limit), limit);
-        headers.insert(
-            HeaderName::from_static(TIMEOUT_HEADER),
-            HeaderValue::from_static("1500"),
+        let timeouts = |pairs: &[(&'static str, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.insert(
+                    HeaderName::from_static(name),
+                    HeaderValue::from_static(value),
+                );
+            }
+            client_timeouts(&headers, limit)
+        };
+        assert_eq!(
+            timeouts(&[]),
+            ClientTimeouts {
+                total: limit,
+                read: None
+            }
         );
-        assert_eq!(time_budget(&headers, limit), Duration::from_millis(1500));
-        for name in SDK_TIMEOUT_HEADERS {
-            let mut sdk = HeaderMap::new();
-            sdk.insert(
-                HeaderName::from_static(name),
-                HeaderValue::from_static("2.5"),
-            );
-            assert_eq!(
-                time_budget(&sdk, limit),
-                Duration::from_millis(2500),
-                "{name}"
-            );
-        }
-        let mut huge = HeaderMap::new();
-        huge.insert(
-            HeaderName::from_static(SDK_TIMEOUT_HEADERS[0]),
-            HeaderValue::from_static("1e9"),
+        assert_eq!(
+            timeouts(&[(TIMEOUT_HEADER, "1500")]).total,
+            Duration::from_millis(1500)
         );
-        assert_eq!(time_budget(&huge, limit), limit);
+        assert_eq!(
+            timeouts(&[(SDK_TIMEOUT_HEADER, "2.5")]).total,
+            Duration::from_millis(2500) + SDK_TIMEOUT_GRACE
+        );
+        let python = timeouts(&[(SDK_READ_TIMEOUT_HEADER, "2.5")]);
+        assert_eq!(
+            (python.total, python.read),
+            (limit, Some(Duration::from_millis(2500) + SDK_TIMEOUT_GRACE)),
+            "a read timeout limits each read, not the request"
+        );
+        assert_eq!(timeouts(&[(SDK_TIMEOUT_HEADER, "1e9")]).total, limit);
     }
 }

@@ -3,7 +3,8 @@
 
 use std::sync::atomic::Ordering;
 
-use actix_web::{web, HttpResponse};
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
 use nanogate_actors::metrics::RenderPrometheus;
 use nanogate_actors::GetStats;
 use serde_json::{json, Value};
@@ -31,16 +32,35 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// A model in OpenAI's shape.
+fn model(id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": "nanogate"})
+}
+
 /// The union of the models the healthy backends serve, in the OpenAI list shape.
 pub async fn models(state: web::Data<AppState>) -> HttpResponse {
     let data: Vec<Value> = state
         .view
         .table()
         .served_models()
-        .into_iter()
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "nanogate"}))
+        .iter()
+        .map(|id| model(id))
         .collect();
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+}
+
+/// One model, answered from the gateway's own list (as `client.models.retrieve` expects): 404
+/// `model_not_found` when no healthy backend serves it.
+pub async fn one_model(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, GatewayError> {
+    let id = id.into_inner();
+    if state.view.table().served_models().contains(&id) {
+        Ok(HttpResponse::Ok().json(model(&id)))
+    } else {
+        Err(GatewayError::ModelNotFound(id))
+    }
 }
 
 /// The sections of `/stats`, in order: one per actor, and the ingress's own counters.
@@ -90,14 +110,27 @@ pub async fn stats_of(
     }
 }
 
-pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, GatewayError> {
+/// `/metrics` in the format the scraper asks for: OpenMetrics when its `Accept` names
+/// `application/openmetrics-text` (Prometheus does when configured to), else the classic text
+/// format that every tool reads (promtool, the Python client's parser).
+pub async fn metrics(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, GatewayError> {
+    let openmetrics = req.headers().get_all(header::ACCEPT).any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.contains("application/openmetrics-text"))
+    });
     let text = state
         .metrics
         .addr()
-        .send(RenderPrometheus)
+        .send(RenderPrometheus { openmetrics })
         .await
         .map_err(|e| GatewayError::Internal(format!("the metrics actor did not answer: {e}")))?;
-    Ok(HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(text))
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
+    Ok(HttpResponse::Ok().content_type(content_type).body(text))
 }

@@ -132,6 +132,7 @@ async fn generate(engine: Arc<Engine>, body: &[u8], kind: Kind) -> HttpResponse 
             "stop"
         },
         include_usage: request.include_usage,
+        choices: request.choices,
     };
     let plan = Plan {
         prompt_tokens: request.prompt_tokens,

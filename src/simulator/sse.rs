@@ -111,45 +111,49 @@ impl StreamState {
     }
 }
 
-/// Renders one event as a complete `data: ...\n\n` SSE frame.
+/// Renders one event as complete `data: ...\n\n` SSE frames: one per choice (vLLM streams every
+/// choice of a request with its own `index`), and the usage frame once.
 fn encode(meta: &Meta, event: Event) -> serde_json::Result<Bytes> {
     let mut buf = Vec::with_capacity(256);
-    buf.extend_from_slice(b"data: ");
     let usage = matches!(event, Event::Usage).then(|| meta.usage());
     let finish_reason = matches!(event, Event::Finish).then_some(meta.finish_reason);
     let piece = match event {
         Event::Token(n) => Piece::Word(Word(n)),
         _ => Piece::Empty,
     };
-    match meta.kind {
-        Kind::Chat => {
-            let choice = ChatChoice {
-                index: 0,
-                delta: Delta {
-                    role: matches!(event, Event::Role).then_some("assistant"),
-                    content: (!matches!(event, Event::Finish)).then_some(piece),
-                },
-                logprobs: None,
-                finish_reason,
-            };
-            let choices: &[ChatChoice] = if usage.is_some() { &[] } else { &[choice] };
-            serde_json::to_writer(
-                &mut buf,
-                &chunk(meta, "chat.completion.chunk", choices, usage),
-            )?;
+    let frames = if usage.is_some() { 1 } else { meta.choices };
+    for index in 0..frames {
+        buf.extend_from_slice(b"data: ");
+        match meta.kind {
+            Kind::Chat => {
+                let choice = ChatChoice {
+                    index,
+                    delta: Delta {
+                        role: matches!(event, Event::Role).then_some("assistant"),
+                        content: (!matches!(event, Event::Finish)).then_some(piece),
+                    },
+                    logprobs: None,
+                    finish_reason,
+                };
+                let choices: &[ChatChoice] = if usage.is_some() { &[] } else { &[choice] };
+                serde_json::to_writer(
+                    &mut buf,
+                    &chunk(meta, "chat.completion.chunk", choices, usage),
+                )?;
+            }
+            Kind::Completion => {
+                let choice = TextChoice {
+                    index,
+                    text: piece,
+                    logprobs: None,
+                    finish_reason,
+                };
+                let choices: &[TextChoice] = if usage.is_some() { &[] } else { &[choice] };
+                serde_json::to_writer(&mut buf, &chunk(meta, "text_completion", choices, usage))?;
+            }
         }
-        Kind::Completion => {
-            let choice = TextChoice {
-                index: 0,
-                text: piece,
-                logprobs: None,
-                finish_reason,
-            };
-            let choices: &[TextChoice] = if usage.is_some() { &[] } else { &[choice] };
-            serde_json::to_writer(&mut buf, &chunk(meta, "text_completion", choices, usage))?;
-        }
+        buf.extend_from_slice(b"\n\n");
     }
-    buf.extend_from_slice(b"\n\n");
     Ok(Bytes::from(buf))
 }
 
@@ -235,6 +239,7 @@ mod tests {
             completion_tokens: 1,
             finish_reason: "length",
             include_usage: true,
+            choices: 1,
         }
     }
 
@@ -262,6 +267,19 @@ mod tests {
             frame(Kind::Chat, Event::Usage),
             format!("{head}[],\"usage\":{{\"prompt_tokens\":2,\"completion_tokens\":1,\"total_tokens\":3}}}}\n\n")
         );
+    }
+
+    #[test]
+    fn each_choice_streams_with_its_index_and_usage_counts_them_all() {
+        let mut two = meta(Kind::Completion);
+        two.choices = 2;
+        let frames = String::from_utf8(encode(&two, Event::Token(1)).unwrap().to_vec()).unwrap();
+        assert_eq!(frames.matches("data: ").count(), 2);
+        assert!(frames.contains(r#""index":0,"text":"tok1 ""#));
+        assert!(frames.contains(r#""index":1,"text":"tok1 ""#));
+        let usage = String::from_utf8(encode(&two, Event::Usage).unwrap().to_vec()).unwrap();
+        assert_eq!(usage.matches("data: ").count(), 1);
+        assert!(usage.contains(r#""completion_tokens":2"#));
     }
 
     #[test]

@@ -38,6 +38,7 @@ struct RawGeneration {
     stream_options: Option<RawStreamOptions>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
+    n: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -61,7 +62,13 @@ pub struct Generation {
     pub max_tokens: Option<u32>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Choices to generate: `n` per prompt (a completion's `prompt` may be a list of prompts).
+    pub choices: u32,
 }
+
+/// The most choices one request may ask for (vLLM has no hard limit; this keeps a hostile
+/// request from building a huge answer).
+pub const MAX_CHOICES: u32 = 128;
 
 /// Parses a chat (`messages`) or text (`prompt`) completion body; the error is the message of
 /// a 400 answer.
@@ -69,6 +76,11 @@ pub fn parse_generation(body: &[u8], kind: Kind) -> Result<Generation, String> {
     let raw: RawGeneration =
         serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
     let model = raw.model.ok_or("field `model` is required")?;
+    let n = raw.n.unwrap_or(1);
+    if n == 0 {
+        return Err("n must be at least 1, got 0.".to_owned());
+    }
+    let mut prompts = 1;
     let (prompt_tokens, prefix_blocks) = match kind {
         Kind::Chat => {
             let mut text = PromptText::default();
@@ -81,6 +93,7 @@ pub fn parse_generation(body: &[u8], kind: Kind) -> Result<Generation, String> {
         }
         Kind::Completion => {
             let prompt = raw.prompt.ok_or("field `prompt` is required")?;
+            prompts = prompt_count(&prompt);
             // A prompt given as token ids is already counted in tokens, and has no text to key
             // the prefix cache by.
             token_ids(&prompt).map_or_else(
@@ -93,6 +106,12 @@ pub fn parse_generation(body: &[u8], kind: Kind) -> Result<Generation, String> {
             )
         }
     };
+    let choices = prompts.saturating_mul(n);
+    if choices > MAX_CHOICES {
+        return Err(format!(
+            "{choices} choices requested (prompts x n); at most {MAX_CHOICES}"
+        ));
+    }
     let max_tokens = raw.max_completion_tokens.or(raw.max_tokens);
     if max_tokens == Some(0) {
         return Err("max_tokens must be at least 1, got 0.".to_owned());
@@ -107,7 +126,19 @@ pub fn parse_generation(body: &[u8], kind: Kind) -> Result<Generation, String> {
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        choices,
     })
+}
+
+/// How many prompts a completion's `prompt` holds: a list of strings or of token-id lists is one
+/// prompt each; a string or one token-id list is one.
+fn prompt_count(prompt: &Value) -> u32 {
+    match prompt.as_array() {
+        Some(items) if items.iter().all(|i| i.is_string() || i.is_array()) && !items.is_empty() => {
+            u32::try_from(items.len()).unwrap_or(u32::MAX)
+        }
+        _ => 1,
+    }
 }
 
 /// The usual rule of thumb: about four characters per token, and never an empty prompt.
@@ -184,14 +215,17 @@ pub struct Meta {
     /// "length" when the request's limit cut the text, "stop" when the model ended on its own.
     pub finish_reason: &'static str,
     pub include_usage: bool,
+    /// Choices in the answer (`n` per prompt); each gets the same text.
+    pub choices: u32,
 }
 
 impl Meta {
     pub fn usage(&self) -> Usage {
+        let completion_tokens = self.completion_tokens.saturating_mul(self.choices);
         Usage {
             prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-            total_tokens: self.prompt_tokens.saturating_add(self.completion_tokens),
+            completion_tokens,
+            total_tokens: self.prompt_tokens.saturating_add(completion_tokens),
         }
     }
 }
@@ -241,7 +275,7 @@ struct Completion<'a, C> {
     object: &'static str,
     created: u64,
     model: &'a str,
-    choices: [C; 1],
+    choices: Vec<C>,
     usage: Usage,
 }
 
@@ -269,22 +303,23 @@ struct TextChoice {
 
 /// The non-streaming `chat.completion` or `text_completion` body.
 pub fn completion_body(meta: &Meta) -> serde_json::Result<Vec<u8>> {
-    let text = Words(meta.completion_tokens);
     match meta.kind {
         Kind::Chat => serde_json::to_vec(&Completion {
             id: &meta.id,
             object: "chat.completion",
             created: meta.created,
             model: &meta.model,
-            choices: [ChatChoice {
-                index: 0,
-                message: AssistantMessage {
-                    role: "assistant",
-                    content: text,
-                },
-                logprobs: None,
-                finish_reason: meta.finish_reason,
-            }],
+            choices: (0..meta.choices)
+                .map(|index| ChatChoice {
+                    index,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content: Words(meta.completion_tokens),
+                    },
+                    logprobs: None,
+                    finish_reason: meta.finish_reason,
+                })
+                .collect(),
             usage: meta.usage(),
         }),
         Kind::Completion => serde_json::to_vec(&Completion {
@@ -292,12 +327,14 @@ pub fn completion_body(meta: &Meta) -> serde_json::Result<Vec<u8>> {
             object: "text_completion",
             created: meta.created,
             model: &meta.model,
-            choices: [TextChoice {
-                index: 0,
-                text,
-                logprobs: None,
-                finish_reason: meta.finish_reason,
-            }],
+            choices: (0..meta.choices)
+                .map(|index| TextChoice {
+                    index,
+                    text: Words(meta.completion_tokens),
+                    logprobs: None,
+                    finish_reason: meta.finish_reason,
+                })
+                .collect(),
             usage: meta.usage(),
         }),
     }
@@ -538,10 +575,43 @@ mod tests {
             completion_tokens: 3,
             finish_reason: "length",
             include_usage: false,
+            choices: 1,
         };
         let body = completion_body(&meta).expect("serializable");
         let json: Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(json["choices"][0]["text"], "tok0 tok1 tok2 ");
         assert_eq!(json["usage"]["total_tokens"], 5);
+    }
+
+    #[test]
+    fn a_list_of_prompts_and_n_make_one_choice_each() {
+        let body = br#"{"model":"sim","prompt":["a","b","c"],"n":2,"max_tokens":3}"#;
+        let generation = parse_generation(body, Kind::Completion).unwrap();
+        assert_eq!(generation.choices, 6);
+        let ids = br#"{"model":"sim","prompt":[1,2,3],"n":2}"#;
+        assert_eq!(parse_generation(ids, Kind::Completion).unwrap().choices, 2);
+        let lists = br#"{"model":"sim","prompt":[[1,2],[3]]}"#;
+        assert_eq!(
+            parse_generation(lists, Kind::Completion).unwrap().choices,
+            2
+        );
+        let chat = br#"{"model":"sim","messages":[],"n":3}"#;
+        assert_eq!(parse_generation(chat, Kind::Chat).unwrap().choices, 3);
+        assert!(parse_generation(br#"{"model":"sim","messages":[],"n":0}"#, Kind::Chat).is_err());
+        let meta = Meta {
+            kind: Kind::Chat,
+            id: "chatcmpl-1".to_owned(),
+            created: 1,
+            model: "sim".to_owned(),
+            prompt_tokens: 2,
+            completion_tokens: 3,
+            finish_reason: "length",
+            include_usage: false,
+            choices: 3,
+        };
+        let json: Value = serde_json::from_slice(&completion_body(&meta).unwrap()).unwrap();
+        assert_eq!(json["choices"].as_array().unwrap().len(), 3);
+        assert_eq!(json["choices"][2]["index"], 2);
+        assert_eq!(json["usage"]["completion_tokens"], 9);
     }
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod fake;
 pub mod rogue;
 
 use std::future::Future;
