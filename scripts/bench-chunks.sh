@@ -5,12 +5,12 @@
 #   per_chunk_us = (cpu_per_stream(LONG chunks) - cpu_per_stream(SHORT chunks)) / (LONG - SHORT)
 # Targets: nanogate and nginx (proxy_buffering off), both in front of the same streamtool backend;
 # 64 streams at a time, chunks sent with no gap. CPU is the target process tree's (utime+stime).
-# Usage: scripts/bench-chunks.sh [--no-build]      (needs bench/peers/setup.sh's tools; ~1 min)
+# Usage: scripts/bench-chunks.sh [--no-build]      (needs benches/peers/setup.sh's tools; ~1 min)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 V=${PEERS_VENV:-$HOME/.cache/nanogate-peers}
 ST=${STREAMTOOL:-$V/streamtool-target/release/streamtool}
-[ -x "$ST" ] && command -v nginx >/dev/null || bash "$root/bench/peers/setup.sh" "$V"
+[ -x "$ST" ] && command -v nginx >/dev/null || bash "$root/benches/peers/setup.sh" "$V"
 [ "${1:-}" = --no-build ] || (cd "$root" && timeout 3600 cargo build --release --bin nanogate)
 ulimit -n "$(ulimit -Hn)"
 work=$(mktemp -d); pids=()
@@ -31,7 +31,7 @@ for port in 19510 19511; do
   for _ in $(seq 100); do curl -sf -o /dev/null -XPOST -d '{"model":"sim","messages":[]}' \
     -H 'content-type: application/json' "http://127.0.0.1:$port/v1/chat/completions" && break; sleep 0.1; done
 done
-cpu() { python3 "$root/bench/peers/bench.py" cpu "$1"; }
+cpu() { python3 "$root/benches/peers/bench.py" cpu "$1"; }
 per_stream() { # pid port chunks -> "cpu_us_per_stream streams"
   local c0 c1 out ok
   c0=$(cpu "$1")

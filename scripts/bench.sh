@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Peer comparison: nanogate side by side with direct / nginx / HAProxy / sglang-router / vllm-router / LiteLLM,
-# on 127.0.0.1 only, in front of the same backends (bench/peers/README.md explains the scenarios and columns).
+# on 127.0.0.1 only, in front of the same backends (benches/peers/README.md explains the scenarios and columns).
 #
 # Usage (from anywhere; paths are relative to the repo root):
 #   scripts/bench.sh [--no-build] [RUN.SH ARGS...]      (--no-build: use the existing target/release/nanogate)
-#       full run (defaults of bench/peers/run.sh: all peers, json + stream phases, 3 rounds; ~20 min), e.g.
+#       full run (defaults of benches/peers/run.sh: all peers, json + stream phases, 3 rounds; ~20 min), e.g.
 #       scripts/bench.sh --peers "direct nginx sglang" --rounds 1 --secs 3
 #   scripts/bench.sh cpu [--no-build] [--baseline BIN] [RUN.SH ARGS...]
 #       gateway CPU per request at concurrency 1 and 64 vs direct (json phase only, c1 and c64, ~1 min).
@@ -14,8 +14,8 @@
 #   --baseline BIN (either mode) runs another nanogate binary as the target `baseline` in the same interleaved rounds,
 #       e.g. a copy of target/release/nanogate built from main before a change: before/after in one run.
 #
-# What it does: (a) runs bench/peers/setup.sh if the peer tools are missing; (b) `cargo build --release` once (skip
-# with --no-build); (c) raises `ulimit -n` to the hard limit; (d) runs bench/peers/run.sh with
+# What it does: (a) runs benches/peers/setup.sh if the peer tools are missing; (b) `cargo build --release` once (skip
+# with --no-build); (c) raises `ulimit -n` to the hard limit; (d) runs benches/peers/run.sh with
 #   --gateway nanogate 18090 'target/release/nanogate serve --listen 127.0.0.1:$PORT --backends $UPSTREAMS'
 # and --out bench-results/DATE (git-ignored). Arguments after the mode pass through to run.sh and win over the
 # defaults here (run.sh takes the last value of a repeated option), so `--out DIR` also works.
@@ -48,8 +48,8 @@ prev=""; for a in "$@"; do [ "$prev" = --peers ] && peers=$a; prev=$a; done
 setup_args=()
 case " $peers " in *" litellm "*) [ -x "$venv/bin/litellm" ] || { missing+=" litellm"; setup_args=(--with-litellm); };; esac
 if [ -n "$missing" ]; then
-  echo "bench.sh: missing:$missing; running bench/peers/setup.sh" >&2
-  timeout 3600 bash "$root/bench/peers/setup.sh" "$venv" "${setup_args[@]}"
+  echo "bench.sh: missing:$missing; running benches/peers/setup.sh" >&2
+  timeout 3600 bash "$root/benches/peers/setup.sh" "$venv" "${setup_args[@]}"
 fi
 
 target_dir=${CARGO_TARGET_DIR:-$root/target}
@@ -81,7 +81,7 @@ if [ -n "$baseline" ]; then
 fi
 echo "bench.sh: mode=$mode open-files=$(ulimit -n) gateway: $gw_cmd${baseline:+ baseline: $baseline}" >&2
 status=0
-timeout --foreground "${BENCH_TIMEOUT_S:-7200}" bash "$root/bench/peers/run.sh" --out "$out" "${defaults[@]}" \
+timeout --foreground "${BENCH_TIMEOUT_S:-7200}" bash "$root/benches/peers/run.sh" --out "$out" "${defaults[@]}" \
   "${gateways[@]}" "$@" || status=$?
 if [ $mode = cpu ] && [ -f "$out/summary.md" ]; then
   echo

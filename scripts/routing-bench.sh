@@ -1,55 +1,79 @@
 #!/usr/bin/env bash
-# Routing-quality benchmark: nanogate's balancer policies against sglang-router's on the same simulated fleet and the
-# same open-loop, shared-prefix load. Everything listens on 127.0.0.1; every process it starts is stopped by PID on exit;
-# every load is bounded by `timeout`.
+# Routing-quality benchmark matrix: nanogate's balancer policies against sglang-router's, on the same simulated fleets,
+# under the same open-loop streamed loads. Everything listens on 127.0.0.1; every process it starts is stopped by PID on
+# exit; every load is bounded by `timeout`.
 #
 # Usage: scripts/routing-bench.sh [run|calibrate]
-#   run (default)  every policy, ROUNDS rounds interleaved, medians -> bench-results/routing-DATE/summary.md (+ raw JSON)
-#   calibrate      round robin at rising rates, to pick RATE (prints p50/p99 TTFT per rate)
-# Environment: RATE (req/s, default below), REQUESTS per run (1200), ROUNDS (2), POLICIES (nanogate, default
-#   "weighted round_robin p2c least_load affinity"), SG_POLICIES (sglang-router, default
-#   "round_robin random power_of_two cache_aware"), CACHE_BLOCKS per simulator (768), NANOGATE_BIN, PEERS_VENV, OUT.
+#   run (default)  for every fleet x workload cell: find round robin's knee (unless RATE_<fleet>_<workload> is set), then
+#                  every policy, ROUNDS rounds interleaved, medians -> OUT/summary.md (+ raw JSON per run)
+#   calibrate      only the knees, printed per cell
+# Environment: FLEETS ("unequal equal"), WORKLOADS ("p16 p40 z128 turns unique"), POLICIES (nanogate, default
+#   "cache_aware round_robin p2c least_load affinity weighted"), SG_POLICIES (sglang-router, "round_robin power_of_two
+#   cache_aware"), REQUESTS per run (900), ROUNDS (2), CAL_REQUESTS per calibration step (450), CACHE_BLOCKS per
+#   simulator (768), RATE_<fleet>_<workload> (skip that cell's calibration), NANOGATE_BIN, PEERS_VENV, OUT.
 #
-# The fleet (4 simulators, --max-batch 16): two fast (speed 1.0), one at half speed, one fast with latency spikes
-# (5 % of requests wait 1 s more before their first token). The load: 16 system prompts of 8,000 characters (about
-# 2,000 tokens), one per request picked uniformly, plus a unique question; streamed, 32 tokens out, same seed every run.
-# A cold prefill of such a prompt costs ~100 ms at speed 1, a cached one ~5 ms.
+# Fleets (4 simulators, --max-batch 16, --prefix-cache-blocks CACHE_BLOCKS):
+#   unequal  fast (speed 1), fast, half speed, fast with latency spikes (5 % of requests wait 1 s before the first token)
+#   equal    four at speed 1
+# Workloads (streamed, 32 tokens out, seed 42):
+#   p16      16 system prompts of 8,000 chars (~2,000 tokens), picked uniformly, plus a unique question
+#   p40      the same with 40 prompts: more than the fleet's caches hold (see CACHE_BLOCKS)
+#   z128     128 prompts with Zipf(1.0) popularity: a few hot prompts, a long cold tail
+#   turns    64 conversations of 6 turns going on at once over 8 system prompts of 4,000 chars; each turn resends the
+#            conversation so far, so a turn is warm only where the session's previous turn ran
+#   unique   every request its own 4,000-char system prompt: nothing to share, pure load balancing
+# A cold prefill of 2,000 tokens costs ~105 ms at speed 1, a cached one ~5 ms.
 #
-# Why CACHE_BLOCKS=768: the 16 prompts take 16 x 125 = 2,000 cache blocks. With the simulator's default of 4,096 every
-# simulator ends up holding all of them whatever the routing, and no policy could be told apart. 768 blocks hold about
-# 6 prompts: a router that spreads every prompt over every simulator hits about 6/16 of the time (LRU over uniform
-# picks), so its median request is a cold one; one that keeps each prompt on one simulator (4 each) nearly always hits.
+# Why CACHE_BLOCKS=768 (blocks of 16 tokens, as vLLM's; the simulator evicts free blocks LRU and pins running ones):
+# the 16 prompts of p16 take 16 x 125 = 2,000 blocks, so each simulator holds about 6 of them: a router that spreads
+# every prompt over every simulator mostly misses, one that keeps each prompt on one simulator mostly hits. p40 and z128
+# hold far more than the fleet's 3,072 blocks, so even perfect routing misses, and routing must choose what to keep.
 #
-# Calibration (done once; `calibrate` repeats it): round robin sends a quarter of the load to the half-speed simulator,
-# the first to saturate. From the batch model, a full batch of 16 decodes a step in 10 ms x 1.3 = 13 ms at speed 1, so a
-# request holds its slot ~0.42 s + its prefill (5-105 ms) at speed 1, twice that at half speed: the slow simulator
-# serves ~16-18 req/s, i.e. round robin tops out near 65-70 req/s for the fleet (the fleet as a whole, ~115).
-# The sweep (sglang-router round_robin, as nanogate had no round robin yet; 600 requests per rate) put the knee there:
-#   rate      40   50   60   70   80 req/s
-#   TTFT mean 101  107  111  143  262 ms      (p50 stays ~108 = a cold prefill; p99 is the spiky simulator's 1 s)
-#   TTFT p90  214  214  214  316  938 ms      (214 = a cold prefill at half speed, then queueing on top)
-# so RATE=70: just past round robin's knee, ~60 % of the fleet. A policy that routes around the slow and spiky
-# simulators, or onto warm caches, keeps its latency there; one that spreads blindly queues on the slow one.
+# The rate of a cell is round robin's knee, found by `calibrate`: nanogate round_robin at rising rates (CAL_RATES_<fleet>,
+# CAL_REQUESTS each); the first rate where its p90 TTFT exceeds 1.5 x its p90 at the lowest rate, i.e. where queueing
+# starts to show, is the cell's rate. There a policy that routes around slow and spiky simulators, or onto warm caches,
+# keeps its latency; one that spreads blindly queues.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${NANOGATE_BIN:-$root/target/release/nanogate}
 V=${PEERS_VENV:-$HOME/.cache/nanogate-peers}
 mode=${1:-run}
-RATE=${RATE:-70}
-REQUESTS=${REQUESTS:-1200}
+REQUESTS=${REQUESTS:-900}
+CAL_REQUESTS=${CAL_REQUESTS:-450}
 ROUNDS=${ROUNDS:-2}
-POLICIES=${POLICIES:-weighted round_robin p2c least_load affinity}
-SG_POLICIES=${SG_POLICIES:-round_robin random power_of_two cache_aware}
+FLEETS=${FLEETS:-unequal equal}
+WORKLOADS=${WORKLOADS:-p16 p40 z128 turns unique}
+POLICIES=${POLICIES:-cache_aware round_robin p2c least_load affinity weighted}
+SG_POLICIES=${SG_POLICIES:-round_robin power_of_two cache_aware}
 CACHE_BLOCKS=${CACHE_BLOCKS:-768}
-PREFIXES=16; MAX_TOKENS=32; SEED=42
+CAL_RATES_unequal=${CAL_RATES_unequal:-30 40 50 60 70 80 90 100}
+CAL_RATES_equal=${CAL_RATES_equal:-40 55 70 85 100 115 130 145}
+MAX_TOKENS=32; SEED=42
 SIM_PORTS=(19301 19302 19303 19304)
-SIM_ARGS=("--speed 1.0" "--speed 1.0" "--speed 0.5" "--speed 1.0 --spike-rate 0.05 --spike-ms 1000")
-SIM_NAMES=(fast1 fast2 half spiky)
 NG_PORT=18190; SG_PORT=18191; SG_PROM=29185
 URLS=(); for p in "${SIM_PORTS[@]}"; do URLS+=("http://127.0.0.1:$p"); done
 URL_CSV=$(IFS=,; echo "${URLS[*]}")
 
+fleet_args() { # fleet index -> simulator flags
+  case $1 in
+    unequal) local a=("--speed 1.0" "--speed 1.0" "--speed 0.5" "--speed 1.0 --spike-rate 0.05 --spike-ms 1000"); echo "${a[$2]}";;
+    equal) echo "--speed 1.0";;
+  esac
+}
+workload_args() {
+  case $1 in
+    p16) echo "--prefixes 16";;
+    p40) echo "--prefixes 40";;
+    z128) echo "--prefixes 128 --zipf 1.0";;
+    turns) echo "--prefixes 8 --prefix-chars 4000 --turns 6 --sessions 64";;
+    unique) echo "--unique --prefix-chars 4000";;
+    *) return 1;;
+  esac
+}
+
 case $mode in run|calibrate) ;; *) echo "usage: $0 [run|calibrate]" >&2; exit 2;; esac
+for f in $FLEETS; do [ -n "$(fleet_args "$f" 0)" ] || { echo "unknown fleet $f" >&2; exit 2; }; done
+for w in $WORKLOADS; do workload_args "$w" >/dev/null || { echo "unknown workload $w" >&2; exit 2; }; done
 out=${OUT:-$root/bench-results/routing-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out/raw" "$out/logs"
 log() { echo "[$(date +%T)] $*" | tee -a "$out/run.log" >&2; }
@@ -58,8 +82,8 @@ if [ ! -x "$BIN" ]; then
   log "no $BIN: building it (cargo build --release)"
   (cd "$root" && cargo build --release) || exit 1
 fi
-if ! "$BIN" loadtest --help | grep -q -- --prefixes || ! "$BIN" simulate --help | grep -q -- --prefix-cache-blocks; then
-  echo "$BIN predates the prefix-cache simulator and --prefixes workload: rebuild it (cargo build --release)" >&2; exit 1
+if ! "$BIN" loadtest --help | grep -q -- --turns || ! "$BIN" simulate --help | grep -q -- --prefix-cache-blocks; then
+  echo "$BIN predates the --turns/--zipf/--unique workloads: rebuild it (cargo build --release)" >&2; exit 1
 fi
 command -v curl >/dev/null && command -v python3 >/dev/null || { echo "needs curl and python3" >&2; exit 1; }
 # Run a private copy: a rebuild of target/release during the run must not change what is measured half-way.
@@ -82,7 +106,7 @@ trap 'exit 130' INT TERM
 start_bg() { # name, command... : runs in the background, PID recorded
   local n=$1; shift; "$@" >"$out/logs/$n.log" 2>&1 & PID[$n]=$!; }
 
-ready() { # name port [quiet]: POST /v1/chat/completions until 200, up to 60 s; fails early if the process died
+ready() { # name port: POST /v1/chat/completions until 200, up to 60 s; fails early if the process died
   for _ in $(seq 120); do
     curl -fsS -m 5 -o /dev/null -XPOST -H 'content-type: application/json' \
       -d '{"model":"sim","messages":[{"role":"user","content":"hi"}],"max_tokens":1}' \
@@ -90,33 +114,29 @@ ready() { # name port [quiet]: POST /v1/chat/completions until 200, up to 60 s; 
     kill -0 "${PID[$1]}" 2>/dev/null || break
     sleep 0.5
   done
-  [ -n "${3:-}" ] || { log "$1 did not become ready; log tail:"; tail -n 5 "$out/logs/$1.log" | tee -a "$out/run.log" >&2; }
+  log "$1 did not become ready; log tail:"; tail -n 5 "$out/logs/$1.log" | tee -a "$out/run.log" >&2
   return 1
 }
 
-start_fleet() {
+start_fleet() { # fleet
   local i
+  for i in "${!SIM_PORTS[@]}"; do stop "sim$i"; done
   for i in "${!SIM_PORTS[@]}"; do
-    # shellcheck disable=SC2086 # SIM_ARGS entries are flag lists
-    RUST_LOG=warn start_bg "sim-${SIM_NAMES[$i]}" "$BIN" simulate --listen "127.0.0.1:${SIM_PORTS[$i]}" \
-      --max-batch 16 --prefix-cache-blocks "$CACHE_BLOCKS" ${SIM_ARGS[$i]}
+    # shellcheck disable=SC2046 # fleet_args is a flag list
+    RUST_LOG=warn start_bg "sim$i" "$BIN" simulate --listen "127.0.0.1:${SIM_PORTS[$i]}" \
+      --max-batch 16 --prefix-cache-blocks "$CACHE_BLOCKS" $(fleet_args "$1" "$i")
   done
-  for i in "${!SIM_PORTS[@]}"; do ready "sim-${SIM_NAMES[$i]}" "${SIM_PORTS[$i]}" || exit 1; done
+  for i in "${!SIM_PORTS[@]}"; do ready "sim$i" "${SIM_PORTS[$i]}" || exit 1; done
 }
 
 # Empties every simulator's prefix cache and counters, so each run starts cold and its hit rate is its own.
 flush_fleet() { local p; for p in "${SIM_PORTS[@]}"; do curl -fsS -m 5 -o /dev/null -XPOST "http://127.0.0.1:$p/sim/flush" || return 1; done; }
 
-start_router() { # kind policy: sets ROUTER_PORT; 1 if it does not come up (e.g. a policy this build rejects)
+start_router() { # kind policy: sets ROUTER_PORT; 1 if it does not come up
   local kind=$1 pol=$2
   if [ "$kind" = nanogate ]; then
     NANOGATE__BALANCER__POLICY=$pol RUST_LOG=warn start_bg router "$BIN" serve --listen "127.0.0.1:$NG_PORT" --backends "$URL_CSV"
     ROUTER_PORT=$NG_PORT
-    # Builds from before the policies have no balancer.policy key at all; their one policy is weighted.
-    if [ "$pol" = weighted ] && ! ready router "$ROUTER_PORT" quiet && grep -q 'unknown field `policy`' "$out/logs/router.log"; then
-      log "this build has no balancer.policy key: running its only policy (weighted) without it"
-      stop router; RUST_LOG=warn start_bg router "$BIN" serve --listen "127.0.0.1:$NG_PORT" --backends "$URL_CSV"
-    fi
   else
     start_bg router "$V/bin/python" -m sglang_router.launch_router --host 127.0.0.1 --port "$SG_PORT" \
       --worker-urls "${URLS[@]}" --policy "$pol" --log-level warn --prometheus-port "$SG_PROM" --worker-startup-check-interval 1
@@ -125,94 +145,87 @@ start_router() { # kind policy: sets ROUTER_PORT; 1 if it does not come up (e.g.
   ready router "$ROUTER_PORT" || { stop router; return 1; }
 }
 
-run_load() { # kind policy round rate requests -> raw JSON file; 1 if the router did not start
-  local kind=$1 pol=$2 r=$3 rate=$4 n=$5 f
-  f="$out/raw/$kind-$pol-rate$rate-r$r.json"
+run_load() { # cell kind policy round rate requests -> raw JSON file, one summary line; 1 if the router did not start
+  local cell=$1 kind=$2 pol=$3 r=$4 rate=$5 n=$6 f
+  f="$out/raw/$cell-$kind-$pol-rate$rate-r$r.json"
   start_router "$kind" "$pol" || return 1
   flush_fleet || { log "flush failed"; stop router; return 1; }
+  # shellcheck disable=SC2046 # workload_args is a flag list
   timeout $((n / ${rate%.*} + 120)) "$BIN" loadtest --url "http://127.0.0.1:$ROUTER_PORT/v1/chat/completions" --stream \
-    --rate "$rate" --requests "$n" --concurrency 5000 --prefixes "$PREFIXES" --max-tokens "$MAX_TOKENS" --seed "$SEED" \
-    --timeout 30 --json --quiet > "$out/logs/load.json" 2>> "$out/logs/load.err"
+    --rate "$rate" --requests "$n" --concurrency 5000 $(workload_args "${cell#*-}") --max-tokens "$MAX_TOKENS" \
+    --seed "$SEED" --timeout 30 --json --quiet > "$out/logs/load.json" 2>> "$out/logs/load.err"
   stop router
   local sims=() p
   for p in "${SIM_PORTS[@]}"; do sims+=("$(curl -fsS -m 5 "http://127.0.0.1:$p/sim/stats" || echo null)"); done
-  python3 - "$kind" "$pol" "$r" "$rate" "$out/logs/load.json" "${sims[@]}" > "$f" <<'PY'
+  python3 - "$cell" "$kind" "$pol" "$r" "$rate" "$out/logs/load.json" "${sims[@]}" > "$f" <<'PY'
 import json, sys
-kind, pol, rnd, rate, load = sys.argv[1:6]
+cell, kind, pol, rnd, rate, load = sys.argv[1:7]
 try:
     summary = json.load(open(load))
 except ValueError:
     summary = None
-print(json.dumps({"router": kind, "policy": pol, "round": int(rnd), "rate": float(rate), "loadtest": summary,
-                  "sims": [json.loads(s) for s in sys.argv[6:]]}))
+print(json.dumps({"cell": cell, "router": kind, "policy": pol, "round": int(rnd) if rnd.isdigit() else rnd, "rate": float(rate),
+                  "loadtest": summary, "sims": [json.loads(s) for s in sys.argv[7:]]}))
 PY
   python3 - "$f" <<'PY' | tee -a "$out/run.log" >&2
 import json, sys
 d = json.load(open(sys.argv[1])); s = d["loadtest"] or {}; t = s.get("ttft_ms") or {}; sims = [x or {} for x in d["sims"]]
 q = sum(x.get("prefix_query_tokens", 0) for x in sims); h = sum(x.get("prefix_hit_tokens", 0) for x in sims)
-print(f'  {d["router"]} {d["policy"]} r{d["round"]} rate {d["rate"]:g}: ok={s.get("ok")} failed={s.get("failed")} '
-      f'ttft p50={t.get("p50")} p99={t.get("p99")} total p99={(s.get("latency_ms") or {}).get("p99")} '
-      f'ok/s={s.get("ok_rps", 0):.1f} hit={100 * h / q if q else 0:.0f}% split={[x.get("requests") for x in sims]}')
+print(f'  {d["cell"]} {d["router"]} {d["policy"]} r{d["round"]} rate {d["rate"]:g}: ok={s.get("ok")} failed={s.get("failed")} '
+      f'ttft p50={t.get("p50")} p90={t.get("p90")} p99={t.get("p99")} ok/s={s.get("ok_rps", 0):.1f} '
+      f'hit={100 * h / q if q else 0:.0f}% split={[x.get("requests") for x in sims]}')
 PY
 }
 
 have_sglang() { [ -x "$V/bin/python" ] && "$V/bin/python" -c 'import sglang_router' 2>/dev/null; }
 
-log "binary $BIN; fleet ${SIM_NAMES[*]} on ports ${SIM_PORTS[*]}; prefix cache $CACHE_BLOCKS blocks each; results in $out"
-start_fleet
-
-if [ "$mode" = calibrate ]; then
-  # Round robin, nanogate's if this build has it, else sglang-router's.
-  if start_router nanogate round_robin; then stop router; kind=nanogate
-  elif have_sglang; then kind=sglang
-  else echo "no round robin router available" >&2; exit 1; fi
-  for rate in ${CAL_RATES:-30 40 50 60 70 80}; do run_load "$kind" round_robin 1 "$rate" 600 || exit 1; done
-  log "calibration done: pick the rate where p99 TTFT leaves its plateau; raw JSON in $out/raw"
-  exit 0
-fi
+calibrate() { # cell -> echoes the knee rate
+  local cell=$1 fleet=${1%%-*} rates var base="" rate p90 last=""
+  var="CAL_RATES_$fleet"; rates=${!var}
+  for rate in $rates; do
+    run_load "$cell" nanogate round_robin cal "$rate" "$CAL_REQUESTS" || return 1
+    p90=$(python3 -c 'import json,sys; print((json.load(open(sys.argv[1]))["loadtest"] or {}).get("ttft_ms",{}).get("p90",1e9))' \
+      "$out/raw/$cell-nanogate-round_robin-rate$rate-rcal.json")
+    last=$rate
+    [ -z "$base" ] && { base=$p90; continue; }
+    if python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) > 1.5 * float(sys.argv[2]) else 1)' "$p90" "$base"; then
+      echo "$rate"; return 0
+    fi
+  done
+  log "$cell: round robin's p90 TTFT never left its plateau up to $last req/s; using $last"
+  echo "$last"
+}
 
 targets=()
 for p in $POLICIES; do targets+=("nanogate:$p"); done
 if have_sglang; then for p in $SG_POLICIES; do targets+=("sglang:$p"); done
-else log "sglang-router not installed in $V (bench/peers/setup.sh): skipping it"; fi
+else log "sglang-router not installed in $V (benches/peers/setup.sh): skipping it"; fi
 
-log "rate $RATE req/s, $REQUESTS requests per run, $ROUNDS rounds, seed $SEED"
-declare -A skipped
-for r in $(seq "$ROUNDS"); do
-  for t in "${targets[@]}"; do
-    [ -n "${skipped[$t]:-}" ] && continue
-    run_load "${t%%:*}" "${t#*:}" "$r" "$RATE" "$REQUESTS" || { log "$t: router did not start, skipped"; skipped[$t]=1; }
+log "binary $BIN; fleets $FLEETS; workloads $WORKLOADS; prefix cache $CACHE_BLOCKS blocks per simulator; results in $out"
+: > "$out/rates.tsv"
+for fleet in $FLEETS; do
+  log "fleet $fleet"
+  start_fleet "$fleet"
+  for w in $WORKLOADS; do
+    cell="$fleet-$w"; var="RATE_${fleet}_$w"
+    rate=${!var:-}
+    if [ -z "$rate" ]; then
+      rate=$(calibrate "$cell") || { log "$cell: calibration failed"; continue; }
+      log "$cell: round robin's knee at $rate req/s"
+    fi
+    printf '%s\t%s\n' "$cell" "$rate" >> "$out/rates.tsv"
+    [ "$mode" = calibrate ] && continue
+    declare -A skipped=()
+    for r in $(seq "$ROUNDS"); do
+      for t in "${targets[@]}"; do
+        [ -n "${skipped[$t]:-}" ] && continue
+        run_load "$cell" "${t%%:*}" "${t#*:}" "$r" "$rate" "$REQUESTS" || { log "$t: router did not start, skipped"; skipped[$t]=1; }
+      done
+    done
   done
 done
+[ "$mode" = calibrate ] && { log "knees:"; cat "$out/rates.tsv"; exit 0; }
 
-python3 - "$out" "$RATE" "$REQUESTS" "$ROUNDS" "$CACHE_BLOCKS" "${targets[@]}" <<'PY' > "$out/summary.md"
-import glob, json, statistics, sys
-out, rate, n, rounds, blocks, targets = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
-print(f"# Routing quality, {rate} req/s open loop, {n} streamed requests per run, median of {rounds} rounds\n")
-print("Fleet: 4 simulators (--max-batch 16, --prefix-cache-blocks " + blocks + "): fast, fast, half speed, fast with "
-      "5 % 1 s spikes. Load: 16 shared system prompts of 8,000 chars (uniform), unique questions, 32 tokens out.\n")
-print("| router | policy | p50 TTFT ms | p99 TTFT ms | p99 total ms | throughput ok/s | errors | prefix hit % "
-      "| requests fast/fast/half/spiky |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---|")
-med = lambda xs: statistics.median(xs) if xs else float("nan")
-for t in targets:
-    kind, pol = t.split(":", 1)
-    runs = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/raw/{kind}-{pol}-rate{rate}-r*.json"))]
-    runs = [r for r in runs if r["loadtest"]]
-    if not runs:
-        print(f"| {kind} | {pol} | not run (router did not start with this policy) | | | | | | |")
-        continue
-    lt = [r["loadtest"] for r in runs]
-    ttft = [s.get("ttft_ms") or {} for s in lt]
-    hits = []
-    for r in runs:
-        sims = [x or {} for x in r["sims"]]
-        q = sum(x.get("prefix_query_tokens", 0) for x in sims)
-        hits.append(100 * sum(x.get("prefix_hit_tokens", 0) for x in sims) / q if q else 0)
-    split = "/".join(str(round(med([(r["sims"][i] or {}).get("requests", 0) for r in runs]))) for i in range(4))
-    print(f"| {kind} | {pol} | {med([x.get('p50', 0) for x in ttft]):.1f} | {med([x.get('p99', 0) for x in ttft]):.1f} "
-          f"| {med([s['latency_ms']['p99'] for s in lt]):.1f} | {med([s['ok_rps'] for s in lt]):.1f} "
-          f"| {med([s['failed'] for s in lt]):g} | {med(hits):.0f} | {split} |")
-PY
+python3 "$root/scripts/routing-summary.py" "$out" "$REQUESTS" "$ROUNDS" "$CACHE_BLOCKS" "${targets[@]}" > "$out/summary.md"
 log "summary: $out/summary.md"
 cat "$out/summary.md"

@@ -12,7 +12,7 @@ use nanogate_actors::cache::CacheSettings;
 use nanogate_actors::endpoint::{EndpointSpec, MAX_ENDPOINTS};
 use nanogate_actors::health_checker::HealthSettings;
 use nanogate_actors::pool_supervisor::PoolSettings;
-use nanogate_actors::worker::UpstreamSettings;
+use nanogate_actors::worker::{HedgeSettings, UpstreamSettings};
 use serde::Deserialize;
 
 /// The documented defaults, compiled in.
@@ -42,6 +42,7 @@ pub struct Config {
     pub balancer: BalancerSettings,
     pub health: HealthSettings,
     pub cache: CacheSettings,
+    pub hedge: HedgeSettings,
     pub affinity: AffinitySettings,
     pub admin: AdminSettings,
     pub cors: CorsSettings,
@@ -112,6 +113,9 @@ pub struct ServerSettings {
     pub shutdown_delay_ms: u64,
     pub shutdown_grace_secs: u64,
 }
+
+/// The largest prefix index an endpoint may have: 12 bytes per block.
+const MAX_PREFIX_INDEX_BLOCKS: usize = 1 << 22;
 
 impl Config {
     /// Defaults, then `file`, then the environment; not yet validated.
@@ -238,6 +242,18 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if b.prefix_index_max_blocks > MAX_PREFIX_INDEX_BLOCKS {
+            return Err(invalid(
+                "balancer.prefix_index_max_blocks",
+                format!("must be at most {MAX_PREFIX_INDEX_BLOCKS} (48 MiB per endpoint)"),
+            ));
+        }
+        if b.prefix_index_blocks > b.prefix_index_max_blocks {
+            return Err(invalid(
+                "balancer.prefix_index_blocks",
+                "must be at most balancer.prefix_index_max_blocks",
+            ));
+        }
         if b.max_ejection_cooldown_ms < b.ejection_cooldown_ms {
             return Err(invalid(
                 "balancer.max_ejection_cooldown_ms",
@@ -359,6 +375,12 @@ pub fn check_endpoint(e: &EndpointSpec, key: &str) -> Result<(), ConfigError> {
     }
     if !(e.weight > 0.0 && e.weight.is_finite()) {
         return Err(invalid(format!("{key}.weight"), "must be above 0"));
+    }
+    if e.cache_blocks.is_some_and(|b| b > MAX_PREFIX_INDEX_BLOCKS) {
+        return Err(invalid(
+            format!("{key}.cache_blocks"),
+            format!("must be at most {MAX_PREFIX_INDEX_BLOCKS} (48 MiB)"),
+        ));
     }
     Ok(())
 }

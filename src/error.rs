@@ -80,7 +80,9 @@ impl GatewayError {
             Self::Forward(f) => match f {
                 ForwardError::Overloaded { .. } => ("server_error", Some("overloaded")),
                 ForwardError::NoBackend { .. } => ("server_error", Some("no_healthy_backend")),
-                ForwardError::Connect { .. } => ("server_error", Some("upstream_unreachable")),
+                ForwardError::Connect { .. } | ForwardError::Unresponsive { .. } => {
+                    ("server_error", Some("upstream_unreachable"))
+                }
                 ForwardError::Timeout { .. } | ForwardError::DeadlinePassed { .. } => {
                     ("server_error", Some("upstream_timeout"))
                 }
@@ -105,7 +107,9 @@ impl GatewayError {
             Self::Forward(f) => match f {
                 ForwardError::Overloaded { .. } => Cause::Overload,
                 ForwardError::NoBackend { .. } => Cause::NoBackend,
-                ForwardError::Connect { .. } => Cause::Unreachable,
+                ForwardError::Connect { .. } | ForwardError::Unresponsive { .. } => {
+                    Cause::Unreachable
+                }
                 ForwardError::Timeout { .. } | ForwardError::DeadlinePassed { .. } => {
                     Cause::Timeout
                 }
@@ -162,9 +166,9 @@ impl ResponseError for GatewayError {
                 ForwardError::Overloaded { .. }
                 | ForwardError::NoBackend { .. }
                 | ForwardError::WorkerGone => StatusCode::SERVICE_UNAVAILABLE,
-                ForwardError::Connect { .. } | ForwardError::BadResponse { .. } => {
-                    StatusCode::BAD_GATEWAY
-                }
+                ForwardError::Connect { .. }
+                | ForwardError::Unresponsive { .. }
+                | ForwardError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
                 ForwardError::Timeout { .. } | ForwardError::DeadlinePassed { .. } => {
                     StatusCode::GATEWAY_TIMEOUT
                 }

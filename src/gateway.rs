@@ -19,6 +19,7 @@ use nanogate_actors::cache::Cache;
 use nanogate_actors::clock;
 use nanogate_actors::health_checker::HealthChecker;
 use nanogate_actors::metrics::Metrics;
+use nanogate_actors::policy::PolicyKind;
 use nanogate_actors::pool_supervisor::{Admission, PoolSupervisor};
 use nanogate_actors::report::Reporters;
 use nanogate_actors::retry_budget::RetryBudget;
@@ -70,10 +71,10 @@ impl Gateway {
         let clock = clock::system();
 
         let admission = Admission::new(&config.pool);
-        let retry_budget = Arc::new(RetryBudget::new(
+        let retry_budget = RetryBudget::new(
             config.upstream.retry_ratio,
-            config.upstream.retry_burst,
-        ));
+            config.upstream.retry_min_concurrency,
+        );
         let balancer = Balancer::new(
             config.balancer.clone(),
             &config.endpoints,
@@ -116,7 +117,7 @@ impl Gateway {
             view: view.clone(),
             balancer: balancer.clone(),
             pool,
-            health,
+            health: health.clone(),
             cache,
             cache_enabled: config.cache.enabled,
             cache_fills: buffers.cache_fills.clone(),
@@ -130,6 +131,11 @@ impl Gateway {
             },
             connections: connections.clone(),
             affinity: config.affinity.clone(),
+            prefix_blocks: if config.balancer.policy == PolicyKind::CacheAware {
+                config.balancer.prefix_max_blocks
+            } else {
+                0
+            },
             request_timeout: Duration::from_millis(config.upstream.request_timeout_ms),
             admin_authorization: (!config.admin.token.is_empty())
                 .then(|| digest(format!("Bearer {}", config.admin.token).as_bytes())),
@@ -146,7 +152,9 @@ impl Gateway {
             admission,
             reporters,
             settings: config.upstream.clone(),
+            hedge: config.hedge.clone(),
             retry_budget,
+            health: health.clone(),
             buffers,
             client_stall,
             threads,

@@ -45,7 +45,10 @@ pub fn install(gateway: &Gateway, reload_from: Option<PathBuf>) -> std::io::Resu
                             r.kept
                         );
                         // Added endpoints take traffic once a probe passes: probe now.
-                        health.do_send(ProbeNow { endpoint: None });
+                        health.do_send(ProbeNow {
+                            endpoint: None,
+                            urgent: false,
+                        });
                     }
                     Err(e) => log::error!("SIGHUP: the balancer did not answer: {e}"),
                 },

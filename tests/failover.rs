@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use nanogate::config::Config;
 use nanogate_actors::policy::PolicyKind;
 use serde_json::json;
 
@@ -140,39 +141,49 @@ async fn a_backend_returning_garbage_is_ejected_and_probed_back() {
 }
 
 #[actix_rt::test]
-async fn the_retry_budget_caps_retries() {
-    let backends = sims(vec![fast(), fast()]).await;
+async fn the_retry_budget_caps_retries_in_flight() {
+    let backends = sims(vec![fast(), paced(100)]).await;
     let mut cfg = config(&backends);
     cfg.health.interval_ms = 60_000;
     cfg.balancer.policy = PolicyKind::RoundRobin;
     cfg.balancer.eject_after_failures = 1000;
     cfg.upstream.retry_ratio = 0.0;
-    cfg.upstream.retry_burst = 2;
+    cfg.upstream.retry_min_concurrency = 2;
     let gw = gateway(cfg).await;
     let client = client();
     backends[0].control.set_error_rate(1.0);
-    let mut statuses = Vec::new();
-    for _ in 0..10 {
-        statuses.push(
-            post(&client, &chat_url(&gw), &chat(1))
-                .await
-                .status
-                .as_u16(),
-        );
-    }
-    // Round robin sends six of the ten to the failing backend first; two retries fit the budget,
-    // the other four get the backend's own error passed through.
-    assert_eq!(statuses, [200, 200, 500, 200, 500, 200, 500, 200, 500, 200]);
+    let (url, body) = (chat_url(&gw), chat(3));
+    let requests = (0..10).map(|_| post(&client, &url, &body));
+    let statuses: Vec<u16> = futures_util::future::join_all(requests)
+        .await
+        .iter()
+        .map(|a| a.status.as_u16())
+        .collect();
+    // Round robin sends about half of the ten to the failing backend first. Their retries go to
+    // the slow one and hold their place in the budget for its 300 ms: two fit, the others get the
+    // backend's own error passed through.
+    let refused = backends[0].control.snapshot().requests as usize;
+    assert!(refused >= 3, "{refused}");
+    let failed = statuses.iter().filter(|&&s| s == 500).count();
+    assert_eq!(failed, refused - 2, "{statuses:?}");
     let budget = &stats(&client, &gw).await["balancer"]["retry_budget"];
-    assert_eq!(budget["retries"], 2);
-    assert_eq!(budget["denied"], 4);
+    assert_eq!(budget["retries"], 2, "{budget}");
+    assert_eq!(budget["denied"], refused - 2, "{budget}");
+    assert_eq!(budget["in_flight"], 0, "{budget}");
     gw.stop(false).await;
 }
 
 #[actix_rt::test]
 async fn the_policy_is_chosen_in_config_and_affinity_keeps_sessions_together() {
     let backends = sims(vec![fast(), fast(), fast()]).await;
-    let gw = gateway(config(&backends)).await;
+    assert_eq!(
+        Config::defaults().balancer.policy,
+        PolicyKind::CacheAware,
+        "the default"
+    );
+    let mut cfg = config(&backends);
+    cfg.balancer.policy = PolicyKind::Affinity;
+    let gw = gateway(cfg).await;
     let client = client();
     assert_eq!(stats(&client, &gw).await["balancer"]["policy"], "affinity");
     for session in ["alice", "bob", "carol", "dave"] {

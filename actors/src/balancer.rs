@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use arc_swap::ArcSwap;
@@ -20,13 +20,18 @@ use serde::{Deserialize, Serialize};
 use crate::breaker::{Breaker, BreakerSettings, Circuit};
 use crate::clock::SharedClock;
 use crate::endpoint::{Endpoint, EndpointSpec, RoutingTable, MAX_ENDPOINTS};
-use crate::policy::p2c::PeakEwma;
+use crate::estimator::{Churn, Estimator, Sample};
 use crate::policy::{PolicyKind, PolicySettings};
 use crate::retry_budget::RetryBudget;
 use crate::{Fail, GetStats, Stats};
 
-/// How often open circuits are checked for the end of their cool-down.
+/// How often open circuits are checked for the end of their cool-down (and slow-start ramps move).
 const BREAKER_TICK: Duration = Duration::from_millis(50);
+/// Tokens per prefix-index block: 64 bytes of English text.
+const TOKENS_PER_BLOCK: f64 = 16.0;
+
+/// How often every estimate decays toward its long-run value.
+const ESTIMATE_TICK: Duration = Duration::from_secs(1);
 
 /// Routing policy and its tuning; defaults documented in `config/default.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +39,14 @@ const BREAKER_TICK: Duration = Duration::from_millis(50);
 pub struct BalancerSettings {
     pub policy: PolicyKind,
     pub affinity_load_factor: f64,
+    /// Cache-aware routing: prompt blocks the gateway indexes per endpoint until the backend
+    /// reports its cache's size (in 64-byte blocks of about 16 tokens), the most it indexes
+    /// whatever the backend reports, and the most blocks of a prompt it looks at.
+    pub prefix_index_blocks: usize,
+    pub prefix_index_max_blocks: usize,
+    pub prefix_max_blocks: usize,
+    /// An endpoint that comes back takes a share of traffic that ramps up over this long.
+    pub slow_start_ms: u64,
     /// Time constant of the latency estimate's decay.
     pub latency_decay_ms: u64,
     pub success_factor: f64,
@@ -55,6 +68,10 @@ impl Default for BalancerSettings {
         Self {
             policy: policy.policy,
             affinity_load_factor: policy.affinity_load_factor,
+            prefix_index_blocks: 8192,
+            prefix_index_max_blocks: 262_144,
+            prefix_max_blocks: 512,
+            slow_start_ms: 30_000,
             latency_decay_ms: 10_000,
             success_factor: 1.1,
             failure_factor: 0.5,
@@ -82,6 +99,7 @@ impl BalancerSettings {
         PolicySettings {
             policy: self.policy,
             affinity_load_factor: self.affinity_load_factor,
+            prefix_max_blocks: self.prefix_max_blocks,
         }
     }
 
@@ -130,9 +148,24 @@ impl BalancerView {
 pub struct Outcome {
     /// The endpoint's id.
     pub endpoint: usize,
-    pub success: bool,
-    /// Time to the first byte of the body, when the backend answered.
-    pub latency: Option<Duration>,
+    pub verdict: Verdict,
+}
+
+/// What an outcome says about its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Verdict {
+    /// It answered; what the answer teaches about it.
+    Success(Sample),
+    /// It failed live (5xx, timeout, garbage, a broken answer).
+    Failure,
+    /// It is gone: it refused a fresh connection, or a probe found it hung. Ejected at once.
+    Dead,
+}
+
+impl Verdict {
+    pub fn is_success(&self) -> bool {
+        matches!(self, Verdict::Success(_))
+    }
 }
 
 /// A thread's batch of outcomes, in the order they happened.
@@ -146,6 +179,14 @@ pub struct Outcomes(pub Vec<Outcome>);
 pub struct HealthChanged {
     pub endpoint: usize,
     pub healthy: bool,
+}
+
+/// The probe that decided it was an out-of-band one (requests may be waiting for its verdict).
+impl HealthChanged {
+    fn log(&self, url: &str) {
+        let state = if self.healthy { "healthy" } else { "unhealthy" };
+        log::info!("endpoint {url} is now {state}");
+    }
 }
 
 /// The models an endpoint reported on its `/v1/models`.
@@ -164,6 +205,7 @@ pub struct BackendLoad {
     pub running: f64,
     pub waiting: f64,
     pub kv_cache: f64,
+    pub cache_tokens: Option<f64>,
 }
 
 /// Adds an endpoint; answers its id.
@@ -212,7 +254,11 @@ struct Entry {
     /// Known models (`None` until configured or learned).
     models: Option<Vec<String>>,
     breaker: Breaker,
-    latency: PeakEwma,
+    estimator: Estimator,
+    /// Since when it has been ramping up after coming back (slow start).
+    ramping_since: Option<Instant>,
+    /// Its share of the fleet's answers, as of the last estimate tick.
+    share: f64,
 }
 
 pub struct Balancer {
@@ -262,11 +308,20 @@ impl Balancer {
         let id = self.next_id;
         self.next_id += 1;
         self.entries.push(Entry {
-            endpoint: Arc::new(Endpoint::new(id, &spec, healthy)),
+            endpoint: Arc::new(Endpoint::new(id, &spec, healthy).with_prefix_index(
+                if self.settings.policy == PolicyKind::CacheAware {
+                    spec.cache_blocks
+                        .unwrap_or(self.settings.prefix_index_blocks)
+                } else {
+                    0
+                },
+            )),
             models: (!spec.models.is_empty()).then(|| spec.models.clone()),
             spec,
             breaker: Breaker::default(),
-            latency: PeakEwma::new(),
+            estimator: Estimator::default(),
+            ramping_since: None,
+            share: 0.0,
         });
         id
     }
@@ -287,9 +342,10 @@ impl Balancer {
     fn record(&mut self, outcome: Outcome) {
         self.outcomes += 1;
         let now = self.clock.now();
-        let weight_after = |w: f64| self.settings.next_weight(w, outcome.success);
-        let tau = Duration::from_millis(self.settings.latency_decay_ms.max(1));
-        let breaker = self.settings.breaker_settings();
+        let settings = &self.settings;
+        let tau = Duration::from_millis(settings.latency_decay_ms.max(1));
+        let breaker = settings.breaker_settings();
+        let slow_start = Duration::from_millis(settings.slow_start_ms);
         let Some(entry) = self
             .entries
             .iter_mut()
@@ -298,22 +354,83 @@ impl Balancer {
             return;
         };
         let endpoint = entry.endpoint.clone();
-        endpoint.set_weight(weight_after(endpoint.weight()));
-        if let Some(latency) = outcome.latency {
-            endpoint.set_latency_ms(entry.latency.observe(latency, now, tau));
-        }
-        let changed = entry.breaker.record(outcome.success, now, &breaker);
+        let success = outcome.verdict.is_success();
+        endpoint.set_weight(settings.next_weight(endpoint.weight(), success));
+        let changed = match outcome.verdict {
+            Verdict::Success(sample) => {
+                entry.estimator.observe(sample, now, tau);
+                endpoint.set_latency_ms(entry.estimator.first_byte_ms());
+                entry.breaker.record(true, now, &breaker)
+            }
+            Verdict::Failure => entry.breaker.record(false, now, &breaker),
+            Verdict::Dead => entry.breaker.eject(now, &breaker),
+        };
         endpoint.set_circuit(
             entry.breaker.circuit(),
             entry.breaker.consecutive_failures(),
         );
         if let Some(circuit) = changed {
-            if circuit == Circuit::Open {
-                endpoint.count_ejection();
+            match circuit {
+                Circuit::Open => endpoint.count_ejection(),
+                Circuit::Closed => entry.ramping_since = Some(now),
+                Circuit::HalfOpen => {}
             }
             log_circuit(&endpoint, circuit);
         }
+        publish_estimate(entry, now, slow_start);
     }
+
+    /// Decays every estimate for the time gone by, and moves slow-start ramps along.
+    fn tick_estimates(&mut self) {
+        let now = self.clock.now();
+        let tau = Duration::from_millis(self.settings.latency_decay_ms.max(1));
+        let slow_start = Duration::from_millis(self.settings.slow_start_ms);
+        let rates: Vec<f64> = self
+            .entries
+            .iter_mut()
+            .map(|entry| entry.estimator.rate_tick(now, tau))
+            .collect();
+        let total: f64 = rates.iter().sum();
+        for (entry, rate) in self.entries.iter_mut().zip(rates) {
+            entry.share = if total > 0.0 { rate / total } else { 0.0 };
+            entry.estimator.decay(now, tau);
+            let prefix = &entry.endpoint.prefix;
+            entry.estimator.cache_churn(
+                Churn {
+                    misses: prefix.misses(),
+                    sent: prefix.sent(),
+                    recurred: prefix.recurred(),
+                },
+                now,
+                tau,
+            );
+            entry
+                .endpoint
+                .set_latency_ms(entry.estimator.first_byte_ms());
+            publish_estimate(entry, now, slow_start);
+        }
+    }
+}
+
+/// Publishes an endpoint's estimates, with its slow-start share at `now`.
+fn publish_estimate(entry: &mut Entry, now: Instant, slow_start: Duration) {
+    let ramp = match entry.ramping_since {
+        Some(since) if !slow_start.is_zero() => {
+            let share =
+                now.saturating_duration_since(since).as_secs_f64() / slow_start.as_secs_f64();
+            if share >= 1.0 {
+                entry.ramping_since = None;
+            }
+            share.clamp(0.05, 1.0)
+        }
+        _ => 1.0,
+    };
+    let cache_blocks = entry.endpoint.prefix.cache_blocks();
+    entry
+        .endpoint
+        .publish_estimate(entry.estimator.published(ramp, cache_blocks, entry.share));
+    let (ttft, full) = entry.estimator.p95_ms();
+    entry.endpoint.set_p95_ms(ttft, full);
 }
 
 fn log_circuit(endpoint: &Endpoint, circuit: Circuit) {
@@ -329,9 +446,14 @@ impl Actor for Balancer {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.settings.mailbox);
+        ctx.run_interval(ESTIMATE_TICK, |this, _| this.tick_estimates());
         ctx.run_interval(BREAKER_TICK, |this, _| {
             let now = this.clock.now();
+            let slow_start = Duration::from_millis(this.settings.slow_start_ms);
             for entry in &mut this.entries {
+                if entry.ramping_since.is_some() {
+                    publish_estimate(entry, now, slow_start);
+                }
                 if let Some(circuit) = entry.breaker.tick(now) {
                     entry
                         .endpoint
@@ -363,10 +485,15 @@ impl Handler<HealthChanged> for Balancer {
     type Result = ();
 
     fn handle(&mut self, msg: HealthChanged, _ctx: &mut Self::Context) {
+        let now = self.clock.now();
         if let Some(entry) = self.entry(msg.endpoint) {
-            let state = if msg.healthy { "healthy" } else { "unhealthy" };
-            log::info!("endpoint {} is now {state}", entry.endpoint.url);
+            msg.log(&entry.endpoint.url);
+            if msg.healthy && !entry.endpoint.is_healthy() {
+                entry.ramping_since = Some(now);
+            }
             entry.endpoint.set_healthy(msg.healthy);
+            // Requests waiting on a probe's verdict see the new health at once.
+            entry.endpoint.probe_done();
         }
     }
 }
@@ -390,10 +517,24 @@ impl Handler<BackendLoad> for Balancer {
     type Result = ();
 
     fn handle(&mut self, msg: BackendLoad, _ctx: &mut Self::Context) {
+        let cache_aware = self.settings.policy == PolicyKind::CacheAware;
+        let max_blocks = self.settings.prefix_index_max_blocks.max(1);
         if let Some(entry) = self.entry(msg.endpoint) {
             entry
                 .endpoint
                 .set_reported_load(msg.running, msg.waiting, msg.kv_cache);
+            entry.estimator.reported(msg.running, msg.waiting);
+            let configured = entry.spec.cache_blocks.is_some();
+            if let Some(tokens) = msg.cache_tokens.filter(|_| !configured) {
+                let blocks = (tokens / TOKENS_PER_BLOCK) as usize;
+                let blocks = blocks.clamp(1, max_blocks);
+                if cache_aware && entry.endpoint.prefix.resize(blocks) {
+                    log::info!(
+                        "{}: indexing {blocks} prompt blocks, the size of its prefix cache",
+                        entry.endpoint.url
+                    );
+                }
+            }
         }
     }
 }
@@ -513,7 +654,20 @@ struct EndpointStats {
     latency_ewma_ms: f64,
     /// Running and waiting requests and KV-cache use, as the backend last reported them.
     reported: ReportedLoad,
+    /// What the cost models read (a residence of `null` means no block has been sent lately).
+    estimate: crate::endpoint::Estimate,
+    ttft_p95_ms: f64,
+    full_p95_ms: f64,
+    prefix_index: PrefixIndexStats,
     models: Option<Vec<String>>,
+}
+
+#[derive(Serialize)]
+struct PrefixIndexStats {
+    cache_blocks: usize,
+    slots: usize,
+    bytes: usize,
+    misses: u64,
 }
 
 #[derive(Serialize)]
@@ -565,6 +719,15 @@ impl Handler<GetStats> for Balancer {
                                 kv_cache,
                             }
                         },
+                        estimate: e.estimate(),
+                        ttft_p95_ms: e.p95_ms().0,
+                        full_p95_ms: e.p95_ms().1,
+                        prefix_index: PrefixIndexStats {
+                            cache_blocks: e.prefix.cache_blocks(),
+                            slots: e.prefix.slots(),
+                            bytes: e.prefix.bytes(),
+                            misses: e.prefix.misses(),
+                        },
                         models: entry.models.clone(),
                     }
                 })
@@ -591,7 +754,7 @@ mod tests {
     use crate::clock::{system, ManualClock};
 
     fn budget() -> Arc<RetryBudget> {
-        Arc::new(RetryBudget::new(0.2, 10))
+        RetryBudget::new(0.2, 10)
     }
 
     #[test]
@@ -611,11 +774,19 @@ mod tests {
     }
 
     fn outcome(endpoint: usize, success: bool) -> Outcomes {
-        Outcomes(vec![Outcome {
-            endpoint,
-            success,
-            latency: Some(Duration::from_millis(100)),
-        }])
+        let verdict = if success {
+            Verdict::Success(Sample {
+                stream: true,
+                first: Duration::from_millis(100),
+                total: Duration::from_millis(400),
+                blocks: 0,
+                cached: 0,
+                load: 0.0,
+            })
+        } else {
+            Verdict::Failure
+        };
+        Outcomes(vec![Outcome { endpoint, verdict }])
     }
 
     #[actix_rt::test]
@@ -624,6 +795,9 @@ mod tests {
         let balancer = Balancer::new(BalancerSettings::default(), &specs, system(), budget());
         let view = balancer.view();
         let addr = balancer.start();
+        addr.send(outcome(0, true)).await.unwrap();
+        assert_eq!(view.table().endpoints[0].latency_ms(), 100.0);
+        assert!((view.table().endpoints[0].weight() - 1.1).abs() < 1e-12);
         addr.send(outcome(0, false)).await.unwrap();
         addr.send(HealthChanged {
             endpoint: 1,
@@ -638,8 +812,7 @@ mod tests {
         .await
         .unwrap();
         let table = view.table();
-        assert_eq!(table.endpoints[0].weight(), 0.5);
-        assert_eq!(table.endpoints[0].latency_ms(), 100.0);
+        assert!((table.endpoints[0].weight() - 0.55).abs() < 1e-12);
         assert!(!table.endpoints[1].is_healthy());
         assert!(table.knows_model("m"));
         assert_eq!(table.served_models(), vec!["m".to_string()]);

@@ -123,6 +123,23 @@ impl Breaker {
         self.set(Circuit::Open)
     }
 
+    /// Ejects at once, whatever the count of failures (the endpoint refused a fresh connection,
+    /// or a probe found it hung): the cool-down grows as for any ejection.
+    pub fn eject(&mut self, now: Instant, s: &BreakerSettings) -> Option<Circuit> {
+        self.consecutive_failures = self.consecutive_failures.max(s.eject_after_failures);
+        if self.circuit == Circuit::Open {
+            return None;
+        }
+        self.ejections += 1;
+        let doublings = self.ejections.saturating_sub(1).min(20);
+        let cooldown = s
+            .cooldown_ms
+            .saturating_mul(1 << doublings)
+            .min(s.max_cooldown_ms.max(s.cooldown_ms));
+        self.reopen_at = Some(now + Duration::from_millis(cooldown));
+        self.set(Circuit::Open)
+    }
+
     /// Turns an open circuit half-open once its cool-down has passed.
     pub fn tick(&mut self, now: Instant) -> Option<Circuit> {
         match (self.circuit, self.reopen_at) {

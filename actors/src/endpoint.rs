@@ -7,6 +7,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::Notify;
+
+use crate::prefix_index::PrefixIndex;
+
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +32,10 @@ pub struct EndpointSpec {
     /// Models this backend serves; empty means "learn them from its `/v1/models`".
     #[serde(default)]
     pub models: Vec<String>,
+    /// Prompt blocks (64 bytes, about 16 tokens) its prefix cache holds, if known: cache-aware
+    /// routing's index for it is this big, whatever the backend reports about itself.
+    #[serde(default)]
+    pub cache_blocks: Option<usize>,
     /// Sent upstream as `Authorization: Bearer ...` when set (also to its `/v1/models`).
     #[serde(default, skip_serializing)]
     pub api_key: Option<String>,
@@ -86,6 +94,7 @@ impl EndpointSpec {
             url: url.into(),
             weight: default_weight(),
             models: Vec::new(),
+            cache_blocks: None,
             api_key: None,
             probe: Probe::Auto,
         }
@@ -112,6 +121,9 @@ pub struct Endpoint {
     pub learns_models: bool,
     pub probe: Probe,
     in_flight: AtomicU32,
+    /// Uncached prompt blocks of the streams sent to it that have not had their first token: the
+    /// prefill a new request waits behind.
+    prefill_blocks: AtomicU32,
     weight_bits: AtomicU64,
     healthy: AtomicBool,
     draining: AtomicBool,
@@ -123,6 +135,62 @@ pub struct Endpoint {
     reported_running_bits: AtomicU64,
     reported_waiting_bits: AtomicU64,
     kv_cache_bits: AtomicU64,
+    /// What the balancer estimates of it (time to first token warm and per uncached block,
+    /// whole-request time, recent 95th percentiles, batch capacity, slow-start share).
+    estimates: Estimates,
+    /// A health probe of it is on its way (at most one out-of-band probe at a time).
+    probe_pending: AtomicBool,
+    /// Woken when a probe's verdict on it arrives, for requests waiting on it.
+    verdicts: Notify,
+    /// The prompt blocks it was recently sent (cache-aware routing only).
+    pub prefix: PrefixIndex,
+}
+
+/// The balancer's published estimates of one endpoint, as atomics.
+#[derive(Debug)]
+struct Estimates {
+    warm_ms: AtomicU64,
+    block_ms: AtomicU64,
+    jitter_ms: AtomicU64,
+    spikes: AtomicU64,
+    share: AtomicU64,
+    tail_ms: AtomicU64,
+    reuse: AtomicU64,
+    service_ms: AtomicU64,
+    residence_ms: AtomicU64,
+    ttft_p95_ms: AtomicU64,
+    full_p95_ms: AtomicU64,
+    capacity: AtomicU32,
+    ramp: AtomicU64,
+}
+
+/// What a cost model needs to know about an endpoint, read once per pick.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Estimate {
+    /// Time to first token of a request whose prompt it has cached, ms (0: not measured).
+    pub warm_ms: f64,
+    /// Prefill time per uncached prompt block, ms (0: not measured).
+    pub block_ms: f64,
+    /// Root mean square of how much later than those two predict its first tokens came, ms.
+    pub jitter_ms: f64,
+    /// The share of its first tokens that were spikes, and its share of the fleet's answers.
+    pub spikes: f64,
+    pub share: f64,
+    /// What its tail adds to an expected time to first token, ms: its lateness, weighed by how
+    /// much of the fleet's tail budget its spikes use.
+    pub tail_ms: f64,
+    /// The share of the prompt blocks sent to it that it had been sent before: how much its
+    /// prompts recur (whether or not its cache still held them).
+    pub reuse: f64,
+    /// Time a request holds a batch slot, ms (0: not measured).
+    pub service_ms: f64,
+    /// Requests it runs at once before it queues (0: not known).
+    pub capacity: u32,
+    /// How long its prefix cache keeps a block it is sent: its size over the rate new blocks
+    /// arrive, ms (infinite while nothing arrives).
+    pub residence_ms: f64,
+    /// Its share of traffic while it ramps up after coming back (1: full).
+    pub ramp: f64,
 }
 
 impl Endpoint {
@@ -137,6 +205,7 @@ impl Endpoint {
             learns_models: spec.models.is_empty(),
             probe: spec.probe.clone(),
             in_flight: AtomicU32::new(0),
+            prefill_blocks: AtomicU32::new(0),
             weight_bits: AtomicU64::new(spec.weight.to_bits()),
             healthy: AtomicBool::new(healthy),
             draining: AtomicBool::new(false),
@@ -147,7 +216,94 @@ impl Endpoint {
             reported_running_bits: AtomicU64::new(0f64.to_bits()),
             reported_waiting_bits: AtomicU64::new(0f64.to_bits()),
             kv_cache_bits: AtomicU64::new(0f64.to_bits()),
+            estimates: Estimates {
+                warm_ms: AtomicU64::new(0f64.to_bits()),
+                block_ms: AtomicU64::new(0f64.to_bits()),
+                jitter_ms: AtomicU64::new(0f64.to_bits()),
+                spikes: AtomicU64::new(0f64.to_bits()),
+                share: AtomicU64::new(0f64.to_bits()),
+                tail_ms: AtomicU64::new(0f64.to_bits()),
+                reuse: AtomicU64::new(0f64.to_bits()),
+                service_ms: AtomicU64::new(0f64.to_bits()),
+                residence_ms: AtomicU64::new(f64::INFINITY.to_bits()),
+                ttft_p95_ms: AtomicU64::new(0f64.to_bits()),
+                full_p95_ms: AtomicU64::new(0f64.to_bits()),
+                capacity: AtomicU32::new(0),
+                ramp: AtomicU64::new(1f64.to_bits()),
+            },
+            probe_pending: AtomicBool::new(false),
+            verdicts: Notify::new(),
+            prefix: PrefixIndex::new(0),
         }
+    }
+
+    /// The same endpoint with a prefix index of `blocks` slots (cache-aware routing).
+    pub fn with_prefix_index(mut self, blocks: usize) -> Self {
+        self.prefix = PrefixIndex::new(blocks);
+        self
+    }
+
+    /// What the cost models read of it.
+    pub fn estimate(&self) -> Estimate {
+        let e = &self.estimates;
+        Estimate {
+            warm_ms: load_f64(&e.warm_ms),
+            block_ms: load_f64(&e.block_ms),
+            jitter_ms: load_f64(&e.jitter_ms),
+            spikes: load_f64(&e.spikes),
+            share: load_f64(&e.share),
+            tail_ms: load_f64(&e.tail_ms),
+            reuse: load_f64(&e.reuse),
+            service_ms: load_f64(&e.service_ms),
+            capacity: e.capacity.load(Ordering::Relaxed),
+            residence_ms: load_f64(&e.residence_ms),
+            ramp: load_f64(&e.ramp),
+        }
+    }
+
+    pub(crate) fn publish_estimate(&self, estimate: Estimate) {
+        let e = &self.estimates;
+        store_f64(&e.warm_ms, estimate.warm_ms);
+        store_f64(&e.block_ms, estimate.block_ms);
+        store_f64(&e.jitter_ms, estimate.jitter_ms);
+        store_f64(&e.spikes, estimate.spikes);
+        store_f64(&e.share, estimate.share);
+        store_f64(&e.tail_ms, estimate.tail_ms);
+        store_f64(&e.reuse, estimate.reuse);
+        store_f64(&e.service_ms, estimate.service_ms);
+        store_f64(&e.residence_ms, estimate.residence_ms);
+        e.capacity.store(estimate.capacity, Ordering::Relaxed);
+        store_f64(&e.ramp, estimate.ramp);
+    }
+
+    /// Recent 95th percentiles of time to first token (streams) and of whole answers (not
+    /// streamed), ms (0: not measured).
+    pub fn p95_ms(&self) -> (f64, f64) {
+        (
+            load_f64(&self.estimates.ttft_p95_ms),
+            load_f64(&self.estimates.full_p95_ms),
+        )
+    }
+
+    pub(crate) fn set_p95_ms(&self, ttft: f64, full: f64) {
+        store_f64(&self.estimates.ttft_p95_ms, ttft);
+        store_f64(&self.estimates.full_p95_ms, full);
+    }
+
+    /// Claims the one out-of-band probe of this endpoint; `false` when one is on its way.
+    pub fn claim_probe(&self) -> bool {
+        !self.probe_pending.swap(true, Ordering::AcqRel)
+    }
+
+    /// A probe's verdict arrived: frees the claim and wakes the requests waiting for it.
+    pub(crate) fn probe_done(&self) {
+        self.probe_pending.store(false, Ordering::Release);
+        self.verdicts.notify_waiters();
+    }
+
+    /// Resolves at the next probe verdict on this endpoint.
+    pub fn verdict(&self) -> tokio::sync::futures::Notified<'_> {
+        self.verdicts.notified()
     }
 
     pub fn weight(&self) -> f64 {
@@ -239,9 +395,30 @@ impl Endpoint {
 
     /// Counts a request as running on this endpoint until the returned guard drops.
     pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        self.begin_prefill(0)
     }
+
+    /// Counts a request as running on this endpoint until the returned guard drops, and its
+    /// `blocks` uncached prompt blocks as prefill ahead of later requests until its first token
+    /// ([`InFlight::first_token`]) or its end.
+    pub fn begin_prefill(self: &Arc<Self>, blocks: u32) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.prefill_blocks.fetch_add(blocks, Ordering::Relaxed);
+        InFlight {
+            endpoint: self.clone(),
+            prefill: blocks,
+        }
+    }
+
+    /// Uncached prompt blocks sent to it still waiting for their first token.
+    pub fn prefill_blocks(&self) -> u32 {
+        self.prefill_blocks.load(Ordering::Relaxed)
+    }
+}
+
+/// A uniform number in [0, 1) from the object-safe RNG.
+pub(crate) fn rng_unit(rng: &mut dyn RngCore) -> f64 {
+    f64::from(rng.next_u32()) / (f64::from(u32::MAX) + 1.0)
 }
 
 fn load_f64(a: &AtomicU64) -> f64 {
@@ -254,17 +431,30 @@ fn store_f64(a: &AtomicU64, v: f64) {
 
 /// One request running on an endpoint; dropping it ends the count, however the request ended.
 #[derive(Debug)]
-pub struct InFlight(Arc<Endpoint>);
+pub struct InFlight {
+    endpoint: Arc<Endpoint>,
+    /// Its prefill blocks still counted on the endpoint.
+    prefill: u32,
+}
 
 impl InFlight {
     pub fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.0
+        &self.endpoint
+    }
+
+    /// Its first token arrived: its prefill no longer delays anyone.
+    pub fn first_token(&mut self) {
+        let blocks = std::mem::take(&mut self.prefill);
+        self.endpoint
+            .prefill_blocks
+            .fetch_sub(blocks, Ordering::Relaxed);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.first_token();
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -323,6 +513,8 @@ pub struct PickRequest<'a> {
     pub exclude: Bits,
     /// Hash of the request's affinity key (session, user or prompt prefix), when it has one.
     pub affinity: Option<u64>,
+    /// The chained keys of the prompt's blocks (cache-aware routing; empty otherwise).
+    pub blocks: &'a [u64],
 }
 
 /// The endpoints a pick may choose from, as table slots.
@@ -330,6 +522,16 @@ pub struct Eligible<'a> {
     pub table: &'a RoutingTable,
     pub slots: Bits,
     pub affinity: Option<u64>,
+    pub blocks: &'a [u64],
+}
+
+/// The endpoint a pick chose.
+#[derive(Debug, Clone, Copy)]
+pub struct Picked<'a> {
+    pub slot: usize,
+    pub endpoint: &'a Arc<Endpoint>,
+    /// How many of the prompt's blocks it probably caches (as known before this request).
+    pub cached: usize,
 }
 
 impl Eligible<'_> {
@@ -443,30 +645,47 @@ impl RoutingTable {
 
     /// Chooses an endpoint with the table's policy among the available ones serving the model.
     /// When every such endpoint is ejected by its circuit breaker (but still passes health
-    /// checks), the least-bad one is tried rather than refusing everything.
-    pub fn pick(
-        &self,
-        request: &PickRequest<'_>,
-        rng: &mut dyn RngCore,
-    ) -> Option<(usize, &Arc<Endpoint>)> {
-        let slots = self.eligible(request, Endpoint::is_available);
-        if !slots.is_empty() {
+    /// checks), the least-bad one is tried rather than refusing everything. An endpoint ramping
+    /// up after coming back (slow start) keeps a pick only with the probability of its share, so
+    /// it takes that share of the traffic it would otherwise get.
+    pub fn pick(&self, request: &PickRequest<'_>, rng: &mut dyn RngCore) -> Option<Picked<'_>> {
+        let mut slots = self.eligible(request, Endpoint::is_available);
+        if slots.is_empty() {
+            let ejected = self.eligible(request, |e| e.is_healthy() && !e.is_draining());
+            return ejected
+                .iter()
+                .min_by_key(|&slot| {
+                    let e = &self.endpoints[slot];
+                    (e.consecutive_failures(), e.in_flight())
+                })
+                .map(|slot| self.picked(slot, request.blocks));
+        }
+        loop {
             let eligible = Eligible {
                 table: self,
                 slots,
                 affinity: request.affinity,
+                blocks: request.blocks,
             };
             let slot = self.policy.pick(&eligible, rng)?;
-            return Some((slot, &self.endpoints[slot]));
+            let ramp = self.endpoints[slot].estimate().ramp;
+            if ramp < 1.0 && slots.len() > 1 && rng_unit(rng) >= ramp {
+                slots.remove(slot);
+                continue;
+            }
+            let picked = self.picked(slot, request.blocks);
+            // What the endpoint will hold once it has this request's prompt.
+            picked.endpoint.prefix.insert(request.blocks);
+            return Some(picked);
         }
-        let ejected = self.eligible(request, |e| e.is_healthy() && !e.is_draining());
-        ejected
-            .iter()
-            .min_by_key(|&slot| {
-                let e = &self.endpoints[slot];
-                (e.consecutive_failures(), e.in_flight())
-            })
-            .map(|slot| (slot, &self.endpoints[slot]))
+    }
+
+    fn picked(&self, slot: usize, blocks: &[u64]) -> Picked<'_> {
+        Picked {
+            slot,
+            endpoint: &self.endpoints[slot],
+            cached: self.endpoints[slot].prefix.matched(blocks).cached,
+        }
     }
 
     /// Whether a pick could find another endpoint for this request.
@@ -495,7 +714,12 @@ pub(crate) mod tests {
             .map(|(id, &weight)| {
                 let mut spec = EndpointSpec::new(format!("http://127.0.0.1:{}", 9000 + id));
                 spec.weight = weight;
-                Arc::new(Endpoint::new(id, &spec, true))
+                let index = if policy == PolicyKind::CacheAware {
+                    4096
+                } else {
+                    0
+                };
+                Arc::new(Endpoint::new(id, &spec, true).with_prefix_index(index))
             })
             .collect();
         let settings = PolicySettings {
@@ -510,6 +734,7 @@ pub(crate) mod tests {
             model,
             exclude: Bits::default(),
             affinity: None,
+            blocks: &[],
         }
     }
 
@@ -534,7 +759,7 @@ pub(crate) mod tests {
         let mut r = request("m");
         r.exclude.insert(1);
         for _ in 0..100 {
-            assert_eq!(t.pick(&r, &mut rng).unwrap().0, 2);
+            assert_eq!(t.pick(&r, &mut rng).unwrap().slot, 2);
         }
         t.endpoints[2].set_draining(true);
         assert!(t.pick(&r, &mut rng).is_none());
@@ -547,9 +772,9 @@ pub(crate) mod tests {
         t.endpoints[0].set_circuit(Circuit::Open, 7);
         t.endpoints[1].set_circuit(Circuit::Open, 3);
         let mut rng = SmallRng::seed_from_u64(1);
-        assert_eq!(t.pick(&request("m"), &mut rng).unwrap().0, 1);
+        assert_eq!(t.pick(&request("m"), &mut rng).unwrap().slot, 1);
         t.endpoints[1].set_healthy(false);
-        assert_eq!(t.pick(&request("m"), &mut rng).unwrap().0, 0);
+        assert_eq!(t.pick(&request("m"), &mut rng).unwrap().slot, 0);
         t.endpoints[0].set_healthy(false);
         assert!(
             t.pick(&request("m"), &mut rng).is_none(),
@@ -576,7 +801,7 @@ pub(crate) mod tests {
             &[Some(vec!["a".into()]), Some(vec!["b".into()])],
         );
         let mut rng = SmallRng::seed_from_u64(3);
-        assert_eq!(t.pick(&request("b"), &mut rng).unwrap().0, 1);
+        assert_eq!(t.pick(&request("b"), &mut rng).unwrap().slot, 1);
         assert!(t.pick(&request("c"), &mut rng).is_none());
         assert!(
             t.pick(&request(""), &mut rng).is_some(),
@@ -593,5 +818,20 @@ pub(crate) mod tests {
         assert_eq!(t.endpoints[0].in_flight(), 1);
         drop(guard);
         assert_eq!(t.endpoints[0].in_flight(), 0);
+    }
+
+    #[test]
+    fn prefill_counts_until_the_first_token_or_the_end() {
+        let t = table_with(PolicyKind::CacheAware, &[1.0], &[None]);
+        let e = &t.endpoints[0];
+        let mut started = e.begin_prefill(100);
+        let abandoned = e.begin_prefill(30);
+        assert_eq!(e.prefill_blocks(), 130);
+        started.first_token();
+        started.first_token();
+        assert_eq!((e.prefill_blocks(), e.in_flight()), (30, 2));
+        drop(abandoned);
+        drop(started);
+        assert_eq!((e.prefill_blocks(), e.in_flight()), (0, 0));
     }
 }

@@ -25,6 +25,10 @@ pub enum ForwardError {
     /// The request's whole deadline passed before a backend answered.
     #[error("no backend answered within the request's deadline of {}", Seconds(*budget))]
     DeadlinePassed { budget: Duration },
+    /// The backend stopped answering: a health probe found it unresponsive while this request
+    /// waited on it.
+    #[error("backend #{endpoint} stopped answering (a health probe found it unresponsive)")]
+    Unresponsive { endpoint: usize },
     /// The backend answered something that is not HTTP we can relay.
     #[error("backend #{endpoint} sent an invalid response: {reason}")]
     BadResponse { endpoint: usize, reason: String },

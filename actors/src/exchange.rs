@@ -20,8 +20,10 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
+use crate::balancer::Verdict;
 use crate::buffers::RelayBytes;
 use crate::endpoint::InFlight;
+use crate::estimator::Sample;
 use crate::metrics::{Cause, Observe};
 use crate::pool_supervisor::Permit;
 use crate::report::ThreadReports;
@@ -222,6 +224,17 @@ pub(crate) struct Held {
     /// Whether the outcome counts for the endpoint (the balancer's weights and circuit): not
     /// when the answer is a refusal that followed the request from backend to backend.
     pub counts: bool,
+    pub dispatch: Dispatch,
+}
+
+/// What was known when the request was sent, for what its outcome teaches about the endpoint.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Dispatch {
+    /// Prompt blocks, and how many the endpoint was estimated to cache.
+    pub blocks: u32,
+    pub cached: u32,
+    /// How full the endpoint's batch was (see [`crate::estimator::Sample::load`]).
+    pub load: f64,
 }
 
 /// How a successful stream of an API ends, so that a stream cut short (a backend that died in a
@@ -333,8 +346,9 @@ pub fn has_known_length(headers: &HeaderMap) -> bool {
 
 /// Reports an exchange whose body was read whole.
 pub(crate) fn report_whole(held: Held, status: u16, started: Instant) {
+    let first = started.elapsed();
     let timing = Timing {
-        first_chunk: Some(started.elapsed()),
+        first_chunk: Some(first),
         last_chunk: None,
         gaps: Duration::ZERO,
         chunks: 1,
@@ -350,6 +364,8 @@ pub(crate) async fn relay(
     held: Held,
     started: Instant,
     limits: RelayLimits,
+    first: Vec<Bytes>,
+    first_at: Option<Instant>,
 ) {
     let status = upstream.status().as_u16();
     let sse = upstream
@@ -373,7 +389,26 @@ pub(crate) async fn relay(
     let closed = link.chunks.closed();
     tokio::pin!(closed);
     let mut last_activity = Instant::now();
+    // What was read while waiting for the first event goes first.
+    let mut first = first.into_iter();
+    if let Some(at) = first_at {
+        timing.first_chunk = Some(at - started);
+        timing.last_chunk = Some(at);
+    }
     let ending = loop {
+        if let Some(chunk) = first.next() {
+            received += chunk.len() as u64;
+            tail.push(&chunk);
+            if follow_events {
+                last_event.push(&chunk);
+            }
+            timing.chunks += 1;
+            match link.deliver(chunk, closed.as_mut(), &limits).await {
+                Delivery::Delivered => continue,
+                Delivery::Gone => break Ending::Cancelled,
+                Delivery::Stalled(_) => break Ending::Stalled,
+            }
+        }
         // A chunk the upstream already has buffered is taken without arming any wake-up; only
         // when it has none does the relay wait on the upstream, the client and the timer.
         let next = match upstream.next().now_or_never() {
@@ -627,17 +662,28 @@ impl Timing {
 
 fn report(held: Held, sse: bool, status: u16, ending: Ending, timing: &Timing, started: Instant) {
     let endpoint = held.in_flight.endpoint().id;
+    let total = started.elapsed();
     let (status, cause) = match ending {
         Ending::Complete => {
-            let ok = !is_backend_failure(status);
             if held.counts {
-                held.reports
-                    .outcome(endpoint, ok, timing.first_chunk.or(Some(started.elapsed())));
+                let verdict = if is_backend_failure(status) {
+                    Verdict::Failure
+                } else {
+                    Verdict::Success(Sample {
+                        stream: sse,
+                        first: timing.first_chunk.unwrap_or(total),
+                        total,
+                        blocks: held.dispatch.blocks,
+                        cached: held.dispatch.cached,
+                        load: held.dispatch.load,
+                    })
+                };
+                held.reports.outcome(endpoint, verdict);
             }
             (status, Cause::of_status(status))
         }
         Ending::Broken => {
-            held.reports.outcome(endpoint, false, None);
+            held.reports.outcome(endpoint, Verdict::Failure);
             (502, Some(Cause::BadResponse))
         }
         Ending::Expired => (504, Some(Cause::Timeout)),
@@ -648,7 +694,7 @@ fn report(held: Held, sse: bool, status: u16, ending: Ending, timing: &Timing, s
         model: (!held.model.is_empty()).then_some(held.model),
         status,
         cause,
-        latency: started.elapsed(),
+        latency: total,
         ttft: timing.first_chunk.filter(|_| sse),
         inter_token: (timing.chunks > 1).then(|| timing.gaps / (timing.chunks - 1)),
         cache_hit: false,

@@ -19,7 +19,10 @@ use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::balancer::{BackendLoad, Balancer, BalancerView, HealthChanged, ModelsLearned};
-use crate::endpoint::Probe;
+use crate::endpoint::{Endpoint, Probe};
+
+/// How often the schedule is looked at (each endpoint has its own due time).
+const PROBE_TICK: Duration = Duration::from_millis(50);
 use crate::{Fail, GetStats, Stats};
 
 /// Probe schedule and thresholds; defaults documented in `config/default.toml`.
@@ -28,6 +31,11 @@ use crate::{Fail, GetStats, Stats};
 pub struct HealthSettings {
     pub interval_ms: u64,
     pub timeout_ms: u64,
+    /// How often an unhealthy endpoint is probed, to bring it back soon after it recovers.
+    pub unhealthy_interval_ms: u64,
+    /// Timeout of the out-of-band probe of an endpoint whose request is overdue: short, since a
+    /// hung backend is what it is looking for.
+    pub urgent_timeout_ms: u64,
     /// Consecutive good probes that bring an unhealthy endpoint back.
     pub rise: u32,
     /// Consecutive bad probes that take a healthy endpoint out.
@@ -42,6 +50,8 @@ impl Default for HealthSettings {
         Self {
             interval_ms: 30_000,
             timeout_ms: 5_000,
+            unhealthy_interval_ms: 2_000,
+            urgent_timeout_ms: 1_000,
             rise: 2,
             fall: 3,
             load_interval_ms: 1_000,
@@ -55,6 +65,9 @@ pub struct ScrapedLoad {
     pub running: f64,
     pub waiting: f64,
     pub kv_cache_usage: Option<f64>,
+    /// Tokens its KV cache holds: vLLM's `num_gpu_blocks` x `block_size` from
+    /// `vllm:cache_config_info`, SGLang's `max_total_num_tokens`.
+    pub cache_tokens: Option<f64>,
 }
 
 /// Gauge names per server: (running, waiting, kv-cache use).
@@ -76,6 +89,16 @@ const KV_CACHE: &[&str] = &[
     "sglang:token_usage",
 ];
 
+/// The value of label `name` on a Prometheus text line (values with escaped quotes are not
+/// needed for the numbers read here).
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let labels = line.split_once('{')?.1.split_once('}')?.0;
+    labels.split(',').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key.trim() == name).then(|| value.trim().trim_matches('"'))
+    })
+}
+
 impl ScrapedLoad {
     /// Reads the known gauges from Prometheus text; `None` when the text has none of them.
     pub fn parse(text: &str) -> Option<Self> {
@@ -96,7 +119,17 @@ impl ScrapedLoad {
             else {
                 continue;
             };
-            if RUNNING.contains(&name) {
+            if name == "vllm:cache_config_info" {
+                let blocks = label(line, "num_gpu_blocks").and_then(|v| v.parse::<f64>().ok());
+                let size = label(line, "block_size").and_then(|v| v.parse::<f64>().ok());
+                if let (Some(blocks), Some(size)) = (blocks, size) {
+                    load.cache_tokens = Some(blocks * size);
+                }
+                continue;
+            } else if name == "sglang:max_total_num_tokens" {
+                load.cache_tokens = Some(value);
+                continue;
+            } else if RUNNING.contains(&name) {
                 load.running += value;
             } else if WAITING.contains(&name) {
                 load.waiting += value;
@@ -153,6 +186,11 @@ pub struct ProbeState {
     pub load_backoff_ms: u64,
     #[serde(skip)]
     next_scrape: Option<std::time::Instant>,
+    /// When the next scheduled probe is due (`None`: now), and whether one is on its way.
+    #[serde(skip)]
+    next_probe: Option<std::time::Instant>,
+    #[serde(skip)]
+    probing: bool,
 }
 
 impl ProbeState {
@@ -171,6 +209,8 @@ impl ProbeState {
             load: None,
             load_backoff_ms: 0,
             next_scrape: None,
+            next_probe: None,
+            probing: false,
         }
     }
 
@@ -249,15 +289,31 @@ impl HealthChecker {
             .clone()
     }
 
-    fn probe_all(&mut self, ctx: &mut Context<Self>) {
-        self.probe(None, ctx);
+    /// Probes the endpoints whose probe is due: healthy ones every `interval_ms`, unhealthy
+    /// ones every `unhealthy_interval_ms`.
+    fn probe_due(&mut self, ctx: &mut Context<Self>) {
+        let now = std::time::Instant::now();
+        let table = self.view.table_arc();
+        for endpoint in &table.endpoints {
+            let due = self
+                .states
+                .get(&endpoint.id)
+                .is_none_or(|s| !s.probing && s.next_probe.is_none_or(|at| now >= at));
+            if due {
+                self.probe(Some(endpoint.id), false, ctx);
+            }
+        }
     }
 
-    /// Probes one endpoint, or all of them.
-    fn probe(&mut self, only: Option<usize>, ctx: &mut Context<Self>) {
+    /// Probes one endpoint, or all of them, now.
+    fn probe(&mut self, only: Option<usize>, urgent: bool, ctx: &mut Context<Self>) {
         let client = self.client();
         let table = self.view.table_arc();
-        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        let timeout = Duration::from_millis(if urgent {
+            self.settings.urgent_timeout_ms
+        } else {
+            self.settings.timeout_ms
+        });
         self.states
             .retain(|id, _| table.endpoints.iter().any(|e| e.id == *id));
         for endpoint in &table.endpoints {
@@ -268,17 +324,18 @@ impl HealthChecker {
                 .states
                 .entry(endpoint.id)
                 .or_insert_with(|| ProbeState::new(endpoint.url.clone(), endpoint.is_healthy()));
-            let id = endpoint.id;
+            state.probing = true;
             let target = Target {
                 client: client.clone(),
                 url: state.url.clone(),
                 authorization: endpoint.authorization.clone(),
-                learn_models: endpoint.learns_models,
+                learn_models: endpoint.learns_models && !urgent,
                 timeout,
             };
             let probe = probe(target, endpoint.probe.clone(), state.resolved.clone());
+            let endpoint = endpoint.clone();
             ctx.spawn(probe.into_actor(self).map(move |result, this, _| {
-                this.apply(id, result);
+                this.apply(&endpoint, result, urgent);
             }));
         }
     }
@@ -315,6 +372,7 @@ impl HealthChecker {
                     running: load.running,
                     waiting: load.waiting,
                     kv_cache: load.kv_cache_usage.unwrap_or(0.0),
+                    cache_tokens: load.cache_tokens,
                 });
                 if let Some(state) = this.states.get_mut(&id) {
                     state.load = Some(load);
@@ -323,16 +381,43 @@ impl HealthChecker {
         }
     }
 
-    fn apply(&mut self, id: usize, result: ProbeResult) {
+    /// Applies a probe's result. An urgent probe that fails takes the endpoint out at once; the
+    /// balancer then wakes the requests waiting on it. Otherwise they are woken here.
+    fn apply(&mut self, endpoint: &Endpoint, result: ProbeResult, urgent: bool) {
+        let id = endpoint.id;
         let Some(state) = self.states.get_mut(&id) else {
+            endpoint.probe_done();
             return;
         };
-        if let Some(healthy) = state.record(result.ok, &self.settings) {
-            self.balancer.do_send(HealthChanged {
-                endpoint: id,
-                healthy,
-            });
+        state.probing = false;
+        let settings = if urgent && !result.ok {
+            &HealthSettings {
+                fall: 1,
+                ..self.settings.clone()
+            }
+        } else {
+            &self.settings
+        };
+        match state.record(result.ok, settings) {
+            Some(healthy) => {
+                if !healthy {
+                    log::warn!("{}: health probe failed: {}", state.url, result.detail);
+                }
+                self.balancer.do_send(HealthChanged {
+                    endpoint: id,
+                    healthy,
+                });
+            }
+            None => endpoint.probe_done(),
         }
+        let interval = if state.healthy {
+            self.settings.interval_ms
+        } else {
+            self.settings
+                .unhealthy_interval_ms
+                .min(self.settings.interval_ms)
+        };
+        state.next_probe = Some(std::time::Instant::now() + Duration::from_millis(interval));
         state.last_probe_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .ok()
@@ -368,7 +453,10 @@ impl Target {
     /// GET that has one); `/v1/models` goes with the endpoint's key and its model ids are read.
     async fn get(&self, path: &str) -> Answer {
         let models = path == "/v1/models";
-        let mut request = self.client.get(format!("{}{path}", self.url));
+        let mut request = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .timeout(self.timeout);
         if models {
             if let Some(key) = &self.authorization {
                 request = request.insert_header((awc::http::header::AUTHORIZATION, key.as_str()));
@@ -533,11 +621,8 @@ impl Actor for HealthChecker {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.probe_all(ctx);
-        ctx.run_interval(
-            Duration::from_millis(self.settings.interval_ms.max(10)),
-            Self::probe_all,
-        );
+        self.probe_due(ctx);
+        ctx.run_interval(PROBE_TICK, Self::probe_due);
         if self.settings.load_interval_ms > 0 {
             self.scrape_all(ctx);
             ctx.run_interval(
@@ -555,19 +640,30 @@ impl Supervised for HealthChecker {
     }
 }
 
-/// Probes at once instead of waiting for the interval: one endpoint, or all of them (after
-/// endpoints were added at runtime, so they take traffic as soon as they answer).
+/// Probes at once instead of waiting for the interval: one endpoint (a request on it failed, or is
+/// overdue), or all of them (endpoints were added at runtime, so they take traffic as soon as they
+/// answer).
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct ProbeNow {
     pub endpoint: Option<usize>,
+    /// A request is overdue on the endpoint: the probe has `urgent_timeout_ms`, and if it fails
+    /// the endpoint is out at once (requests waiting on it fail over), whatever `fall` says.
+    pub urgent: bool,
 }
 
 impl Handler<ProbeNow> for HealthChecker {
     type Result = ();
 
     fn handle(&mut self, msg: ProbeNow, ctx: &mut Self::Context) {
-        self.probe(msg.endpoint, ctx);
+        let probing = msg
+            .endpoint
+            .and_then(|id| self.states.get(&id))
+            .is_some_and(|s| s.probing);
+        if probing && !msg.urgent {
+            return;
+        }
+        self.probe(msg.endpoint, msg.urgent, ctx);
     }
 }
 
@@ -656,8 +752,22 @@ mod tests {
             Some(ScrapedLoad {
                 running: 3.0,
                 waiting: 7.0,
-                kv_cache_usage: Some(0.42)
+                kv_cache_usage: Some(0.42),
+                cache_tokens: None,
             })
+        );
+        let info = "vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"2048\"} 1.0\n\
+            vllm:num_requests_running 0\n";
+        assert_eq!(
+            ScrapedLoad::parse(info).unwrap().cache_tokens,
+            Some(32768.0)
+        );
+        let unset = "vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"None\"} 1\n";
+        assert_eq!(ScrapedLoad::parse(unset), None);
+        let sglang_size = "sglang:max_total_num_tokens 500000\nsglang:num_queue_reqs 0\n";
+        assert_eq!(
+            ScrapedLoad::parse(sglang_size).unwrap().cache_tokens,
+            Some(500000.0)
         );
         let sglang =
             "sglang:num_running_reqs{a=\"b\"} 2\nsglang:num_queue_reqs 1\nsglang:token_usage 0.5\n";

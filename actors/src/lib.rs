@@ -7,7 +7,10 @@
 //! - [`balancer`]: the single writer of the endpoint set and each endpoint's weight, health,
 //!   circuit ([`breaker`]) and latency; it publishes a [`balancer::BalancerView`] that the request
 //!   path reads without a mailbox round trip, and picks with one of the [`policy`] types.
-//! - [`retry_budget`]: the gateway-wide cap on retries.
+//! - [`forwarding`]: carrying a request to a backend that answers (attempts, retries, failover,
+//!   hang detection, hedging); [`retry_budget`]: the gateway-wide cap on retries;
+//!   [`estimator`]: what the balancer learns of each endpoint; [`prefix_index`]: what each
+//!   backend probably caches, for cache-aware routing.
 //! - [`health_checker`]: probes each backend's `/health`, scrapes its `/metrics` load gauges and
 //!   learns its `/v1/models`, and tells the balancer.
 //! - [`cache`]: the response cache (LRU, TTL, entry and byte limits, coalescing of identical misses).
@@ -27,11 +30,14 @@ pub mod cache;
 pub mod clock;
 pub mod endpoint;
 pub mod error;
+pub mod estimator;
 pub mod exchange;
+pub mod forwarding;
 pub mod health_checker;
 pub mod metrics;
 pub mod policy;
 pub mod pool_supervisor;
+pub mod prefix_index;
 pub mod report;
 pub mod retry_budget;
 pub mod upstream_io;

@@ -510,6 +510,9 @@ struct Exposition {
     pool_refused: Counter,
     retries: Counter,
     retries_denied: Counter,
+    failovers: Counter,
+    hedges: Counter,
+    hedges_won: Counter,
     endpoint_weight: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
     endpoint_in_flight: Family<EndpointLabels, Gauge>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
@@ -538,6 +541,9 @@ impl Exposition {
             pool_refused: Counter::default(),
             retries: Counter::default(),
             retries_denied: Counter::default(),
+            failovers: Counter::default(),
+            hedges: Counter::default(),
+            hedges_won: Counter::default(),
             endpoint_weight: Family::default(),
             endpoint_in_flight: Family::default(),
             endpoint_healthy: Family::default(),
@@ -600,6 +606,21 @@ impl Exposition {
             "retries_denied",
             "Retries the retry budget refused",
             e.retries_denied.clone(),
+        );
+        r.register(
+            "failovers",
+            "Requests moved off an endpoint found dead (no retry budget taken)",
+            e.failovers.clone(),
+        );
+        r.register(
+            "hedges",
+            "Second attempts raced against a late first token",
+            e.hedges.clone(),
+        );
+        r.register(
+            "hedges_won",
+            "Hedges that produced the first token first",
+            e.hedges_won.clone(),
         );
         r.register(
             "endpoint_weight",
@@ -872,6 +893,9 @@ impl Handler<RenderPrometheus> for Metrics {
         let budget = self.retry_budget.stats();
         sync_counter(&e.retries, budget.retries);
         sync_counter(&e.retries_denied, budget.denied);
+        sync_counter(&e.failovers, budget.failovers);
+        sync_counter(&e.hedges, budget.hedges);
+        sync_counter(&e.hedges_won, budget.hedges_won);
         let buffers = self.buffers.stats();
         for (buffer, bytes) in [
             ("request_bodies", buffers.request_bodies.bytes as i64),

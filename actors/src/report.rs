@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use actix::Addr;
 
-use crate::balancer::{Balancer, BalancerView, Outcome, Outcomes};
+use crate::balancer::{Balancer, BalancerView, Outcome, Outcomes, Verdict};
 use crate::metrics::{MetricsHandle, Observe};
 
 /// Longest a fact waits in a thread's batch.
@@ -71,15 +71,11 @@ impl ThreadReports {
 
     /// Records how a request went. A failure is sent at once, so that consecutive failures
     /// eject an endpoint without waiting for the next flush.
-    pub fn outcome(&self, endpoint: usize, success: bool, latency: Option<Duration>) {
+    pub fn outcome(&self, endpoint: usize, verdict: Verdict) {
         let flush = {
             let mut outcomes = self.outcomes.borrow_mut();
-            outcomes.push(Outcome {
-                endpoint,
-                success,
-                latency,
-            });
-            !success || outcomes.len() >= BATCH
+            outcomes.push(Outcome { endpoint, verdict });
+            !verdict.is_success() || outcomes.len() >= BATCH
         };
         if flush {
             self.flush_outcomes();

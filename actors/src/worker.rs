@@ -14,20 +14,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use awc::error::SendRequestError;
-use awc::http::header::{self, HeaderName, HeaderValue};
+use awc::http::header::{HeaderName, HeaderValue};
 use awc::http::Method;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::buffers::RelayBytes;
-use crate::endpoint::{Bits, Endpoint, PickRequest};
 use crate::error::ForwardError;
 use crate::exchange::{
-    content_length, is_backend_failure, read_whole, relay, relay_channel, report_whole, Exchange,
-    ExchangeBody, Held, RelayLimits, StreamEnd, INLINE_BODY_MAX,
+    relay, relay_channel, report_whole, Exchange, ExchangeBody, RelayLimits, StreamEnd,
 };
+use crate::forwarding::{connect, Connected};
+use crate::health_checker::HealthChecker;
 use crate::pool_supervisor::{Admission, Permit};
 use crate::report::{Reporters, ThreadReports};
 use crate::retry_budget::RetryBudget;
@@ -54,10 +53,37 @@ pub struct UpstreamSettings {
     /// (connection refused or reset, no answer within the first-byte timeout, a 5xx or 429
     /// status, garbage instead of an OpenAI answer), within the request's deadline.
     pub attempts: usize,
-    /// Retries allowed per request over time, gateway-wide (the retry budget).
+    /// The retry budget: retries in flight may be this share of the requests in flight...
     pub retry_ratio: f64,
-    /// Retries available at once when the budget is full.
-    pub retry_burst: u32,
+    /// ...or this many, whichever is more.
+    pub retry_min_concurrency: usize,
+    /// A request is overdue after this multiple of its endpoint's recent 95th percentile time to
+    /// first token (streams) or whole answer (not streamed), and not before `overdue_floor_ms`:
+    /// its endpoint is then probed at once.
+    pub overdue_multiple: f64,
+    pub overdue_floor_ms: u64,
+}
+
+/// Hedged first tokens; defaults documented in `config/default.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HedgeSettings {
+    /// Whether streams are hedged unless they ask otherwise (`x-nanogate-hedge: on|off`).
+    pub enabled: bool,
+    /// A stream is hedged once its first token is later than its endpoint's p95 time to first
+    /// token, but not before `min_ms` nor after `max_ms`.
+    pub min_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Default for HedgeSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            min_ms: 50,
+            max_ms: 2000,
+        }
+    }
 }
 
 impl Default for UpstreamSettings {
@@ -72,7 +98,9 @@ impl Default for UpstreamSettings {
             request_timeout_ms: 600_000,
             attempts: 3,
             retry_ratio: 0.2,
-            retry_burst: 20,
+            retry_min_concurrency: 10,
+            overdue_multiple: 3.0,
+            overdue_floor_ms: 3000,
         }
     }
 }
@@ -94,6 +122,12 @@ pub struct UpstreamRequest {
     pub openai_route: bool,
     /// How a successful stream of this route ends.
     pub stream_end: StreamEnd,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// The chained keys of the prompt's blocks (cache-aware routing; empty otherwise).
+    pub blocks: Vec<u64>,
+    /// The client's own choice about hedging, if it made one.
+    pub hedge: Option<bool>,
     /// Hash of the affinity key (session, user, or prompt prefix).
     pub affinity: Option<u64>,
     /// When the whole request must be done: the client's deadline or `request_timeout_ms`.
@@ -113,13 +147,19 @@ pub struct WorkerPool {
     admission: Admission,
 }
 
-struct WorkerShared {
-    client: awc::Client,
-    reports: Rc<ThreadReports>,
-    settings: UpstreamSettings,
-    retry_budget: Arc<RetryBudget>,
-    relay_bytes: Arc<RelayBytes>,
-    client_stall: Duration,
+/// What every worker of a thread shares.
+pub(crate) struct WorkerShared {
+    pub client: awc::Client,
+    pub reports: Rc<ThreadReports>,
+    pub settings: UpstreamSettings,
+    pub hedge: HedgeSettings,
+    pub retry_budget: Arc<RetryBudget>,
+    pub relay_bytes: Arc<RelayBytes>,
+    pub client_stall: Duration,
+    /// Asked for out-of-band probes of endpoints whose requests are overdue.
+    pub health: Addr<HealthChecker>,
+    /// How many requests are in flight, for the retry budget.
+    pub admission: Admission,
 }
 
 /// What every thread's [`WorkerPool`] is built from.
@@ -128,7 +168,9 @@ pub struct WorkerPoolConfig {
     pub admission: Admission,
     pub reporters: Reporters,
     pub settings: UpstreamSettings,
+    pub hedge: HedgeSettings,
     pub retry_budget: Arc<RetryBudget>,
+    pub health: Addr<HealthChecker>,
     pub buffers: Arc<crate::buffers::Buffers>,
     /// Longest a client may leave its response unread before it is cut off.
     pub client_stall: Duration,
@@ -143,7 +185,9 @@ impl WorkerPool {
             admission,
             reporters,
             settings,
+            hedge,
             retry_budget,
+            health,
             buffers,
             client_stall,
             threads,
@@ -165,9 +209,12 @@ impl WorkerPool {
                 client,
                 reports: ThreadReports::start(reporters),
                 settings,
+                hedge,
                 retry_budget,
                 relay_bytes: buffers.thread_relay(),
                 client_stall,
+                health,
+                admission: admission.clone(),
             }),
             admission,
         })
@@ -274,6 +321,8 @@ impl Handler<Forward> for Worker {
             let Connected {
                 response,
                 body: whole,
+                first,
+                first_at,
                 held,
                 started,
             } = match connected {
@@ -301,275 +350,12 @@ impl Handler<Forward> for Worker {
                 .send(Ok(exchange(ExchangeBody::Relayed(relayed))))
                 .is_ok()
             {
-                relay(response, link, held, started, limits).await;
+                relay(response, link, held, started, limits, first, first_at).await;
             }
         };
         Box::pin(
             work.into_actor(self)
                 .map(|(), this, ctx| this.pool.release(ctx)),
         )
-    }
-}
-
-/// A backend's answer: its head, its whole body when it was small and not a stream, and what the
-/// exchange holds until it ends.
-struct Connected {
-    response: awc::ClientResponse,
-    body: Option<Bytes>,
-    held: Held,
-    started: Instant,
-}
-
-/// Whether a response is read whole before the head goes back: not a stream, and small.
-fn inline(response: &awc::ClientResponse) -> bool {
-    let sse = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
-    !sse && content_length(response).is_some_and(|l| l <= INLINE_BODY_MAX)
-}
-
-/// Picks an endpoint and sends the request, trying another endpoint when one fails before any
-/// byte could reach the client (within the per-request attempt limit and the gateway-wide retry
-/// budget); returns the response with its head read, and its body too when it is small and not
-/// a stream, so that a backend failing in the middle of such a body is retried as well.
-async fn connect(
-    shared: &WorkerShared,
-    request: UpstreamRequest,
-    permit: Permit,
-    limits: RelayLimits,
-) -> Result<Connected, ForwardError> {
-    let table = shared.reports.view().table_arc();
-    let budget = &shared.retry_budget;
-    budget.deposit();
-    let mut pick = PickRequest {
-        model: &request.model,
-        exclude: Bits::default(),
-        affinity: request.affinity,
-    };
-    let attempts = shared.settings.attempts.max(1);
-    // A retry needs an attempt left, another endpoint, and a token from the gateway-wide budget.
-    let may_retry = |attempt: usize, pick: &PickRequest<'_>| {
-        attempt < attempts && table.has_alternative(pick) && budget.try_retry()
-    };
-    let mut last_error = None;
-    // A backend's own refusal (5xx or 429) whose outcome waits for the next attempt: the same
-    // status from another backend for the same request says the failure follows the request
-    // (a prompt every backend rejects), not the backend, and neither counts towards ejection.
-    let mut refused: Option<(usize, u16)> = None;
-    let count_refusal = |refused: &mut Option<(usize, u16)>| {
-        if let Some((endpoint, _)) = refused.take() {
-            shared.reports.outcome(endpoint, false, None);
-        }
-    };
-    // Servers close idle keep-alive connections on their own schedule, and the pool may hand out
-    // one that was just closed: the first transport failure of a request is retried once on a
-    // fresh connection, outside the attempt limit and the budget (nothing reached the backend's
-    // model, and a dead backend fails the second time too).
-    let mut fresh_connection_retry = true;
-    let mut attempt = 1;
-    while attempt <= attempts {
-        let Some((slot, endpoint)) = table.pick(&pick, &mut rand::thread_rng()) else {
-            break;
-        };
-        pick.exclude.insert(slot);
-        let left = request.deadline.saturating_duration_since(Instant::now());
-        let own_first_byte = Duration::from_millis(shared.settings.first_byte_timeout_ms);
-        let clients = request.read_timeout.map_or(left, |read| read.min(left));
-        let first_byte = own_first_byte.min(clients);
-        if first_byte.is_zero() {
-            count_refusal(&mut refused);
-            return Err(ForwardError::DeadlinePassed {
-                budget: request.budget,
-            });
-        }
-        let in_flight = endpoint.begin();
-        let started = Instant::now();
-        let upstream = upstream_request(shared, &request, endpoint, first_byte);
-        let sent = if request.body.is_empty()
-            && !matches!(request.method, Method::POST | Method::PUT | Method::PATCH)
-        {
-            upstream.send_body(awc::body::None::new()).await
-        } else {
-            upstream.send_body(request.body.clone()).await
-        };
-        let transport_failure = matches!(
-            sent,
-            Err(SendRequestError::Connect(_)
-                | SendRequestError::Send(_)
-                | SendRequestError::Response(_))
-        );
-        if transport_failure && fresh_connection_retry {
-            fresh_connection_retry = false;
-            pick.exclude.remove(slot);
-            continue;
-        }
-        let bad = |reason: String| ForwardError::BadResponse {
-            endpoint: endpoint.id,
-            reason,
-        };
-        let (error, retry) = match sent {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                let follows_request = is_backend_failure(status)
-                    && refused.is_some_and(|(other, s)| s == status && other != endpoint.id);
-                match judge(response, request.openai_route, limits, || {
-                    !follows_request && may_retry(attempt, &pick)
-                })
-                .await
-                {
-                    Judged::Usable(response, body) => {
-                        if follows_request {
-                            log::info!(
-                                "request {:?}: two backends answered {status}; passing it on, counting neither",
-                                request.request_id
-                            );
-                        } else {
-                            count_refusal(&mut refused);
-                        }
-                        return Ok(Connected {
-                            response,
-                            body,
-                            held: Held {
-                                in_flight,
-                                _permit: permit,
-                                reports: shared.reports.clone(),
-                                model: request.model,
-                                counts: !follows_request,
-                            },
-                            started,
-                        });
-                    }
-                    Judged::Retry(status) => {
-                        log::warn!(
-                            "request {:?}: {} answered {status}; trying another backend",
-                            request.request_id,
-                            endpoint.url
-                        );
-                        count_refusal(&mut refused);
-                        refused = Some((endpoint.id, status.as_u16()));
-                        attempt += 1;
-                        continue;
-                    }
-                    Judged::Unusable(reason) => (bad(reason), may_retry(attempt, &pick)),
-                }
-            }
-            // The client's own limit ran out (its deadline or read timeout): it would not wait
-            // any longer, and the backend was not necessarily at fault, so it is not counted.
-            Err(SendRequestError::Timeout) if first_byte < own_first_byte => {
-                count_refusal(&mut refused);
-                return Err(ForwardError::DeadlinePassed {
-                    budget: if first_byte == left {
-                        request.budget
-                    } else {
-                        first_byte
-                    },
-                });
-            }
-            Err(SendRequestError::Timeout) => (
-                ForwardError::Timeout {
-                    endpoint: endpoint.id,
-                    timeout: first_byte,
-                },
-                may_retry(attempt, &pick),
-            ),
-            Err(SendRequestError::Connect(e)) => (
-                ForwardError::Connect {
-                    endpoint: endpoint.id,
-                    reason: e.to_string(),
-                },
-                may_retry(attempt, &pick),
-            ),
-            Err(e) => (bad(e.to_string()), may_retry(attempt, &pick)),
-        };
-        log::warn!(
-            "request {:?}: {}: {error}",
-            request.request_id,
-            endpoint.url
-        );
-        count_refusal(&mut refused);
-        shared.reports.outcome(endpoint.id, false, None);
-        last_error = Some(error);
-        if !retry {
-            break;
-        }
-        attempt += 1;
-    }
-    count_refusal(&mut refused);
-    Err(last_error.unwrap_or(ForwardError::NoBackend {
-        model: request.model,
-    }))
-}
-
-/// The request to one endpoint: the client's body and end-to-end headers, and the endpoint's own
-/// key (or else the client's) as authorization.
-fn upstream_request(
-    shared: &WorkerShared,
-    request: &UpstreamRequest,
-    endpoint: &Endpoint,
-    first_byte: Duration,
-) -> awc::ClientRequest {
-    let mut upstream = shared
-        .client
-        .request(
-            request.method.clone(),
-            format!("{}{}", endpoint.url, request.path),
-        )
-        .timeout(first_byte);
-    let headers = upstream.headers_mut();
-    for (name, value) in &request.headers {
-        headers.append(name.clone(), value.clone());
-    }
-    if let Some(key) = &endpoint.authorization {
-        if let Ok(key) = HeaderValue::from_str(key) {
-            upstream = upstream.insert_header((header::AUTHORIZATION, key));
-        }
-    }
-    upstream
-}
-
-/// What a backend's answer is good for.
-enum Judged {
-    /// Relay it (with its whole body when it is small and not a stream).
-    Usable(awc::ClientResponse, Option<Bytes>),
-    /// The backend's own 5xx or 429, and a retry was granted: try another endpoint.
-    Retry(awc::http::StatusCode),
-    /// A 2xx that is not an answer of the API (not JSON or SSE), or a body that broke before the
-    /// end: never relayed.
-    Unusable(String),
-}
-
-/// Judges an answer. The backend's own refusal (5xx or 429, whatever its content type) is retried
-/// when `retry_refusal` grants it, and relayed to the client otherwise, body and all: a 502 is
-/// only for a backend that could not be reached or sent garbage with a 2xx.
-async fn judge(
-    mut response: awc::ClientResponse,
-    openai_route: bool,
-    limits: RelayLimits,
-    retry_refusal: impl FnOnce() -> bool,
-) -> Judged {
-    let status = response.status();
-    let content_type = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let sse = content_type.starts_with("text/event-stream");
-    let json = content_type.starts_with("application/json");
-    let failed = is_backend_failure(status.as_u16());
-    if openai_route && status.is_success() && !(json || sse) {
-        return Judged::Unusable(format!(
-            "status {status} with content type '{content_type}'"
-        ));
-    }
-    if failed && retry_refusal() {
-        return Judged::Retry(status);
-    }
-    if !inline(&response) {
-        return Judged::Usable(response, None);
-    }
-    match read_whole(&mut response, limits).await {
-        Ok(body) => Judged::Usable(response, Some(body)),
-        Err(reason) => Judged::Unusable(reason),
     }
 }

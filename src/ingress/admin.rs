@@ -121,7 +121,10 @@ async fn add(
         .map_err(unavailable)?
     {
         Ok(id) => {
-            state.health.do_send(ProbeNow { endpoint: Some(id) });
+            state.health.do_send(ProbeNow {
+                endpoint: Some(id),
+                urgent: false,
+            });
             Ok(HttpResponse::Created().json(json!({"id": id, "healthy": false})))
         }
         Err(reason) => Err(GatewayError::Conflict(reason)),

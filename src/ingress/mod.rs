@@ -44,6 +44,8 @@ pub struct AppState {
     pub body_limits: BodyLimits,
     pub connections: Arc<ConnectionLimit>,
     pub affinity: AffinitySettings,
+    /// Prompt blocks keyed per request for cache-aware routing (0 under other policies).
+    pub prefix_blocks: usize,
     pub request_timeout: Duration,
     /// The SHA-256 digest of `Bearer <token>` for the admin routes; `None` turns them off.
     pub admin_authorization: Option<[u8; 32]>,

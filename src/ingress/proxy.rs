@@ -19,7 +19,9 @@ use sha2::{Digest, Sha256};
 
 use super::connections::{admit, ConnectionSlot, PeerHeaders};
 use super::path::normalize_v1;
-use super::request::{classify, client_timeouts, read_body, Classified, Operation, TIMEOUT_HEADER};
+use super::request::{
+    classify_with_blocks, client_timeouts, read_body, Classified, Operation, TIMEOUT_HEADER,
+};
 use super::AppState;
 use crate::error::GatewayError;
 
@@ -141,7 +143,15 @@ async fn serve(
         model,
         cacheable,
         affinity,
-    } = classify(operation, &body, req.headers(), &state.affinity)?;
+        stream,
+        blocks,
+    } = classify_with_blocks(
+        operation,
+        &body,
+        req.headers(),
+        &state.affinity,
+        state.prefix_blocks,
+    )?;
     if !state.view.table().knows_model(&model) {
         return Err(GatewayError::ModelNotFound(model));
     }
@@ -150,6 +160,8 @@ async fn serve(
     let mut upstream = upstream_request(req, state, Method::POST, path, body, model, request_id);
     upstream.affinity = affinity;
     upstream.stream_end = operation.stream_end();
+    upstream.stream = stream;
+    upstream.blocks = blocks;
     let Some(key) = key else {
         return Ok(relay(req, pool.forward(upstream).await?));
     };
@@ -192,10 +204,28 @@ fn upstream_request(
         model,
         openai_route: true,
         stream_end: StreamEnd::Done,
+        stream: false,
+        blocks: Vec::new(),
+        hedge: hedge_choice(req),
         affinity: None,
         deadline: Instant::now() + timeouts.total,
         budget: timeouts.total,
         read_timeout: timeouts.read,
+    }
+}
+
+/// Request header turning hedging on or off for one request (`on` / `off`).
+pub const HEDGE_HEADER: HeaderName = HeaderName::from_static("x-nanogate-hedge");
+
+/// The client's own choice about hedging, if it made one.
+fn hedge_choice(req: &HttpRequest) -> Option<bool> {
+    let value = req.headers().get(HEDGE_HEADER)?.as_bytes();
+    if value.eq_ignore_ascii_case(b"on") {
+        Some(true)
+    } else if value.eq_ignore_ascii_case(b"off") {
+        Some(false)
+    } else {
+        None
     }
 }
 

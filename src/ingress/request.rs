@@ -13,6 +13,7 @@ use futures_util::{FutureExt, StreamExt};
 use nanogate_actors::buffers::{ByteBudget, Reservation};
 use nanogate_actors::exchange::StreamEnd;
 use nanogate_actors::policy::affinity::stable_hash_seeded;
+use nanogate_actors::prefix_index::{block_keys_of, BLOCK_BYTES};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -141,6 +142,9 @@ impl Text<'_> {
 pub struct Classified {
     pub model: String,
     pub cacheable: bool,
+    pub stream: bool,
+    /// The chained keys of the prompt's blocks, for cache-aware routing (empty when off).
+    pub blocks: Vec<u64>,
     /// Hash of the affinity key: a session header, else `user`, else the prompt's prefix.
     pub affinity: Option<u64>,
 }
@@ -226,6 +230,18 @@ pub fn classify(
     headers: &HeaderMap,
     affinity: &AffinitySettings,
 ) -> Result<Classified, GatewayError> {
+    classify_with_blocks(operation, body, headers, affinity, 0)
+}
+
+/// [`classify`], also keying up to `max_blocks` blocks of the prompt (its system prompt or
+/// instructions first) for cache-aware routing.
+pub fn classify_with_blocks(
+    operation: Operation,
+    body: &[u8],
+    headers: &HeaderMap,
+    affinity: &AffinitySettings,
+    max_blocks: usize,
+) -> Result<Classified, GatewayError> {
     let fields: Fields = serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
             wrong_field(body)
@@ -282,9 +298,21 @@ pub fn classify(
             (affinity.prefix_bytes > 0)
                 .then(|| (b'p', &raw[..raw.len().min(affinity.prefix_bytes)]))
         });
+    let mut blocks = Vec::new();
+    if max_blocks > 0 {
+        let system = fields.system.or(fields.instructions);
+        let parts: [&[u8]; 2] = [
+            system.map_or(&[][..], |s| s.get().as_bytes()),
+            content.map_or(&[][..], |c| c.get().as_bytes()),
+        ];
+        blocks.reserve((parts[0].len() + parts[1].len()) / BLOCK_BYTES + 1);
+        block_keys_of(&parts, max_blocks, &mut blocks);
+    }
     Ok(Classified {
         model,
         cacheable: !stream && !bypass && (deterministic || opted_in),
+        stream,
+        blocks,
         affinity: key.map(|(kind, bytes)| stable_hash_seeded(u64::from(kind), bytes)),
     })
 }

@@ -6,8 +6,9 @@
 //! omission, and `--stream` to measure time to first token. All requests run
 //! as futures on the current thread, which keeps the generator's own overhead
 //! predictable and needs no synchronisation around the statistics.
-//! `--prefixes` switches to the shared-system-prompt workload (see
-//! [`workload`]) that prefix-cache-aware routing is benchmarked with.
+//! `--prefixes` (with `--zipf`, `--turns`) and `--unique` switch to the
+//! workloads (see [`workload`]) that prefix-cache-aware routing is
+//! benchmarked with.
 
 mod client;
 mod progress;
@@ -60,6 +61,21 @@ pub struct LoadtestArgs {
     /// Length of each system prompt in characters (8000 is about 2000 tokens).
     #[arg(long, default_value_t = 8000)]
     pub prefix_chars: usize,
+    /// Zipf exponent of the system prompts' popularity (prompt k is picked with weight 1/k^s);
+    /// 0 picks uniformly.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    pub zipf: f64,
+    /// Multi-turn conversations of this many turns: each request is the next turn of one of
+    /// --sessions conversations, its prompt the whole conversation so far; 1 = single requests.
+    #[arg(long, default_value_t = 1)]
+    pub turns: u32,
+    /// Conversations going on at once (with --turns above 1); a session's next turn comes this
+    /// many requests after its previous one.
+    #[arg(long, default_value_t = 64)]
+    pub sessions: u64,
+    /// No shared prefix at all: every request has its own system prompt of --prefix-chars.
+    #[arg(long, conflicts_with_all = ["prefixes", "turns"])]
+    pub unique: bool,
     /// Seed of the system prompts' text and of the per-request picks, for reproducible runs.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -87,6 +103,14 @@ fn http_url(s: &str) -> Result<String, String> {
         );
     }
     Ok(s.to_owned())
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(_) => Err("must be zero or a positive number".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn positive(s: &str) -> Result<f64, String> {
@@ -185,6 +209,9 @@ mod cli {
         assert_eq!((a.model.as_str(), a.timeout, a.rate), ("sim", 60.0, None));
         assert!(!a.stream && !a.json && !a.quiet && a.api_key.is_none());
         assert_eq!((a.prefixes, a.prefix_chars, a.seed), (0, 8000, 1));
+        assert_eq!((a.zipf, a.turns, a.sessions, a.unique), (0.0, 1, 64, false));
+        assert!(parse(&["--url", "http://h/", "--zipf", "-1"]).is_err());
+        assert!(parse(&["--url", "http://h/", "--unique", "--prefixes", "4"]).is_err());
 
         let url = ["--url", "http://h/"];
         assert!(parse(&[&url[..], &["--rate", "0"]].concat()).is_err());

@@ -156,6 +156,10 @@ fn args(url: String, stream: bool) -> LoadtestArgs {
         quiet: true,
         prefixes: 0,
         prefix_chars: 8000,
+        zipf: 0.0,
+        turns: 1,
+        sessions: 64,
+        unique: false,
         seed: 1,
     }
 }

@@ -4,9 +4,12 @@
 //! `watch` channel because waiting requests must be *woken* when the server goes down or stops
 //! hanging, which an atomic cannot do.
 
-use std::sync::{
-    atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
@@ -34,6 +37,10 @@ pub struct Switches {
     pub down: bool,
     pub hang: bool,
     pub garbage: bool,
+    /// Streams answer their head (200, `text/event-stream`), then send nothing.
+    pub stall: bool,
+    /// Streams answer their head, then the connection is cut.
+    pub reset: bool,
     /// Bumped on every up-to-down transition, so a sequence that started before the outage is
     /// cut even if the server is already back up by the time it looks.
     #[serde(skip)]
@@ -60,6 +67,9 @@ pub struct SimControl {
     switches: watch::Sender<Switches>,
     error_rate_bits: AtomicU64,
     pub(crate) counters: Counters,
+    born: Instant,
+    /// When the server last came up, in milliseconds after `born`: warm-up counts from here.
+    up_at_ms: AtomicU64,
 }
 
 impl SimControl {
@@ -68,6 +78,8 @@ impl SimControl {
             switches: watch::Sender::new(Switches::default()),
             error_rate_bits: AtomicU64::new(0),
             counters: Counters::default(),
+            born: Instant::now(),
+            up_at_ms: AtomicU64::new(0),
         };
         control.set_error_rate(error_rate);
         control
@@ -83,13 +95,24 @@ impl SimControl {
             s.down = down;
             if down {
                 s.down_epoch += 1;
+            } else {
+                let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.up_at_ms.store(now, Relaxed);
             }
             true
         });
     }
 
-    /// Hang: every new request (including `/health`) gets no answer until switched off, like a
-    /// vLLM that has bound its port but not loaded its model.
+    /// How long the server has been up since it started or last came back.
+    pub(crate) fn up_for(&self) -> Duration {
+        self.born
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.up_at_ms.load(Relaxed)))
+    }
+
+    /// Hang: the server freezes, like a process stopped with SIGSTOP: every new request
+    /// (including `/health`) gets no answer, and requests in flight produce nothing more, until
+    /// switched off.
     pub fn set_hang(&self, hang: bool) {
         self.switches
             .send_if_modified(|s| std::mem::replace(&mut s.hang, hang) != hang);
@@ -99,6 +122,19 @@ impl SimControl {
     pub fn set_garbage(&self, garbage: bool) {
         self.switches
             .send_if_modified(|s| std::mem::replace(&mut s.garbage, garbage) != garbage);
+    }
+
+    /// Stall: a streamed request gets its 200 head and then no byte more, like a server whose
+    /// engine died after the HTTP layer answered; the request holds no batch slot meanwhile.
+    pub fn set_stall(&self, stall: bool) {
+        self.switches
+            .send_if_modified(|s| std::mem::replace(&mut s.stall, stall) != stall);
+    }
+
+    /// Reset: a streamed request gets its 200 head, then its connection is cut.
+    pub fn set_reset(&self, reset: bool) {
+        self.switches
+            .send_if_modified(|s| std::mem::replace(&mut s.reset, reset) != reset);
     }
 
     /// Clamped to 0..=1 (NaN counts as 0) so a bad value cannot make the draw panic.

@@ -73,12 +73,12 @@ impl Engine {
         self.control.reset_counters();
     }
 
-    /// Prompt tokens already cached for a prompt with these blocks, which are cached from now on.
-    /// Like vLLM, a fully cached prompt still computes its last token, and queries and hits are
-    /// counted in tokens.
-    fn cached_tokens(&self, blocks: &[u64], prompt_tokens: u32) -> u32 {
-        let hit_blocks = self.prefix_cache().lookup_and_insert(blocks);
-        let cached = u32::try_from(hit_blocks)
+    /// Prompt tokens already cached for a prompt with these blocks, which stay pinned in the cache
+    /// until [`Engine::release`] (`held` of them). Like vLLM, a fully cached prompt still computes
+    /// its last token, and queries and hits are counted in tokens.
+    fn acquire_prefix(&self, blocks: &[u64], prompt_tokens: u32) -> (u32, usize) {
+        let got = self.prefix_cache().acquire(blocks);
+        let cached = u32::try_from(got.hits)
             .unwrap_or(u32::MAX)
             .saturating_mul(BLOCK_TOKENS)
             .min(prompt_tokens.saturating_sub(1));
@@ -87,7 +87,23 @@ impl Engine {
             .prefix_queries
             .fetch_add(u64::from(prompt_tokens), Relaxed);
         counters.prefix_hits.fetch_add(u64::from(cached), Relaxed);
-        cached
+        (cached, got.held)
+    }
+
+    fn release_prefix(&self, held: &[u64]) {
+        if !held.is_empty() {
+            self.prefix_cache().release(held);
+        }
+    }
+
+    /// How much slower than its speed the GPU runs now: `warmup_factor` for the first
+    /// `warmup_ms` after start or after coming back up (cold CUDA graphs and allocator), else 1.
+    fn slowdown(&self) -> f64 {
+        if self.control.up_for() < Duration::from_millis(self.cfg.warmup_ms) {
+            self.cfg.warmup_factor
+        } else {
+            1.0
+        }
     }
 
     /// A panic while holding the lock cannot leave the LRU inconsistent in a way that matters
@@ -168,6 +184,34 @@ impl Outage {
     }
 }
 
+impl Outage {
+    /// Waits while the server is hung (frozen: nothing in flight moves either, like a process
+    /// stopped with SIGSTOP); `Err` if it goes down meanwhile.
+    pub async fn thaw(&mut self) -> Result<(), Cut> {
+        if !self.switches.borrow().hang {
+            return Ok(());
+        }
+        let epoch = self.epoch;
+        let cut = match self
+            .switches
+            .wait_for(|s| !s.hang || s.down_epoch != epoch)
+            .await
+        {
+            Ok(s) => s.down_epoch != epoch,
+            // The simulator is being dropped: nothing will thaw it.
+            Err(_) => {
+                std::future::pending::<()>().await;
+                true
+            }
+        };
+        if cut {
+            Err(Cut)
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// What a request asks the GPU to do, decided before it queues.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -195,6 +239,8 @@ pub struct Sequence {
     ticket: Ticket,
     outage: Outage,
     slot: Option<Slot>,
+    /// How many leading prefix blocks the slot pins in the cache.
+    held: usize,
     produced: u32,
     deadline: Instant,
 }
@@ -207,9 +253,17 @@ impl Sequence {
             ticket,
             outage,
             slot: None,
+            held: 0,
             produced: 0,
             deadline: Instant::now(),
         }
+    }
+
+    /// Gives back the batch slot and the cache blocks it pinned.
+    fn free_slot(&mut self) {
+        self.slot = None;
+        let held = std::mem::take(&mut self.held);
+        self.engine.release_prefix(&self.plan.prefix_blocks[..held]);
     }
 
     /// Waits for the next token. Deadlines accumulate from the previous one (not from "now"), so
@@ -218,11 +272,11 @@ impl Sequence {
         let result = self.advance().await;
         match result {
             Ok(Step::Done) => {
-                self.slot = None;
+                self.free_slot();
                 self.ticket.complete();
             }
             Err(Cut) => {
-                self.slot = None;
+                self.free_slot();
                 self.ticket.fail();
             }
             Ok(Step::Token(_)) => {}
@@ -242,23 +296,32 @@ impl Sequence {
             counters
                 .prompt_tokens
                 .fetch_add(u64::from(self.plan.prompt_tokens), Relaxed);
-            let cached = self
+            let (cached, held) = self
                 .engine
-                .cached_tokens(&self.plan.prefix_blocks, self.plan.prompt_tokens);
-            self.deadline = Instant::now()
-                + time_to_first_token(cfg, self.plan.prompt_tokens - cached)
-                + self.plan.spike;
+                .acquire_prefix(&self.plan.prefix_blocks, self.plan.prompt_tokens);
+            self.held = held;
+            let prefill = time_to_first_token(cfg, self.plan.prompt_tokens - cached);
+            self.deadline =
+                Instant::now() + prefill.mul_f64(self.engine.slowdown()) + self.plan.spike;
         } else if self.produced >= self.plan.completion_tokens {
             return Ok(Step::Done);
         } else {
             let running = counters.running.load(Relaxed);
-            self.deadline += decode_step(cfg, running);
+            self.deadline += decode_step(cfg, running).mul_f64(self.engine.slowdown());
         }
         self.outage.guard(sleep_until(self.deadline)).await?;
+        self.outage.thaw().await?;
         counters.generation_tokens.fetch_add(1, Relaxed);
         let token = self.produced;
         self.produced += 1;
         Ok(Step::Token(token))
+    }
+}
+
+impl Drop for Sequence {
+    /// A client that leaves mid-request frees its blocks like one that finished.
+    fn drop(&mut self) {
+        self.free_slot();
     }
 }
 
@@ -307,6 +370,13 @@ mod tests {
         assert_eq!(decode_step(&fast, 1), Duration::from_micros(2_500));
     }
 
+    /// The cached tokens of a request that runs and finishes at once.
+    fn cached_tokens(engine: &Engine, blocks: &[u64], tokens: u32) -> u32 {
+        let (cached, held) = engine.acquire_prefix(blocks, tokens);
+        engine.release_prefix(&blocks[..held]);
+        cached
+    }
+
     /// Keys of an 8,000-character system prompt (2,000 tokens) followed by `question`.
     fn prompt(question: &str) -> (u32, Vec<u64>) {
         let mut blocks = super::super::prefix::BlockHasher::default();
@@ -324,9 +394,9 @@ mod tests {
         let engine = Engine::new(cfg(), Arc::clone(&control));
         let (tokens, blocks) = prompt("question 1: why?");
         assert_eq!((tokens, blocks.len()), (2004, 125));
-        assert_eq!(engine.cached_tokens(&blocks, tokens), 0);
+        assert_eq!(cached_tokens(&engine, &blocks, tokens), 0);
         let (tokens, blocks) = prompt("question 2: and why not?");
-        let cached = engine.cached_tokens(&blocks, tokens);
+        let cached = cached_tokens(&engine, &blocks, tokens);
         assert_eq!(cached, 2000);
         // Cold: 5 ms + 2,006 tokens * 50 us, about 105 ms; warm: 5 ms + 6 tokens.
         assert_eq!(
@@ -341,7 +411,7 @@ mod tests {
         engine.flush();
         let stats = control.snapshot();
         assert_eq!((stats.prefix_query_tokens, stats.prefix_hit_tokens), (0, 0));
-        assert_eq!(engine.cached_tokens(&blocks, tokens), 0);
+        assert_eq!(cached_tokens(&engine, &blocks, tokens), 0);
     }
 
     #[test]
@@ -355,11 +425,11 @@ mod tests {
             Arc::clone(&control),
         );
         let (tokens, blocks) = prompt("");
-        off.cached_tokens(&blocks, tokens);
-        assert_eq!(off.cached_tokens(&blocks, tokens), 0);
+        cached_tokens(&off, &blocks, tokens);
+        assert_eq!(cached_tokens(&off, &blocks, tokens), 0);
         let on = Engine::new(cfg(), control);
-        on.cached_tokens(&blocks, tokens);
-        assert_eq!(on.cached_tokens(&blocks, tokens), tokens - 1);
+        cached_tokens(&on, &blocks, tokens);
+        assert_eq!(cached_tokens(&on, &blocks, tokens), tokens - 1);
     }
 
     #[actix_rt::test]

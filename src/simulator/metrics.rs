@@ -6,7 +6,7 @@
 
 use std::{fmt::Write, sync::atomic::Ordering::Relaxed};
 
-use super::{control::SimControl, SimConfig};
+use super::{control::SimControl, prefix::BLOCK_TOKENS, SimConfig};
 
 /// The `/metrics` body in Prometheus text format 0.0.4.
 pub fn render(cfg: &SimConfig, control: &SimControl) -> String {
@@ -64,7 +64,7 @@ pub fn render(cfg: &SimConfig, control: &SimControl) -> String {
             stats.prefix_hit_tokens.to_string(),
         ),
     ];
-    let mut out = String::with_capacity(1024);
+    let mut out = String::with_capacity(1280);
     for (name, kind, help, value) in series {
         // Writing to a String cannot fail.
         let _ = write!(
@@ -72,6 +72,21 @@ pub fn render(cfg: &SimConfig, control: &SimControl) -> String {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{model_name=\"{model}\"}} {value}\n"
         );
     }
+    // vLLM publishes its KV-cache geometry as an info gauge: a router can size its picture of
+    // the prefix cache from it.
+    let _ = write!(
+        out,
+        "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n\
+         # TYPE vllm:cache_config_info gauge\n\
+         vllm:cache_config_info{{block_size=\"{BLOCK_TOKENS}\",enable_prefix_caching=\"{}\",\
+         num_gpu_blocks=\"{}\"}} 1.0\n",
+        if cfg.prefix_cache_blocks > 0 {
+            "True"
+        } else {
+            "False"
+        },
+        cfg.prefix_cache_blocks,
+    );
     out
 }
 
@@ -96,6 +111,9 @@ mod tests {
         assert!(text.contains("# TYPE vllm:generation_tokens_total counter\n"));
         assert!(text.contains("vllm:prefix_cache_queries_total{model_name=\"sim\"} 0\n"));
         assert!(text.contains("vllm:prefix_cache_hits_total{model_name=\"sim\"} 0\n"));
+        assert!(text.contains(
+            "vllm:cache_config_info{block_size=\"16\",enable_prefix_caching=\"True\",num_gpu_blocks=\"4096\"} 1.0\n"
+        ));
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 }

@@ -5,7 +5,8 @@
 //! - [`engine`]: the continuous-batching timing model (batch slots, time to first token, decode
 //!   steps) and the per-sequence drop guards that keep the counters right when clients vanish.
 //! - [`prefix`]: the automatic prefix cache (chained block keys, LRU) that shortens prefill.
-//! - [`control`]: runtime switches (down, hang, garbage, error rate) and the counters behind
+//! - [`control`]: runtime switches (down, hang, garbage, stall, reset, error rate) and the
+//!   counters behind
 //!   `/sim/stats` and `/metrics`.
 //! - [`faults`]: the per-request random draws (error, hang, latency spike).
 //! - [`wire`]: OpenAI request parsing and non-streaming response shapes.
@@ -74,6 +75,13 @@ pub struct SimConfig {
     /// Prompts whose leading blocks are cached skip their prefill.
     #[arg(long, default_value_t = 4096)]
     pub prefix_cache_blocks: usize,
+    /// For this long after start, and after each `/sim/up`, the GPU runs `--warmup-factor` times
+    /// slower, like a server whose CUDA graphs and caches are still cold; 0 = never.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_ms: u64,
+    /// How much slower prefill and decode are while warming up.
+    #[arg(long, default_value_t = 5.0)]
+    pub warmup_factor: f64,
 }
 
 impl Default for SimConfig {
@@ -92,6 +100,8 @@ impl Default for SimConfig {
             spike_ms: 1000,
             hang_rate: 0.0,
             prefix_cache_blocks: 4096,
+            warmup_ms: 0,
+            warmup_factor: 5.0,
         }
     }
 }
@@ -112,6 +122,9 @@ impl SimConfig {
         }
         if !(self.batch_slowdown.is_finite() && self.batch_slowdown >= 0.0) {
             return invalid("simulator: --batch-slowdown must be zero or positive");
+        }
+        if !(self.warmup_factor.is_finite() && self.warmup_factor >= 1.0) {
+            return invalid("simulator: --warmup-factor must be a number of at least 1");
         }
         if self.default_max_tokens == 0 {
             return invalid("simulator: --default-max-tokens must be at least 1");

@@ -18,6 +18,7 @@ use actix_web::{
     web::{self, Bytes},
     HttpResponse,
 };
+use futures_util::StreamExt;
 use rand::Rng;
 
 use super::{
@@ -110,6 +111,11 @@ async fn generate(engine: Arc<Engine>, body: &[u8], kind: Kind) -> HttpResponse 
     };
     if !engine.cfg().models.contains(&request.model) {
         return model_not_found(&request.model);
+    }
+    if request.stream {
+        if let Some(broken) = broken_stream(engine.control()) {
+            return broken;
+        }
     }
     let mut ticket = Ticket::new(Arc::clone(engine.control()));
     let (spike, outage) = match suffer_fault(&engine, &mut ticket, outage).await {
@@ -252,7 +258,8 @@ async fn sim_flush(sim: Sim) -> HttpResponse {
     sim_stats(sim).await
 }
 
-/// `POST /sim/{down,up,hang,unhang,garbage,ungarbage}`; answers the switches now in force.
+/// `POST /sim/{down,up,hang,unhang,garbage,ungarbage,stall,unstall,reset,unreset}`; answers
+/// the switches now in force.
 async fn sim_switch(sim: Sim, switch: web::Path<String>) -> HttpResponse {
     let control = sim.control();
     match switch.as_str() {
@@ -262,6 +269,10 @@ async fn sim_switch(sim: Sim, switch: web::Path<String>) -> HttpResponse {
         "unhang" => control.set_hang(false),
         "garbage" => control.set_garbage(true),
         "ungarbage" => control.set_garbage(false),
+        "stall" => control.set_stall(true),
+        "unstall" => control.set_stall(false),
+        "reset" => control.set_reset(true),
+        "unreset" => control.set_reset(false),
         _ => return not_found().await,
     }
     json(StatusCode::OK, serde_json::to_vec(&control.switches()))
@@ -306,6 +317,38 @@ fn server_down() -> HttpResponse {
         .head_mut()
         .set_connection_type(actix_web::http::ConnectionType::Close);
     response
+}
+
+/// With the stall or reset switch on, a stream's 200 head whose body never sends a byte or is
+/// cut at once. The ticket lives in the body, so the request counts as cancelled when the client
+/// gives up on a stall and as an error on a reset.
+fn broken_stream(control: &Arc<SimControl>) -> Option<HttpResponse> {
+    let switches = control.switches();
+    if !(switches.stall || switches.reset) {
+        return None;
+    }
+    let mut ticket = Ticket::new(Arc::clone(control));
+    let body: futures_util::stream::BoxStream<'static, Result<Bytes, sse::StreamError>> =
+        if switches.reset {
+            ticket.fail();
+            Box::pin(futures_util::stream::once(async move {
+                drop(ticket);
+                Err(sse::StreamError::Cut(super::engine::Cut))
+            }))
+        } else {
+            Box::pin(
+                futures_util::stream::pending().map(move |item: Result<Bytes, _>| {
+                    let _held = &ticket;
+                    item
+                }),
+            )
+        };
+    Some(
+        HttpResponse::Ok()
+            .content_type("text/event-stream; charset=utf-8")
+            .insert_header((header::CACHE_CONTROL, "no-cache"))
+            .streaming(body),
+    )
 }
 
 /// A 200 that is not JSON, as from a misconfigured proxy; counted as an error it caused.

@@ -160,9 +160,9 @@ mod tests {
         for key in 0..200u64 {
             let mut r = request("m");
             r.affinity = Some(stable_hash(&key.to_le_bytes()));
-            let first = t.pick(&r, &mut rng).unwrap().0;
+            let first = t.pick(&r, &mut rng).unwrap().slot;
             for _ in 0..5 {
-                assert_eq!(t.pick(&r, &mut rng).unwrap().0, first);
+                assert_eq!(t.pick(&r, &mut rng).unwrap().slot, first);
             }
             owners.insert(first);
         }
@@ -175,13 +175,13 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(1);
         let mut r = request("m");
         r.affinity = Some(42);
-        let owner = t.pick(&r, &mut rng).unwrap().0;
+        let owner = t.pick(&r, &mut rng).unwrap().slot;
         let mut held = Vec::new();
         let mut placements = [0u32; 4];
         for _ in 0..40 {
-            let (slot, e) = t.pick(&r, &mut rng).unwrap();
-            placements[slot] += 1;
-            held.push(e.begin());
+            let picked = t.pick(&r, &mut rng).unwrap();
+            placements[picked.slot] += 1;
+            held.push(picked.endpoint.begin());
         }
         let max = *placements.iter().max().unwrap();
         assert_eq!(
@@ -208,17 +208,21 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(1);
         let mut r = request("m");
         r.affinity = Some(7);
-        let owner = t.pick(&r, &mut rng).unwrap().0;
+        let owner = t.pick(&r, &mut rng).unwrap().slot;
         t.endpoints[owner].set_latency_ms(1000.0);
-        let spill = t.pick(&r, &mut rng).unwrap().0;
+        let spill = t.pick(&r, &mut rng).unwrap().slot;
         assert_ne!(spill, owner, "a stalled backend loses its keys");
         assert_eq!(
-            t.pick(&r, &mut rng).unwrap().0,
+            t.pick(&r, &mut rng).unwrap().slot,
             spill,
             "to one stable successor"
         );
         t.endpoints[owner].set_latency_ms(110.0);
-        assert_eq!(t.pick(&r, &mut rng).unwrap().0, owner, "and gets them back");
+        assert_eq!(
+            t.pick(&r, &mut rng).unwrap().slot,
+            owner,
+            "and gets them back"
+        );
     }
 
     #[test]
@@ -229,9 +233,9 @@ mod tests {
         for key in 0..400u64 {
             let mut r = request("m");
             r.affinity = Some(stable_hash(&key.to_le_bytes()));
-            let before = four.pick(&r, &mut rng).unwrap().0;
+            let before = four.pick(&r, &mut rng).unwrap().slot;
             four.endpoints[3].set_draining(true);
-            let after = four.pick(&r, &mut rng).unwrap().0;
+            let after = four.pick(&r, &mut rng).unwrap().slot;
             four.endpoints[3].set_draining(false);
             if before != 3 {
                 assert_eq!(before, after, "keys of other endpoints stay put");

@@ -1,24 +1,43 @@
-//! Least load: the endpoint with the least work, where work is what the backend reports about
-//! itself on `/metrics` (requests running and waiting, KV-cache use, scraped by the health
-//! checker every `health.load_interval_ms`) blended with the gateway's own in-flight count. The
-//! backend's queue is seen as soon as it forms, before it shows up as latency; the in-flight count
-//! covers the time between scrapes and traffic from this gateway the backend has not counted yet.
+//! Least load: the endpoint with the least work relative to what it can run at once, where work is
+//! the gateway's own in-flight count plus what the backend reports about itself on `/metrics`
+//! (requests waiting, KV-cache use, scraped by the health checker every
+//! `health.load_interval_ms`), and what it can run is its batch capacity. The backend's queue is
+//! seen as soon as it forms, before it shows up as latency; the in-flight count is exact at the
+//! moment of a pick. Of two endpoints drawn at
+//! random, the one with more free batch slots wins: load counted in requests, not slots, filled
+//! the largest batches first and queued on the smaller, and taking the least loaded of all sent
+//! every request between two scrapes to the one that looked idle in the last (herding on stale
+//! load), which made its queue the fleet's slowest percent.
 
 use rand::RngCore;
 
+use super::cache_aware::DEFAULT_CAPACITY;
 use super::{below, Policy, PolicyKind};
 use crate::endpoint::{Eligible, Endpoint};
 
 #[derive(Debug)]
 pub struct LeastLoad;
 
-/// Requests ahead of a new one: the larger of the gateway's and the backend's count (the backend
-/// also serves other clients), with queued requests counted twice since they wait for a slot,
-/// plus KV-cache pressure (a nearly full cache preempts sequences).
+/// How full a new request would find `e`: the gateway's requests on it and the queue the backend
+/// reported (counted twice: a queued request also waits for a slot) over its batch capacity,
+/// plus KV-cache pressure once the cache is nearly full (then it preempts sequences). The
+/// backend's running count and its KV-cache use below that are left out: scraped once a second,
+/// they are stale at the moment of a pick, and weighing them made a backend caught busy by a
+/// scrape look busy until the next, sending the others every request in between; its queue and
+/// a full cache, rarer and longer-lived, are worth it.
 pub fn load(e: &Endpoint) -> f64 {
-    let (running, waiting, kv_cache) = e.reported_load();
-    f64::from(e.in_flight()).max(running + waiting) + waiting + 2.0 * kv_cache
+    let (_, waiting, kv_cache) = e.reported_load();
+    let capacity = match e.estimate().capacity {
+        0 => DEFAULT_CAPACITY,
+        n => n,
+    };
+    (f64::from(e.in_flight()) + 2.0 * waiting + 1.0) / f64::from(capacity)
+        + (kv_cache - KV_CACHE_FULL).max(0.0) / (1.0 - KV_CACHE_FULL)
 }
+
+/// KV-cache use above which a backend starts preempting (vLLM preempts when a step finds no free
+/// block).
+const KV_CACHE_FULL: f64 = 0.9;
 
 impl Policy for LeastLoad {
     fn kind(&self) -> PolicyKind {
@@ -26,24 +45,33 @@ impl Policy for LeastLoad {
     }
 
     fn pick(&self, eligible: &Eligible<'_>, rng: &mut dyn RngCore) -> Option<usize> {
-        let mut best = None;
-        let mut best_load = f64::INFINITY;
-        let mut ties = 0usize;
-        for slot in eligible.slots.iter() {
-            let l = load(eligible.endpoint(slot));
-            if l < best_load {
-                best = Some(slot);
-                best_load = l;
-                ties = 1;
-            } else if l == best_load {
-                ties += 1;
-                if below(rng, ties) == 0 {
-                    best = Some(slot);
-                }
-            }
-        }
-        best
+        let (first, second) = two(eligible, rng)?;
+        let Some(second) = second else {
+            return Some(first);
+        };
+        let (a, b) = (
+            load(eligible.endpoint(first)),
+            load(eligible.endpoint(second)),
+        );
+        Some(if b < a { second } else { first })
     }
+}
+
+/// Two different slots of `eligible` drawn at random (the second absent when there is one).
+pub(crate) fn two(
+    eligible: &Eligible<'_>,
+    rng: &mut dyn RngCore,
+) -> Option<(usize, Option<usize>)> {
+    let n = eligible.slots.len();
+    if n <= 1 {
+        return eligible.slots.iter().next().map(|slot| (slot, None));
+    }
+    let a = below(rng, n);
+    let mut b = below(rng, n - 1);
+    if b >= a {
+        b += 1;
+    }
+    Some((eligible.slots.iter().nth(a)?, eligible.slots.iter().nth(b)))
 }
 
 #[cfg(test)]
@@ -60,10 +88,10 @@ mod tests {
         t.endpoints[1].set_reported_load(2.0, 0.0, 0.2);
         t.endpoints[2].set_reported_load(3.0, 0.0, 0.2);
         let mut rng = SmallRng::seed_from_u64(4);
-        assert_eq!(t.pick(&request("m"), &mut rng).unwrap().0, 1);
+        assert_eq!(t.pick(&request("m"), &mut rng).unwrap().slot, 1);
         let _held: Vec<_> = (0..4).map(|_| t.endpoints[1].begin()).collect();
         assert_eq!(
-            t.pick(&request("m"), &mut rng).unwrap().0,
+            t.pick(&request("m"), &mut rng).unwrap().slot,
             2,
             "in-flight blends in"
         );
@@ -75,7 +103,7 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(5);
         let mut seen = [false; 2];
         for _ in 0..50 {
-            seen[t.pick(&request("m"), &mut rng).unwrap().0] = true;
+            seen[t.pick(&request("m"), &mut rng).unwrap().slot] = true;
         }
         assert_eq!(seen, [true, true]);
     }

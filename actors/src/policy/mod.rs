@@ -10,8 +10,15 @@
 //!   running batch, blended with the gateway's in-flight count.
 //! - [`affinity`]: consistent hashing with bounded load on a session/user/prompt-prefix key, so a
 //!   backend's prefix cache is reused; falls back to p2c for requests without a key.
+//! - [`cache_aware`]: the least expected time to first token, from what each backend probably
+//!   caches of the prompt, its measured speed and its queue (the default).
+//!
+//! `p2c`, `least_load` and `cache_aware` weigh a backend's queue by its batch capacity
+//! ([`cache_aware::queue_ms`]): a backend with room costs nothing extra, one whose batch is full
+//! costs the wait for a slot, so none of them piles requests on a fast backend past its batch.
 
 pub mod affinity;
+pub mod cache_aware;
 pub mod least_load;
 pub mod p2c;
 pub mod round_robin;
@@ -33,6 +40,7 @@ pub enum PolicyKind {
     P2c,
     LeastLoad,
     Affinity,
+    CacheAware,
 }
 
 impl PolicyKind {
@@ -43,6 +51,7 @@ impl PolicyKind {
             Self::P2c => "p2c",
             Self::LeastLoad => "least_load",
             Self::Affinity => "affinity",
+            Self::CacheAware => "cache_aware",
         }
     }
 }
@@ -54,13 +63,16 @@ pub struct PolicySettings {
     /// Affinity: an endpoint takes a keyed request while its in-flight count stays within this
     /// factor of the average; beyond it the request spills to the next endpoint on the ring.
     pub affinity_load_factor: f64,
+    /// Cache-aware: the most prompt blocks looked at.
+    pub prefix_max_blocks: usize,
 }
 
 impl Default for PolicySettings {
     fn default() -> Self {
         Self {
-            policy: PolicyKind::Affinity,
+            policy: PolicyKind::CacheAware,
             affinity_load_factor: 1.25,
+            prefix_max_blocks: 512,
         }
     }
 }
@@ -81,6 +93,7 @@ pub fn build(settings: &PolicySettings, endpoints: &[Arc<Endpoint>]) -> Box<dyn 
             endpoints,
             settings.affinity_load_factor,
         )),
+        PolicyKind::CacheAware => Box::new(cache_aware::CacheAware),
     }
 }
 

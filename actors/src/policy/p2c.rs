@@ -1,7 +1,10 @@
 //! Power of two choices: draw two endpoints at random and take the cheaper, where the cost is the
-//! peak-EWMA time to first byte times (in-flight + 1), as in tower's `PeakEwma`. Comparing two
-//! random choices instead of scanning all avoids herding every request onto the momentarily best
-//! endpoint, and still keeps the maximum load within O(log log n) of the mean
+//! time a new request should expect to its first byte: the endpoint's peak-EWMA time to first
+//! byte (as in tower's `PeakEwma`) plus the wait for a batch slot once its batch is full
+//! ([`super::cache_aware::queue_ms`]). Weighing in-flight requests by latency alone, as tower does
+//! for services without batches, piles requests onto a fast backend long after its batch is full.
+//! Comparing two random choices instead of scanning all avoids herding every request onto the
+//! momentarily best endpoint, and still keeps the maximum load within O(log log n) of the mean
 //! (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing", 2001).
 //!
 //! The estimate itself ([`PeakEwma`]) is updated by the balancer from outcomes: a slower sample
@@ -12,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 
-use super::{below, Policy, PolicyKind};
+use super::cache_aware::queue_ms;
+use super::{Policy, PolicyKind};
 use crate::endpoint::{Eligible, Endpoint};
 
 #[derive(Debug)]
@@ -22,10 +26,17 @@ pub struct P2c;
 /// adding this to every estimate keeps them from deciding a pick.
 const LATENCY_FLOOR_MS: f64 = 5.0;
 
-/// The cost of sending one more request to `e`. An unmeasured endpoint (estimate 0) costs only
-/// its in-flight count, so new endpoints get traffic and are measured.
+/// The time one more request on `e` should expect to its first byte, ms: its latency estimate
+/// (the floor for an unmeasured one, so new endpoints get traffic and are measured) and the wait
+/// for a slot once its batch is full.
 pub fn cost(e: &Endpoint) -> f64 {
-    cost_with(e, e.latency_ms())
+    let estimate = e.estimate();
+    let service = if estimate.service_ms > 0.0 {
+        estimate.service_ms
+    } else {
+        e.latency_ms().max(LATENCY_FLOOR_MS)
+    };
+    e.latency_ms() + LATENCY_FLOOR_MS + queue_ms(e, &estimate, service)
 }
 
 /// The cost of one more request to `e` if its latency estimate were `latency_ms`.
@@ -44,17 +55,10 @@ impl Policy for P2c {
 }
 
 pub(crate) fn pick_two(eligible: &Eligible<'_>, rng: &mut dyn RngCore) -> Option<usize> {
-    let n = eligible.slots.len();
-    if n <= 1 {
-        return eligible.slots.iter().next();
-    }
-    let a = below(rng, n);
-    let mut b = below(rng, n - 1);
-    if b >= a {
-        b += 1;
-    }
-    let first = eligible.slots.iter().nth(a)?;
-    let second = eligible.slots.iter().nth(b)?;
+    let (first, second) = super::least_load::two(eligible, rng)?;
+    let Some(second) = second else {
+        return Some(first);
+    };
     if cost(eligible.endpoint(second)) < cost(eligible.endpoint(first)) {
         Some(second)
     } else {
@@ -136,13 +140,33 @@ mod tests {
         t.endpoints[1].set_latency_ms(50.0);
         let mut rng = SmallRng::seed_from_u64(2);
         for _ in 0..100 {
-            assert_eq!(t.pick(&request("m"), &mut rng).unwrap().0, 1);
+            assert_eq!(t.pick(&request("m"), &mut rng).unwrap().slot, 1);
         }
-        let _busy: Vec<_> = (0..20).map(|_| t.endpoints[1].begin()).collect();
+        let estimate = crate::endpoint::Estimate {
+            warm_ms: 0.0,
+            block_ms: 0.0,
+            jitter_ms: 0.0,
+            spikes: 0.0,
+            share: 0.5,
+            tail_ms: 0.0,
+            reuse: 0.0,
+            service_ms: 1000.0,
+            capacity: 4,
+            residence_ms: f64::INFINITY,
+            ramp: 1.0,
+        };
+        t.endpoints[1].publish_estimate(estimate);
+        let _batch: Vec<_> = (0..3).map(|_| t.endpoints[1].begin()).collect();
         assert_eq!(
-            t.pick(&request("m"), &mut rng).unwrap().0,
+            t.pick(&request("m"), &mut rng).unwrap().slot,
+            1,
+            "a batch with room costs no more"
+        );
+        let _full: Vec<_> = (0..2).map(|_| t.endpoints[1].begin()).collect();
+        assert_eq!(
+            t.pick(&request("m"), &mut rng).unwrap().slot,
             0,
-            "in-flight counts too"
+            "one beyond a full batch of 4 waits 250 ms for a slot: 550 ms"
         );
     }
 
@@ -152,8 +176,7 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(9);
         let mut held = Vec::new();
         for _ in 0..400 {
-            let (_, e) = t.pick(&request("m"), &mut rng).unwrap();
-            held.push(e.begin());
+            held.push(t.pick(&request("m"), &mut rng).unwrap().endpoint.begin());
         }
         let loads: Vec<u32> = t.endpoints.iter().map(|e| e.in_flight()).collect();
         let (min, max) = (*loads.iter().min().unwrap(), *loads.iter().max().unwrap());

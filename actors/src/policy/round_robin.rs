@@ -41,12 +41,12 @@ mod tests {
         );
         let mut rng = SmallRng::seed_from_u64(1);
         let picks: Vec<usize> = (0..6)
-            .map(|_| t.pick(&request("m"), &mut rng).unwrap().0)
+            .map(|_| t.pick(&request("m"), &mut rng).unwrap().slot)
             .collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
         t.endpoints[1].set_draining(true);
         let picks: Vec<usize> = (0..4)
-            .map(|_| t.pick(&request("m"), &mut rng).unwrap().0)
+            .map(|_| t.pick(&request("m"), &mut rng).unwrap().slot)
             .collect();
         assert!(picks.iter().all(|&p| p != 1));
         assert!(picks.contains(&0) && picks.contains(&2));

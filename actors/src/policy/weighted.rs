@@ -44,7 +44,7 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(7);
         let mut counts = [0u32; 2];
         for _ in 0..40_000 {
-            counts[t.pick(&request("m"), &mut rng).unwrap().0] += 1;
+            counts[t.pick(&request("m"), &mut rng).unwrap().slot] += 1;
         }
         let share = counts[1] as f64 / 40_000.0;
         assert!(

@@ -1,0 +1,625 @@
+//! What the balancer learns about each endpoint from how its requests went, and publishes for the
+//! policies and the hang detector (see [`crate::endpoint::Estimate`]):
+//!
+//! - time to first token when the prompt is cached (`warm`), and prefill time per uncached prompt
+//!   block (`block`): the line through (uncached blocks, time to first token) of its recent
+//!   streams, fitted by least squares with old samples fading, so a cold prefill neither reads as
+//!   the backend being slow nor is forgotten as cache value, and a backend that only ever sees
+//!   cold prompts still shows how fast it prefills;
+//! - how far its first tokens come later than those two predict (`jitter`, the root mean square
+//!   of the lateness): latency spikes, stalls, a cache that forgets sooner than its index. A
+//!   sample far beyond the prediction (a spike) counts only here, so it neither inflates `warm`
+//!   nor `block`;
+//! - how often it spikes, and its share of the traffic: together, how much of the fleet's slowest
+//!   percent it causes. A backend that spikes one time in twenty can take a tenth of the traffic
+//!   and leave the fleet's 99th percentile clean; beyond that its tail is priced (`tail`), so it
+//!   serves what the steady ones cannot take soon;
+//! - how long a request holds its batch slot (`service`), for the wait a full batch causes;
+//! - recent 95th percentiles of time to first token and of whole non-streamed answers, for
+//!   deciding when a request is overdue (and when to hedge);
+//! - its batch capacity, from the running and waiting requests it reports;
+//! - the peak-EWMA time to first byte that `p2c` and `affinity` weigh.
+//!
+//! Every estimate decays with time, not only with new samples: without traffic it returns to its
+//! long-run value, so one slow answer cannot keep a backend out of rotation for good.
+
+use std::time::{Duration, Instant};
+
+use crate::endpoint::Estimate;
+use crate::policy::cache_aware::DEFAULT_CAPACITY;
+
+/// Samples kept for the percentiles.
+const WINDOW: usize = 256;
+/// A first token later than twice the prompt's cold prefill plus this is a spike: it counts as
+/// lateness, not as what warm or cold prefills take.
+const OUTLIER_MS: f64 = 250.0;
+/// Samples sent into a batch this full teach nothing of prefill, lateness or spikes (they may
+/// have queued): queueing shows in the queue term, not as a tail. Not lower, because a busy
+/// spiky backend must still be seen to spike.
+const LEARN_BELOW_LOAD: f64 = 0.75;
+/// The share of the fleet's first tokens that may be spikes: under a 99th percentile, with room.
+const TAIL_BUDGET: f64 = 0.005;
+
+/// How a successful request went, as far as learning is concerned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub stream: bool,
+    /// Time to the first byte of the body (the first token of a stream).
+    pub first: Duration,
+    /// Time to the end of the answer.
+    pub total: Duration,
+    /// Prompt blocks, and how many of them the endpoint was estimated to have cached.
+    pub blocks: u32,
+    pub cached: u32,
+    /// How full the endpoint's batch was when the request was sent (requests in flight over its
+    /// capacity; 1 when it reported a queue): the later a loaded request, the more of that may be
+    /// queueing rather than the backend.
+    pub load: f64,
+}
+
+/// A time-decaying average: `fast` follows the samples, `slow` is the long-run value `fast` returns
+/// to when samples stop.
+#[derive(Debug, Clone, Copy, Default)]
+struct Learned {
+    fast: f64,
+    slow: f64,
+    /// When `fast` last moved (a sample, or decay).
+    at: Option<Instant>,
+}
+
+impl Learned {
+    fn observe(&mut self, sample_ms: f64, now: Instant, tau: Duration, peak: bool) {
+        match self.at {
+            None => {
+                self.fast = sample_ms;
+                self.slow = sample_ms;
+            }
+            Some(at) => {
+                let keep = keep(now.saturating_duration_since(at), tau);
+                self.fast = if peak && sample_ms > self.fast {
+                    sample_ms
+                } else {
+                    self.fast * keep + sample_ms * (1.0 - keep)
+                };
+                let slow_keep = keep.powf(0.1).min(0.99);
+                self.slow = self.slow * slow_keep + sample_ms * (1.0 - slow_keep);
+            }
+        }
+        self.at = Some(now);
+    }
+
+    /// Like [`observe`](Self::observe), for a value whose default is zero (a share of spikes, a
+    /// lateness): the first sample weighs as one sample a time constant after a zero instead of
+    /// becoming the long-run value, so one late answer from a backend that then gets no traffic
+    /// does not price it out for good.
+    fn observe_from_zero(&mut self, sample: f64, now: Instant, tau: Duration) {
+        if self.at.is_none() {
+            self.at = Some(now.checked_sub(tau).unwrap_or(now));
+        }
+        self.observe(sample, now, tau, false);
+    }
+
+    /// Moves `fast` back toward `slow` for the time since it last moved.
+    fn decay(&mut self, now: Instant, tau: Duration) {
+        if let Some(at) = self.at {
+            let keep = keep(now.saturating_duration_since(at), tau);
+            self.fast = self.slow + (self.fast - self.slow) * keep;
+            self.at = Some(now);
+        }
+    }
+
+    fn value(&self) -> f64 {
+        if self.at.is_some() {
+            self.fast
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The weight an old value keeps after `elapsed`, with time constant `tau`.
+fn keep(elapsed: Duration, tau: Duration) -> f64 {
+    (-elapsed.as_secs_f64() / tau.as_secs_f64().max(1e-9)).exp()
+}
+
+/// A least-squares line through (uncached blocks, time to first token) whose samples fade with
+/// time constant `tau`: the sums decay, so recent samples dominate and, with no samples for a few
+/// time constants, the fit has too little weight to publish and the fleet's average stands in.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fit {
+    n: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+    at: Option<Instant>,
+}
+
+/// Sample weight below which a fit says nothing.
+const MIN_FIT_WEIGHT: f64 = 1.0;
+
+impl Fit {
+    fn decay(&mut self, now: Instant, tau: Duration) {
+        if let Some(at) = self.at {
+            let k = keep(now.saturating_duration_since(at), tau);
+            for sum in [
+                &mut self.n,
+                &mut self.x,
+                &mut self.y,
+                &mut self.xx,
+                &mut self.xy,
+            ] {
+                *sum *= k;
+            }
+            self.at = Some(now);
+        }
+    }
+
+    fn add(&mut self, x: f64, y: f64, now: Instant, tau: Duration) {
+        self.decay(now, tau);
+        self.n += 1.0;
+        self.x += x;
+        self.y += y;
+        self.xx += x * x;
+        self.xy += x * y;
+        self.at = Some(now);
+    }
+
+    /// (time with nothing to prefill, time per block), ms; 0 for what the samples cannot tell.
+    /// Samples that all have about the same number of blocks only tell their sum: a warm time if
+    /// they were cached, a prefill rate (taking the whole time) if they were not.
+    fn line(&self) -> (f64, f64) {
+        if self.n < MIN_FIT_WEIGHT {
+            return (0.0, 0.0);
+        }
+        let (mx, my) = (self.x / self.n, self.y / self.n);
+        let vx = (self.xx / self.n - mx * mx).max(0.0);
+        if vx > (0.1 * mx).powi(2) + 0.25 {
+            let slope = ((self.xy / self.n - mx * my) / vx).max(0.0);
+            let intercept = my - slope * mx;
+            if intercept > 0.0 {
+                return (intercept, slope);
+            }
+            return (MIN_WARM_MS, (my - MIN_WARM_MS).max(0.0) / mx);
+        }
+        if mx < 2.0 {
+            (my.max(MIN_WARM_MS), 0.0)
+        } else {
+            (0.0, my / mx)
+        }
+    }
+
+    /// The time to first token it predicts for `x` uncached blocks, once it knows enough: not
+    /// for a cold prompt from warm samples only.
+    fn predict(&self, x: f64) -> Option<f64> {
+        let (warm, block) = self.line();
+        let predicted = warm + x * block;
+        (predicted > 0.0 && (block > 0.0 || x < 2.0)).then_some(predicted)
+    }
+}
+
+/// The least warm time a fit publishes: zero would read as "not measured".
+const MIN_WARM_MS: f64 = 0.1;
+
+/// The latest samples, for percentiles.
+#[derive(Debug, Clone, Default)]
+struct Window {
+    samples: Vec<f64>,
+    next: usize,
+}
+
+impl Window {
+    fn push(&mut self, ms: f64) {
+        if self.samples.len() < WINDOW {
+            self.samples.push(ms);
+        } else {
+            self.samples[self.next] = ms;
+        }
+        self.next = (self.next + 1) % WINDOW;
+    }
+
+    fn p95(&self) -> f64 {
+        if self.samples.is_empty() {
+            return 0.0;
+        }
+        let mut sorted = self.samples.clone();
+        let rank = ((sorted.len() as f64 * 0.95).ceil() as usize).clamp(1, sorted.len()) - 1;
+        *sorted.select_nth_unstable_by(rank, f64::total_cmp).1
+    }
+}
+
+/// One endpoint's learning state, owned by the balancer.
+#[derive(Debug, Clone, Default)]
+pub struct Estimator {
+    first_byte: Learned,
+    prefill: Fit,
+    /// Mean square of how much later than predicted first tokens came, ms².
+    lateness: Learned,
+    /// The share of its streams that were spikes (0..1).
+    spikes: Learned,
+    /// Requests per second it answered, and how many since the last tick.
+    rate: Learned,
+    answered: u32,
+    service: Learned,
+    ttft: Window,
+    full: Window,
+    /// What it ran when others waited (0: never seen queueing), and the most it has run.
+    capacity: u32,
+    most_running: u32,
+    /// Blocks per second its prefix cache takes in (misses of the gateway's index of it), and
+    /// the index's count of them when last read.
+    churn: Learned,
+    misses_seen: u64,
+    /// The share of the prompt blocks sent to it that it had been sent before, and the index's
+    /// counts of blocks sent and of those when last read.
+    reuse: Learned,
+    sent_seen: u64,
+    recurred_seen: u64,
+}
+
+/// A prefix index's running counts, read once per tick.
+#[derive(Debug, Clone, Copy)]
+pub struct Churn {
+    pub misses: u64,
+    pub sent: u64,
+    pub recurred: u64,
+}
+
+impl Estimator {
+    pub fn observe(&mut self, s: Sample, now: Instant, tau: Duration) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        self.answered += 1;
+        self.first_byte.observe(ms(s.first), now, tau, true);
+        self.service.observe(ms(s.total), now, tau, false);
+        if !s.stream {
+            self.full.push(ms(s.total));
+            return;
+        }
+        self.ttft.push(ms(s.first));
+        if s.load >= LEARN_BELOW_LOAD {
+            return;
+        }
+        let uncached = f64::from(s.blocks.saturating_sub(s.cached));
+        let first = ms(s.first);
+        // Lateness is what the prompt's cold prefill does not explain: the index may have taken
+        // for cached what the backend was still prefilling for another request of the same
+        // prompt, or had let go, and that is a miss, not a spike (two requests of one prompt at
+        // once on llama.cpp made the second look 9 s late and priced its backend out).
+        if let Some(predicted) = self.prefill.predict(uncached) {
+            // (Where no cold prefill was seen yet, the prediction stands in.)
+            let cold = self
+                .prefill
+                .predict(f64::from(s.blocks))
+                .map_or(predicted, |cold| cold.max(predicted));
+            let late = (first - cold).max(0.0);
+            self.lateness.observe_from_zero(late * late, now, tau);
+            let spike = late > cold + OUTLIER_MS;
+            self.spikes
+                .observe_from_zero(if spike { 1.0 } else { 0.0 }, now, tau);
+            if spike {
+                return;
+            }
+        }
+        self.prefill.add(uncached, first, now, tau);
+    }
+
+    /// What the backend reports running and waiting: a queue means its batch is full at what it
+    /// runs, and running more than thought means the batch is larger. Until it has queued, its
+    /// capacity is unknown (what it ran so far is only a lower bound, and taking it for the
+    /// capacity would make an idle backend look full).
+    pub fn reported(&mut self, running: f64, waiting: f64) {
+        let running = running.max(0.0).round() as u32;
+        let queued = waiting > 0.0 && running > 0;
+        if queued || (self.capacity > 0 && running > self.capacity) {
+            self.capacity = running;
+        }
+        self.most_running = self.most_running.max(running);
+    }
+
+    /// Takes the index's counts (misses, blocks sent, blocks sent again) once per tick: the rate
+    /// of misses since the last tick, and the share of blocks that had been sent before.
+    pub fn cache_churn(&mut self, counts: Churn, now: Instant, tau: Duration) {
+        let new = counts.misses.saturating_sub(self.misses_seen) as f64;
+        self.misses_seen = counts.misses;
+        let blocks = counts.sent.saturating_sub(self.sent_seen) as f64;
+        self.sent_seen = counts.sent;
+        let again = counts.recurred.saturating_sub(self.recurred_seen) as f64;
+        self.recurred_seen = counts.recurred;
+        if blocks > 0.0 {
+            self.reuse
+                .observe((again / blocks).min(1.0), now, tau, false);
+        }
+        let elapsed = self
+            .churn
+            .at
+            .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
+        if elapsed > 0.0 || self.churn.at.is_none() {
+            let rate = if elapsed > 0.0 { new / elapsed } else { 0.0 };
+            self.churn.observe(rate, now, tau, false);
+        }
+    }
+
+    /// Takes the answers since the last tick as a rate, once per tick; answers it.
+    pub fn rate_tick(&mut self, now: Instant, tau: Duration) -> f64 {
+        let elapsed = self
+            .rate
+            .at
+            .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
+        if elapsed > 0.0 || self.rate.at.is_none() {
+            let sample = if elapsed > 0.0 {
+                f64::from(self.answered) / elapsed
+            } else {
+                0.0
+            };
+            self.rate.observe(sample, now, tau, false);
+            self.answered = 0;
+        }
+        self.rate.value()
+    }
+
+    /// Decays every estimate toward its long-run value for the time since it last moved.
+    pub fn decay(&mut self, now: Instant, tau: Duration) {
+        for learned in [
+            &mut self.first_byte,
+            &mut self.lateness,
+            &mut self.spikes,
+            &mut self.service,
+        ] {
+            learned.decay(now, tau);
+        }
+        self.prefill.decay(now, tau);
+    }
+
+    /// The peak-EWMA time to first byte, ms (0: not measured).
+    pub fn first_byte_ms(&self) -> f64 {
+        self.first_byte.value()
+    }
+
+    /// The estimate as the request path reads it, with `ramp` the slow-start share,
+    /// `cache_blocks` the size of its prefix cache and `share` its part of the fleet's recent
+    /// answers.
+    pub fn published(&self, ramp: f64, cache_blocks: usize, share: f64) -> Estimate {
+        let jitter_ms = self.lateness.value().sqrt();
+        let spikes = self.spikes.value();
+        // The share of the fleet's answers that are its spikes, against the budget: a quarter of
+        // its lateness while well within, rising steeply past it.
+        let used = spikes * share / TAIL_BUDGET;
+        let tail_ms = jitter_ms * (0.25 + used * used).min(2.0);
+        let churn = self.churn.value();
+        let residence_ms = if churn > 1e-6 {
+            cache_blocks as f64 / churn * 1000.0
+        } else {
+            f64::INFINITY
+        };
+        let (warm_ms, block_ms) = self.prefill.line();
+        Estimate {
+            warm_ms,
+            block_ms,
+            jitter_ms,
+            spikes,
+            share,
+            tail_ms,
+            reuse: self.reuse.value(),
+            service_ms: self.service.value(),
+            // Unknown: a quarter more than it has been seen to run, so the gateway feeds it more
+            // step by step until its queue shows (and the capacity is known).
+            capacity: if self.capacity > 0 {
+                self.capacity
+            } else {
+                (self.most_running + self.most_running / 4 + 2).max(DEFAULT_CAPACITY)
+            },
+            residence_ms,
+            ramp,
+        }
+    }
+
+    pub fn p95_ms(&self) -> (f64, f64) {
+        (self.ttft.p95(), self.full.p95())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+
+    const TAU: Duration = Duration::from_secs(10);
+
+    fn stream(first_ms: u64, blocks: u32, cached: u32) -> Sample {
+        Sample {
+            stream: true,
+            first: Duration::from_millis(first_ms),
+            total: Duration::from_millis(first_ms + 300),
+            blocks,
+            cached,
+            load: 0.0,
+        }
+    }
+
+    #[test]
+    fn warm_and_cold_prefills_are_told_apart() {
+        let clock = ManualClock::default();
+        let mut e = Estimator::default();
+        for _ in 0..5 {
+            e.observe(stream(10, 100, 100), clock.now(), TAU);
+            clock.advance(Duration::from_millis(100));
+        }
+        e.observe(stream(110, 100, 0), clock.now(), TAU);
+        let p = e.published(1.0, 0, 0.25);
+        assert!(
+            (p.warm_ms - 10.0).abs() < 1e-6,
+            "a cold prefill is not warm: {p:?}"
+        );
+        assert!(
+            (p.block_ms - 1.0).abs() < 1e-6,
+            "100 ms over 100 uncached blocks: {p:?}"
+        );
+    }
+
+    #[test]
+    fn a_backend_that_only_sees_cold_prompts_still_shows_its_prefill_rate() {
+        let clock = ManualClock::default();
+        let (mut fast, mut slow) = (Estimator::default(), Estimator::default());
+        for _ in 0..20 {
+            fast.observe(stream(55, 63, 0), clock.now(), TAU);
+            slow.observe(stream(110, 63, 0), clock.now(), TAU);
+            clock.advance(Duration::from_millis(100));
+        }
+        let (fast, slow) = (fast.published(1.0, 0, 0.25), slow.published(1.0, 0, 0.25));
+        assert_eq!((fast.warm_ms, slow.warm_ms), (0.0, 0.0), "warm is unknown");
+        assert!((slow.block_ms / fast.block_ms - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn an_idle_backend_falls_back_to_the_fleet_average() {
+        let clock = ManualClock::default();
+        let mut e = Estimator::default();
+        for _ in 0..20 {
+            e.observe(stream(900, 10, 10), clock.now(), TAU);
+            clock.advance(Duration::from_millis(100));
+        }
+        assert!(e.published(1.0, 0, 0.25).warm_ms > 800.0);
+        clock.advance(Duration::from_secs(40));
+        e.decay(clock.now(), TAU);
+        assert_eq!(
+            e.published(1.0, 0, 0.25).warm_ms,
+            0.0,
+            "40 s without samples: too little weight left to say anything"
+        );
+    }
+
+    #[test]
+    fn spikes_count_as_jitter_not_as_prefill() {
+        let clock = ManualClock::default();
+        let mut steady = Estimator::default();
+        let mut spiky = Estimator::default();
+        for i in 0..400 {
+            steady.observe(stream(10, 100, 100), clock.now(), TAU);
+            let first = if i % 20 == 19 { 1010 } else { 10 };
+            spiky.observe(stream(first, 100, 100), clock.now(), TAU);
+            clock.advance(Duration::from_millis(50));
+        }
+        let (steady, spiky) = (
+            steady.published(1.0, 0, 0.25),
+            spiky.published(1.0, 0, 0.25),
+        );
+        assert!((spiky.warm_ms - 10.0).abs() < 1e-6, "{spiky:?}");
+        assert!(steady.jitter_ms < 1.0, "{steady:?}");
+        // One second late one time in twenty: a root mean square of about 1000 / sqrt(20).
+        assert!((150.0..300.0).contains(&spiky.jitter_ms), "{spiky:?}");
+    }
+
+    #[test]
+    fn a_prompt_still_prefilling_elsewhere_is_a_miss_not_a_spike_and_one_spike_fades() {
+        let clock = ManualClock::default();
+        let mut e = Estimator::default();
+        for _ in 0..20 {
+            e.observe(stream(5000, 45, 0), clock.now(), TAU);
+            clock.advance(Duration::from_millis(500));
+            e.observe(stream(300, 45, 44), clock.now(), TAU);
+            clock.advance(Duration::from_millis(500));
+        }
+        // Taken for cached (another request was prefilling it), the answer came after two cold
+        // prefills: late against the cold prefill, but no spike.
+        e.observe(stream(9800, 45, 44), clock.now(), TAU);
+        let after = e.published(1.0, 0, 0.5);
+        assert_eq!(after.spikes, 0.0, "{after:?}");
+        // A real spike on a backend that then gets nothing: it fades to a small long-run value.
+        clock.advance(Duration::from_secs(10));
+        e.observe(stream(20000, 45, 44), clock.now(), TAU);
+        assert!(e.published(1.0, 0, 0.5).spikes > 0.3);
+        clock.advance(Duration::from_secs(120));
+        e.decay(clock.now(), TAU);
+        let faded = e.published(1.0, 0, 0.01);
+        assert!(faded.spikes < 0.1, "{faded:?}");
+        assert!(faded.tail_ms < 2000.0, "{faded:?}");
+    }
+
+    #[test]
+    fn a_slow_answer_fades_with_time_without_new_samples() {
+        let clock = ManualClock::default();
+        let mut e = Estimator::default();
+        for _ in 0..50 {
+            e.observe(stream(200, 10, 10), clock.now(), TAU);
+            clock.advance(Duration::from_secs(1));
+        }
+        e.observe(stream(5000, 10, 10), clock.now(), TAU);
+        assert_eq!(e.first_byte_ms(), 5000.0, "the peak is taken at once");
+        clock.advance(Duration::from_secs(30));
+        e.decay(clock.now(), TAU);
+        assert!(
+            e.first_byte_ms() < 700.0,
+            "30 s later, with no traffic, it is back near its usual 200 ms: {}",
+            e.first_byte_ms()
+        );
+    }
+
+    #[test]
+    fn residence_is_the_cache_size_over_the_rate_of_new_blocks() {
+        let clock = ManualClock::default();
+        let mut e = Estimator::default();
+        let churn = |second: u64| Churn {
+            misses: second * 500,
+            sent: second * 2000,
+            recurred: second * 1800,
+        };
+        e.cache_churn(churn(0), clock.now(), TAU);
+        assert_eq!(e.published(1.0, 1000, 0.25).residence_ms, f64::INFINITY);
+        for second in 1..=60 {
+            clock.advance(Duration::from_secs(1));
+            e.cache_churn(churn(second), clock.now(), TAU);
+        }
+        // 500 new blocks a second through 1,000 places: a block stays about 2 s.
+        let published = e.published(1.0, 1000, 0.25);
+        assert!(
+            (1900.0..2100.0).contains(&published.residence_ms),
+            "{published:?}"
+        );
+        assert!(
+            (published.reuse - 0.9).abs() < 1e-9,
+            "9 in 10 blocks had been sent before, though a quarter missed"
+        );
+    }
+
+    #[test]
+    fn capacity_is_what_runs_when_others_wait() {
+        let mut e = Estimator::default();
+        e.reported(3.0, 0.0);
+        assert_eq!(
+            e.published(1.0, 0, 0.25).capacity,
+            DEFAULT_CAPACITY,
+            "three running says nothing of a limit"
+        );
+        e.reported(2.0, 5.0);
+        assert_eq!(e.published(1.0, 0, 0.25).capacity, 2);
+        e.reported(0.0, 0.0);
+        assert_eq!(e.published(1.0, 0, 0.25).capacity, 2);
+        e.reported(4.0, 0.0);
+        assert_eq!(
+            e.published(1.0, 0, 0.25).capacity,
+            4,
+            "it ran more than thought"
+        );
+        let mut big = Estimator::default();
+        big.reported(100.0, 0.0);
+        assert_eq!(
+            big.published(1.0, 0, 0.25).capacity,
+            127,
+            "not known: a quarter more than it ran"
+        );
+    }
+
+    #[test]
+    fn percentiles_come_from_the_latest_samples() {
+        let clock = ManualClock::default();
+        let mut e = Estimator::default();
+        for i in 1..=100 {
+            e.observe(stream(i, 1, 1), clock.now(), TAU);
+        }
+        assert_eq!(e.p95_ms().0, 95.0);
+        for _ in 0..WINDOW {
+            e.observe(stream(7, 1, 1), clock.now(), TAU);
+        }
+        assert_eq!(e.p95_ms().0, 7.0, "the old samples rolled out");
+    }
+}

@@ -1,0 +1,751 @@
+//! Carrying one request to a backend that answers it: picking an endpoint, sending, judging the
+//! answer, and trying elsewhere whenever nothing has reached the client yet.
+//!
+//! - An attempt ends when its answer is usable: the head of a small JSON answer with its whole
+//!   body, or the head of a stream with its first event. A stream's head is held until that first
+//!   event, so a backend that answers 200 and then fails or goes silent before its first token is
+//!   retried like one that failed before its head.
+//! - A backend's refusal (5xx, 429) is retried elsewhere within `upstream.attempts` and the retry
+//!   budget; the same refusal from a second backend follows the request, not the backend: it is
+//!   passed on, and counts against neither.
+//! - A backend that refuses a fresh connection is dead: ejected at once, and its requests fail
+//!   over to others without taking retry budget. A request whose answer is overdue (beyond
+//!   `upstream.overdue_multiple` × its endpoint's recent p95, at least `overdue_floor_ms`) asks
+//!   for an out-of-band probe of its endpoint (one at a time per endpoint); a probe that fails
+//!   takes the endpoint out, and every request waiting on it fails over, its stuck connection
+//!   dropped. A probe that passes means the backend is only slow: its requests keep waiting.
+//! - With hedging on, a stream whose first token is later than its endpoint's p95 time to first
+//!   token gets one hedge on the best other endpoint; the first to produce a token wins and the
+//!   other is dropped at once, which cancels it on its backend.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use awc::error::{ConnectError, SendRequestError};
+use awc::http::header::{self, HeaderValue};
+use awc::http::{Method, StatusCode};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::balancer::Verdict;
+use crate::endpoint::{Bits, Endpoint, InFlight, PickRequest, RoutingTable};
+use crate::error::ForwardError;
+use crate::exchange::{
+    content_length, is_backend_failure, read_whole, Dispatch, Held, RelayLimits, INLINE_BODY_MAX,
+};
+use crate::health_checker::ProbeNow;
+use crate::pool_supervisor::Permit;
+use crate::worker::{UpstreamRequest, WorkerShared};
+
+/// A backend's answer ready to go to the client.
+pub(crate) struct Connected {
+    pub response: awc::ClientResponse,
+    /// The whole body, when it was small and not a stream.
+    pub body: Option<Bytes>,
+    /// A stream's first event (and what came with it), read before the head goes to the client.
+    pub first: Vec<Bytes>,
+    /// When that first event arrived.
+    pub first_at: Option<Instant>,
+    pub held: Held,
+    pub started: Instant,
+}
+
+/// A usable answer from one attempt.
+struct Ready {
+    response: awc::ClientResponse,
+    body: Option<Bytes>,
+    first: Vec<Bytes>,
+    first_at: Option<Instant>,
+}
+
+/// How an attempt ended.
+enum Tried {
+    Ready(Ready),
+    /// The backend's own refusal (5xx or 429), its body not read yet.
+    Refused(awc::ClientResponse),
+    Failed(Failure),
+}
+
+struct Failure {
+    error: ForwardError,
+    kind: FailureKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    /// The connection broke before an answer: perhaps a pooled connection the backend had closed.
+    Stale,
+    /// The backend failed this request (timeout, garbage, a broken answer).
+    Live,
+    /// The backend is gone (a refused fresh connection, a failed probe).
+    Dead,
+    /// A limit the client chose ran out.
+    ClientLimit,
+}
+
+impl Failure {
+    fn new(error: ForwardError, kind: FailureKind) -> Self {
+        Self { error, kind }
+    }
+}
+
+/// The attempt in progress on one endpoint.
+struct Attempt {
+    endpoint: Arc<Endpoint>,
+    in_flight: InFlight,
+    dispatch: Dispatch,
+    started: Instant,
+}
+
+/// Picks endpoints and sends until an answer can go to the client (see the module doc).
+pub(crate) async fn connect(
+    shared: &WorkerShared,
+    request: UpstreamRequest,
+    permit: Permit,
+    limits: RelayLimits,
+) -> Result<Connected, ForwardError> {
+    let table = shared.reports.view().table_arc();
+    let budget = &shared.retry_budget;
+    let mut pick = PickRequest {
+        model: &request.model,
+        exclude: Bits::default(),
+        affinity: request.affinity,
+        blocks: &request.blocks,
+    };
+    let attempts = shared.settings.attempts.max(1);
+    let own_first_byte = Duration::from_millis(shared.settings.first_byte_timeout_ms);
+    let mut last_error = None;
+    // A backend's refusal whose outcome waits for the next attempt (see the module doc).
+    let mut refused: Option<(usize, u16)> = None;
+    // The retry (or failover) in flight, holding its budget until the request has its answer.
+    let mut _retry = None;
+    // Servers close idle keep-alive connections on their own schedule, and the pool may hand out
+    // one that was just closed: the first connection that breaks before an answer is tried once
+    // more, outside the attempt limit and the budget, unless the endpoint is known dead.
+    let mut stale_retry = true;
+    let mut attempt = 1;
+    while attempt <= attempts {
+        let Some(picked) = table.pick(&pick, &mut rand::thread_rng()) else {
+            break;
+        };
+        pick.exclude.insert(picked.slot);
+        let left = request.deadline.saturating_duration_since(Instant::now());
+        let clients = request.read_timeout.map_or(left, |read| read.min(left));
+        let first_byte = own_first_byte.min(clients);
+        if first_byte.is_zero() {
+            count_refusal(shared, &mut refused);
+            return Err(ForwardError::DeadlinePassed {
+                budget: request.budget,
+            });
+        }
+        let hedge_at = hedge_after(shared, &request, picked.endpoint);
+        let first = start(picked.endpoint, picked.cached, &request);
+        let tried = run(
+            shared,
+            &request,
+            first,
+            first_byte,
+            limits,
+            hedge_at.map(|after| (after, &table, pick.exclude)),
+        )
+        .await;
+        let (tried, attempt_state) = tried;
+        let endpoint = attempt_state.endpoint.clone();
+        match tried {
+            Tried::Ready(ready) => {
+                count_refusal(shared, &mut refused);
+                return Ok(connected(
+                    shared,
+                    &request,
+                    attempt_state,
+                    ready,
+                    permit,
+                    true,
+                ));
+            }
+            Tried::Refused(response) => {
+                let status = response.status().as_u16();
+                let follows_request =
+                    refused.is_some_and(|(other, s)| s == status && other != endpoint.id);
+                if !follows_request {
+                    let retry = attempt < attempts
+                        && table.has_alternative(&pick)
+                        && may_retry(shared, budget, &mut _retry);
+                    if retry {
+                        log::warn!(
+                            "request {:?}: {} answered {status}; trying another backend",
+                            request.request_id,
+                            endpoint.url
+                        );
+                        count_refusal(shared, &mut refused);
+                        refused = Some((endpoint.id, status));
+                        attempt += 1;
+                        continue;
+                    }
+                    count_refusal(shared, &mut refused);
+                } else {
+                    log::info!(
+                        "request {:?}: two backends answered {status}; passing it on, counting neither",
+                        request.request_id
+                    );
+                }
+                let mut response = response;
+                let body = if inline(&response) {
+                    match read_whole(&mut response, limits).await {
+                        Ok(body) => Some(body),
+                        Err(reason) => {
+                            let error = ForwardError::BadResponse {
+                                endpoint: endpoint.id,
+                                reason,
+                            };
+                            shared.reports.outcome(endpoint.id, Verdict::Failure);
+                            return Err(error);
+                        }
+                    }
+                } else {
+                    None
+                };
+                let ready = Ready {
+                    response,
+                    body,
+                    first: Vec::new(),
+                    first_at: None,
+                };
+                return Ok(connected(
+                    shared,
+                    &request,
+                    attempt_state,
+                    ready,
+                    permit,
+                    !follows_request,
+                ));
+            }
+            Tried::Failed(failure) => {
+                log::warn!(
+                    "request {:?}: {}: {}",
+                    request.request_id,
+                    endpoint.url,
+                    failure.error
+                );
+                let Failure { error, kind } = failure;
+                match kind {
+                    FailureKind::ClientLimit => {
+                        count_refusal(shared, &mut refused);
+                        return Err(error);
+                    }
+                    FailureKind::Stale if stale_retry && endpoint.is_healthy() => {
+                        stale_retry = false;
+                        pick.exclude.remove(picked.slot);
+                        continue;
+                    }
+                    FailureKind::Dead | FailureKind::Stale => {
+                        // A connection that breaks again on the retry, or a refused fresh one:
+                        // the endpoint is gone, and its requests fail over without budget.
+                        shared.reports.outcome(endpoint.id, Verdict::Dead);
+                        count_refusal(shared, &mut refused);
+                        last_error = Some(error);
+                        if table.has_alternative(&pick) {
+                            budget.failover();
+                            attempt += 1;
+                            continue;
+                        }
+                        break;
+                    }
+                    FailureKind::Live => {
+                        shared.reports.outcome(endpoint.id, Verdict::Failure);
+                        probe(shared, &endpoint, false);
+                        count_refusal(shared, &mut refused);
+                        last_error = Some(error);
+                        let retry = attempt < attempts
+                            && table.has_alternative(&pick)
+                            && may_retry(shared, budget, &mut _retry);
+                        if !retry {
+                            break;
+                        }
+                        attempt += 1;
+                    }
+                }
+            }
+        }
+    }
+    count_refusal(shared, &mut refused);
+    Err(last_error.unwrap_or(ForwardError::NoBackend {
+        model: request.model,
+    }))
+}
+
+/// Takes a place in the retry budget for the next attempt, keeping it until the request is done.
+fn may_retry(
+    shared: &WorkerShared,
+    budget: &Arc<crate::retry_budget::RetryBudget>,
+    held: &mut Option<crate::retry_budget::RetryPermit>,
+) -> bool {
+    if held.is_some() {
+        return true;
+    }
+    *held = budget.try_retry(shared.admission.busy());
+    held.is_some()
+}
+
+/// Reports a refusal held back for the next attempt as the endpoint's failure.
+fn count_refusal(shared: &WorkerShared, refused: &mut Option<(usize, u16)>) {
+    if let Some((endpoint, _)) = refused.take() {
+        shared.reports.outcome(endpoint, Verdict::Failure);
+    }
+}
+
+/// Asks for a probe of `endpoint` now, unless one is on its way: `urgent` for a request that is
+/// overdue (a short timeout, and a failed probe takes the endpoint out at once).
+fn probe(shared: &WorkerShared, endpoint: &Endpoint, urgent: bool) {
+    if endpoint.claim_probe() {
+        shared.health.do_send(ProbeNow {
+            endpoint: Some(endpoint.id),
+            urgent,
+        });
+    }
+}
+
+fn start(endpoint: &Arc<Endpoint>, cached: usize, request: &UpstreamRequest) -> Attempt {
+    // How full the batch it joins is: a late answer to a loaded backend may be queueing.
+    let capacity = endpoint.estimate().capacity.max(1);
+    let (_, waiting, _) = endpoint.reported_load();
+    let load = if waiting > 0.0 {
+        1.0
+    } else {
+        f64::from(endpoint.in_flight()) / f64::from(capacity)
+    };
+    // A stream's first token ends its prefill; a whole answer's head comes only at its end, so
+    // its prefill's end is unknown and it is counted by the in-flight count alone.
+    let prefill = if request.stream {
+        request.blocks.len().saturating_sub(cached) as u32
+    } else {
+        0
+    };
+    Attempt {
+        in_flight: endpoint.begin_prefill(prefill),
+        endpoint: endpoint.clone(),
+        dispatch: Dispatch {
+            blocks: request.blocks.len() as u32,
+            cached: cached as u32,
+            load,
+        },
+        started: Instant::now(),
+    }
+}
+
+fn connected(
+    shared: &WorkerShared,
+    request: &UpstreamRequest,
+    attempt: Attempt,
+    ready: Ready,
+    permit: Permit,
+    counts: bool,
+) -> Connected {
+    let mut in_flight = attempt.in_flight;
+    in_flight.first_token();
+    Connected {
+        response: ready.response,
+        body: ready.body,
+        first: ready.first,
+        first_at: ready.first_at,
+        held: Held {
+            in_flight,
+            _permit: permit,
+            reports: shared.reports.clone(),
+            model: request.model.clone(),
+            counts,
+            dispatch: attempt.dispatch,
+        },
+        started: attempt.started,
+    }
+}
+
+/// When to hedge a request on `endpoint`, if hedging applies to it: a stream whose endpoint has a
+/// measured p95 time to first token, clamped to the configured bounds.
+fn hedge_after(
+    shared: &WorkerShared,
+    request: &UpstreamRequest,
+    endpoint: &Endpoint,
+) -> Option<Duration> {
+    let hedging = request.hedge.unwrap_or(shared.hedge.enabled);
+    if !hedging || !request.stream {
+        return None;
+    }
+    let (ttft_p95, _) = endpoint.p95_ms();
+    let ms = if ttft_p95 > 0.0 {
+        ttft_p95
+    } else {
+        shared.hedge.max_ms as f64
+    };
+    Some(Duration::from_secs_f64(
+        ms.clamp(shared.hedge.min_ms as f64, shared.hedge.max_ms as f64) / 1000.0,
+    ))
+}
+
+/// Runs the first attempt, watched for hangs, and (with `hedge`) races a hedge against it once
+/// its first token is late. Returns how it ended and the attempt it ended on.
+async fn run(
+    shared: &WorkerShared,
+    request: &UpstreamRequest,
+    first: Attempt,
+    first_byte: Duration,
+    limits: RelayLimits,
+    hedge: Option<(Duration, &Arc<RoutingTable>, Bits)>,
+) -> (Tried, Attempt) {
+    let first_endpoint = first.endpoint.clone();
+    let primary = watched(
+        shared,
+        &first_endpoint,
+        request.stream,
+        send(shared, request, &first_endpoint, first_byte, limits),
+    );
+    let mut primary = pin!(primary);
+    let Some((after, table, exclude)) = hedge else {
+        return (primary.await, first);
+    };
+    tokio::select! {
+        tried = &mut primary => return (tried, first),
+        () = tokio::time::sleep(after) => {}
+    }
+    let hedge_pick = PickRequest {
+        model: &request.model,
+        exclude,
+        affinity: request.affinity,
+        blocks: &request.blocks,
+    };
+    let permit = shared
+        .retry_budget
+        .try_hedge(shared.admission.busy())
+        .and_then(|permit| Some((permit, table.pick(&hedge_pick, &mut rand::thread_rng())?)));
+    let Some((_permit, picked)) = permit else {
+        return (primary.await, first);
+    };
+    log::debug!(
+        "request {:?}: no first token from {} after {after:?}; hedging on {}",
+        request.request_id,
+        first.endpoint.url,
+        picked.endpoint.url
+    );
+    let second = start(picked.endpoint, picked.cached, request);
+    let left = first_byte.saturating_sub(first.started.elapsed());
+    let second_endpoint = second.endpoint.clone();
+    let hedged = watched(
+        shared,
+        &second_endpoint,
+        request.stream,
+        send(shared, request, &second_endpoint, left, limits),
+    );
+    let mut hedged = pin!(hedged);
+    tokio::select! {
+        tried = &mut primary => match tried {
+            Tried::Ready(_) => (tried, first),
+            failed => {
+                report_loser(shared, &first, failed);
+                (hedged.await, second)
+            }
+        },
+        tried = &mut hedged => match tried {
+            Tried::Ready(_) => {
+                shared.retry_budget.hedge_won();
+                (tried, second)
+            }
+            failed => {
+                report_loser(shared, &second, failed);
+                (primary.await, first)
+            }
+        },
+    }
+}
+
+/// The outcome of an attempt that lost a hedged race by failing (a slower attempt that was merely
+/// dropped says nothing about its endpoint).
+fn report_loser(shared: &WorkerShared, attempt: &Attempt, tried: Tried) {
+    let verdict = match tried {
+        Tried::Failed(Failure {
+            kind: FailureKind::Dead,
+            ..
+        }) => Verdict::Dead,
+        Tried::Failed(Failure {
+            kind: FailureKind::ClientLimit,
+            ..
+        }) => return,
+        _ => Verdict::Failure,
+    };
+    shared.reports.outcome(attempt.endpoint.id, verdict);
+}
+
+/// Waits for an attempt, and once it is overdue asks for a probe of its endpoint: a failed probe
+/// (the endpoint is found unhealthy) ends the attempt as dead; a passing one lets it go on.
+async fn watched(
+    shared: &WorkerShared,
+    endpoint: &Endpoint,
+    stream: bool,
+    attempt: impl Future<Output = Tried>,
+) -> Tried {
+    let mut attempt = pin!(attempt);
+    let overdue = overdue_after(shared, endpoint, stream);
+    tokio::select! {
+        tried = &mut attempt => return tried,
+        () = tokio::time::sleep(overdue) => {}
+    }
+    let verdict = endpoint.verdict();
+    let mut verdict = pin!(verdict);
+    let dead = || {
+        Tried::Failed(Failure::new(
+            ForwardError::Unresponsive {
+                endpoint: endpoint.id,
+            },
+            FailureKind::Dead,
+        ))
+    };
+    if !endpoint.is_healthy() {
+        return dead();
+    }
+    probe(shared, endpoint, true);
+    tokio::select! {
+        tried = &mut attempt => tried,
+        () = &mut verdict => {
+            if endpoint.is_healthy() {
+                attempt.await
+            } else {
+                dead()
+            }
+        }
+    }
+}
+
+/// When a request on `endpoint` is overdue: a multiple of its recent p95 time to first token (a
+/// stream) or whole answer (not a stream), at least the floor.
+fn overdue_after(shared: &WorkerShared, endpoint: &Endpoint, stream: bool) -> Duration {
+    let (ttft, full) = endpoint.p95_ms();
+    let p95 = if stream { ttft } else { full };
+    let floor = shared.settings.overdue_floor_ms as f64;
+    Duration::from_secs_f64((p95 * shared.settings.overdue_multiple).max(floor) / 1000.0)
+}
+
+/// Sends the request to `endpoint` and judges the answer, reading a small body whole and a
+/// stream's first event.
+async fn send(
+    shared: &WorkerShared,
+    request: &UpstreamRequest,
+    endpoint: &Endpoint,
+    first_byte: Duration,
+    limits: RelayLimits,
+) -> Tried {
+    let started = Instant::now();
+    let upstream = upstream_request(shared, request, endpoint, first_byte);
+    let has_body = !request.body.is_empty()
+        || matches!(request.method, Method::POST | Method::PUT | Method::PATCH);
+    let sent = if has_body {
+        upstream.send_body(request.body.clone()).await
+    } else {
+        upstream.send_body(awc::body::None::new()).await
+    };
+    let own_first_byte = Duration::from_millis(shared.settings.first_byte_timeout_ms);
+    let bad = |reason: String| ForwardError::BadResponse {
+        endpoint: endpoint.id,
+        reason,
+    };
+    let response = match sent {
+        Ok(response) => response,
+        // The client's own limit ran out (its deadline or read timeout): it would not wait any
+        // longer, and the backend was not necessarily at fault.
+        Err(SendRequestError::Timeout) if first_byte < own_first_byte => {
+            let left = request.deadline.saturating_duration_since(started);
+            let budget = if first_byte >= left {
+                request.budget
+            } else {
+                first_byte
+            };
+            return Tried::Failed(Failure::new(
+                ForwardError::DeadlinePassed { budget },
+                FailureKind::ClientLimit,
+            ));
+        }
+        Err(SendRequestError::Timeout) => {
+            return Tried::Failed(Failure::new(
+                ForwardError::Timeout {
+                    endpoint: endpoint.id,
+                    timeout: first_byte,
+                },
+                FailureKind::Live,
+            ))
+        }
+        // The pooled connection was found closed as the request went out: a stale one.
+        Err(e @ SendRequestError::Connect(ConnectError::Disconnected)) => {
+            return Tried::Failed(Failure::new(bad(e.to_string()), FailureKind::Stale))
+        }
+        Err(SendRequestError::Connect(e)) => {
+            return Tried::Failed(Failure::new(
+                ForwardError::Connect {
+                    endpoint: endpoint.id,
+                    reason: e.to_string(),
+                },
+                FailureKind::Dead,
+            ))
+        }
+        Err(e @ (SendRequestError::Send(_) | SendRequestError::Response(_))) => {
+            return Tried::Failed(Failure::new(bad(e.to_string()), FailureKind::Stale))
+        }
+        Err(e) => return Tried::Failed(Failure::new(bad(e.to_string()), FailureKind::Live)),
+    };
+    judge(response, request, endpoint, started + first_byte, limits).await
+}
+
+/// The request to one endpoint: the client's body and end-to-end headers, and the endpoint's own
+/// key (or else the client's) as authorization.
+fn upstream_request(
+    shared: &WorkerShared,
+    request: &UpstreamRequest,
+    endpoint: &Endpoint,
+    first_byte: Duration,
+) -> awc::ClientRequest {
+    let mut upstream = shared
+        .client
+        .request(
+            request.method.clone(),
+            format!("{}{}", endpoint.url, request.path),
+        )
+        .timeout(first_byte);
+    let headers = upstream.headers_mut();
+    for (name, value) in &request.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    if let Some(key) = &endpoint.authorization {
+        if let Ok(key) = HeaderValue::from_str(key) {
+            upstream = upstream.insert_header((header::AUTHORIZATION, key));
+        }
+    }
+    upstream
+}
+
+/// Whether a response is read whole before the head goes back: not a stream, and small.
+fn inline(response: &awc::ClientResponse) -> bool {
+    !is_sse(response) && content_length(response).is_some_and(|l| l <= INLINE_BODY_MAX)
+}
+
+fn is_sse(response: &awc::ClientResponse) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"))
+}
+
+/// Judges an answer: a 2xx of an API route must be JSON or SSE; a refusal (5xx or 429, whatever
+/// its content type) goes back for the caller to retry or pass on; a stream must bring its first
+/// event by `first_event_by`, and a small body must arrive whole.
+async fn judge(
+    mut response: awc::ClientResponse,
+    request: &UpstreamRequest,
+    endpoint: &Endpoint,
+    first_event_by: Instant,
+    limits: RelayLimits,
+) -> Tried {
+    let status = response.status();
+    let bad = |reason: String| {
+        Tried::Failed(Failure::new(
+            ForwardError::BadResponse {
+                endpoint: endpoint.id,
+                reason,
+            },
+            FailureKind::Live,
+        ))
+    };
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let sse = content_type.starts_with("text/event-stream");
+    let json = content_type.starts_with("application/json");
+    if request.openai_route && status.is_success() && !(json || sse) {
+        return bad(format!(
+            "status {status} with content type '{content_type}'"
+        ));
+    }
+    if is_backend_failure(status.as_u16()) {
+        return Tried::Refused(response);
+    }
+    if sse && status == StatusCode::OK {
+        return match first_event(&mut response, first_event_by).await {
+            Ok(first) => Tried::Ready(Ready {
+                response,
+                body: None,
+                first,
+                first_at: Some(Instant::now()),
+            }),
+            Err(reason) => bad(reason),
+        };
+    }
+    if !inline(&response) {
+        return Tried::Ready(Ready {
+            response,
+            body: None,
+            first: Vec::new(),
+            first_at: None,
+        });
+    }
+    match read_whole(&mut response, limits).await {
+        Ok(body) => Tried::Ready(Ready {
+            response,
+            body: Some(body),
+            first: Vec::new(),
+            first_at: None,
+        }),
+        Err(reason) => bad(reason),
+    }
+}
+
+/// The most of a stream held back while waiting for its first event.
+const FIRST_EVENT_MAX: usize = 64 * 1024;
+
+/// Reads a stream until its first event (a line other than an SSE comment) has arrived, by
+/// `deadline`; returns what was read.
+async fn first_event(
+    response: &mut awc::ClientResponse,
+    deadline: Instant,
+) -> Result<Vec<Bytes>, String> {
+    let mut chunks = Vec::new();
+    let mut held = 0;
+    loop {
+        let next = tokio::time::timeout_at(deadline.into(), response.next()).await;
+        match next {
+            Ok(Some(Ok(chunk))) => {
+                held += chunk.len();
+                let event = has_event(&chunk);
+                chunks.push(chunk);
+                if event || held >= FIRST_EVENT_MAX {
+                    return Ok(chunks);
+                }
+            }
+            Ok(Some(Err(e))) => {
+                return Err(format!("the stream broke before its first event: {e}"))
+            }
+            Ok(None) => return Err("the stream ended before its first event".into()),
+            Err(_) => return Err("no first event in time".into()),
+        }
+    }
+}
+
+/// Whether a chunk holds an SSE line other than a comment (`:` keep-alives, which TGI sends while
+/// it waits, are not a first token).
+fn has_event(chunk: &[u8]) -> bool {
+    chunk
+        .split(|b| *b == b'\n')
+        .any(|line| !line.trim_ascii().is_empty() && !line.starts_with(b":"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_event;
+
+    #[test]
+    fn keep_alive_comments_are_not_a_first_event() {
+        assert!(!has_event(b": keep-alive\n\n"));
+        assert!(!has_event(b"\n"));
+        assert!(has_event(b": ping\n\ndata: {}\n\n"));
+        assert!(has_event(b"event: response.created\n"));
+    }
+}

@@ -1,0 +1,516 @@
+//! Cache-aware routing: each request goes to the endpoint expected to give its first token
+//! soonest, counting what each endpoint probably holds in its prefix cache. For every candidate
+//! the expected time to first token is
+//!
+//! ```text
+//! warm  +  (uncached blocks × (1 + reuse) + prefill ahead) × prefill per block
+//!       +  queue ahead × slot time  +  in flight × a quarter slot time / capacity  +  tail
+//! ```
+//!
+//! (`prefill ahead`: the uncached blocks of the streams sent to it that have not had their first
+//! token yet, which a new prompt waits behind: what keeps the prefills of a burst apart, as round
+//! robin does by construction, instead of stacking them on the backend that looked best.)
+//!
+//! (`reuse`: each uncached block is prefilled now and also evicts a block of the backend's cache,
+//! which another request would have found there with the probability the backend's cache is
+//! reused: a spill costs the cold prefill it pays and the one it causes later, which is what keeps
+//! a hot prompt home through a short queue instead of copying it over every cache.)
+//!
+//! where `warm` (time to first token of a cached prompt) and the prefill per block are learned
+//! from this endpoint's own streams ([`crate::estimator`]), the cached blocks come from its
+//! [`crate::prefix_index::PrefixIndex`] (the blocks the gateway recently sent it, evicted as its
+//! cache would), and the queue is what it runs beyond its batch capacity (the gateway's in-flight
+//! count, or what the backend reports if more) times how long a request holds a slot. So a prompt
+//! stays on the endpoint that holds it while that endpoint has room, which makes few requests in
+//! flight all go to a prompt's home; it spills to a cold endpoint only when the queue there would
+//! cost more than the prefill the spill pays; slow endpoints (a higher `warm` and prefill) get less;
+//! and new prompts spread by load, which is what keeps the fleet's caches holding different
+//! prompts. `tail` prices latency spikes: a backend that spikes may take the share of traffic
+//! that keeps its spikes out of the fleet's slowest percent at a small cost (a quarter of its
+//! lateness), and past that share it costs steeply more, so it serves what the steady ones cannot
+//! take soon ([`crate::estimator`]). Unmeasured endpoints take the measured ones' average, so
+//! nothing is starved or flooded before it is known.
+//!
+//! A prompt that no endpoint caches much of is *placed*, among the endpoints within up to twice
+//! the best expected time to first token (as much more as the fleet's prompts recur: nothing
+//! more when every prompt is new): at its home if it has one there (the endpoint the index
+//! knows it was sent to, though its cache has let it go since), so a prompt that comes and goes
+//! from the caches keeps one home instead of evicting a different backend's prompts each time;
+//! else at the endpoint whose cache keeps blocks longest (its size over the rate new blocks reach
+//! it), as sglang-router sends an unmatched prompt to its smallest tree. New prompts then fill the
+//! caches evenly instead of crowding the fastest backend's, and each prompt's home is where it
+//! will last. After the pick, the routing table records the request's blocks in
+//! the chosen endpoint's index. sglang-router's `cache_aware` keeps a radix tree of the text it sent to each
+//! worker instead, and balances by a load threshold rather than by cost.
+
+use rand::RngCore;
+
+use super::{below, Policy, PolicyKind};
+use crate::endpoint::rng_unit;
+use crate::endpoint::{Eligible, Endpoint, Estimate};
+
+#[derive(Debug)]
+pub struct CacheAware;
+
+/// Batch capacity assumed for a backend that has not shown it (a queue while it runs N), nor run
+/// more than this: low, so an unknown backend is not flooded before its queue shows (a scrape
+/// later), and a larger batch is learned as soon as the backend reports running more.
+pub const DEFAULT_CAPACITY: u32 = 8;
+/// Priors until the fleet has measured anything: a cached prompt's first token, the prefill of a
+/// 64-byte block (16 tokens at about 20,000 tokens a second), and a request's slot time.
+const PRIOR_WARM_MS: f64 = 20.0;
+const PRIOR_BLOCK_MS: f64 = 0.8;
+const PRIOR_SERVICE_MS: f64 = 1000.0;
+/// What each request a backend already runs adds to a new one's start, in slot times over the
+/// batch capacity: a batch step grows with the batch, so a new request starts sooner where fewer
+/// run. Small (a cached prompt stays home until its home runs far more than the others: a request
+/// costs a few ms, a cold prefill a hundred), but it is what spreads requests evenly where the
+/// estimates differ only by noise: without it every tie went at random and the momentarily
+/// cheapest endpoint took request after request until its batch was full, which on four equal
+/// backends near their knee made the first token 2.5 times round robin's.
+const OCCUPANCY_SHARE: f64 = 0.25;
+/// Costs within this much of the best are a tie, broken at random, so new prompts spread.
+const TIE_MS: f64 = 1.0;
+/// A prompt is placed when its best endpoint holds less than this share of it: at its home if
+/// that costs at most `1 + HOME_SLACK` times the best (it has come back, so it will again: it may
+/// start up to twice as slow where it will be found next time), else by cache residence among the
+/// endpoints within `1 + PLACE_SLACK × reuse` times the best (a new prompt recurs only as much as
+/// the fleet's prompts do).
+const PLACE_BELOW: f64 = 0.5;
+const HOME_SLACK: f64 = 1.0;
+const PLACE_SLACK: f64 = 1.0;
+/// Tail cost at which a backend gets half the share of new prompts its cache residence earns.
+const TAIL_HALF_MS: f64 = 100.0;
+/// Residence counted for a cache nothing new reaches (an idle backend), ms.
+const MAX_RESIDENCE_MS: f64 = 600_000.0;
+
+/// The fleet's averages of what its endpoints have measured, standing in for what one has not.
+#[derive(Debug, Clone, Copy)]
+pub struct Priors {
+    pub warm_ms: f64,
+    pub block_ms: f64,
+    pub service_ms: f64,
+    /// How much of what the fleet is sent recurs (0: nothing, every prompt is new).
+    pub reuse: f64,
+}
+
+impl Priors {
+    /// The averages over the eligible endpoints' estimates.
+    pub fn of(eligible: &Eligible<'_>) -> Self {
+        let mut sums = [(0.0, 0u32); 3];
+        let (mut reuse, mut endpoints) = (0.0, 0u32);
+        for slot in eligible.slots.iter() {
+            let e = eligible.endpoint(slot).estimate();
+            reuse += e.reuse;
+            endpoints += 1;
+            for (sum, value) in sums.iter_mut().zip([e.warm_ms, e.block_ms, e.service_ms]) {
+                if value > 0.0 {
+                    sum.0 += value;
+                    sum.1 += 1;
+                }
+            }
+        }
+        let mean = |(sum, n): (f64, u32), prior: f64| {
+            if n == 0 {
+                prior
+            } else {
+                sum / f64::from(n)
+            }
+        };
+        Self {
+            warm_ms: mean(sums[0], PRIOR_WARM_MS),
+            block_ms: mean(sums[1], PRIOR_BLOCK_MS),
+            service_ms: mean(sums[2], PRIOR_SERVICE_MS),
+            reuse: reuse / f64::from(endpoints.max(1)),
+        }
+    }
+}
+
+/// The wait before a new request gets going on `e`, ms: requests ahead of it beyond the batch
+/// capacity, each freeing a slot every `service / capacity` on average, counted twice (slots free
+/// in bursts: requests that arrived together finish together, so the average is the best case of
+/// a queue, and a queue also delays every later request); plus a small share of a slot time for
+/// each request it already runs ([`OCCUPANCY_SHARE`]).
+pub fn queue_ms(e: &Endpoint, estimate: &Estimate, service_ms: f64) -> f64 {
+    let capacity = f64::from(if estimate.capacity > 0 {
+        estimate.capacity
+    } else {
+        DEFAULT_CAPACITY
+    });
+    let (running, waiting, _) = e.reported_load();
+    let in_flight = f64::from(e.in_flight());
+    let ahead = (in_flight.max(running + waiting) + 1.0 - capacity)
+        .max(waiting)
+        .max(0.0);
+    (2.0 * ahead + OCCUPANCY_SHARE * in_flight) * service_ms / capacity
+}
+
+/// The cost of sending `e` a request of `blocks` prompt blocks of which `cached` are in its
+/// prefix cache, ms: its expected time to first token, plus the prefill its cold blocks will cost
+/// others later (each evicts a block of the backend's cache, which comes back with probability
+/// `reuse`).
+pub fn expected_ttft_ms(e: &Endpoint, blocks: usize, cached: usize, priors: &Priors) -> f64 {
+    let estimate = e.estimate();
+    let or = |value: f64, prior: f64| if value > 0.0 { value } else { prior };
+    let service = or(estimate.service_ms, priors.service_ms);
+    let block_ms = or(estimate.block_ms, priors.block_ms);
+    or(estimate.warm_ms, priors.warm_ms)
+        + (blocks - cached) as f64 * block_ms * (1.0 + estimate.reuse)
+        + f64::from(e.prefill_blocks()) * block_ms
+        + queue_ms(e, &estimate, service)
+        + estimate.tail_ms
+}
+
+impl Policy for CacheAware {
+    fn kind(&self) -> PolicyKind {
+        PolicyKind::CacheAware
+    }
+
+    fn pick(&self, eligible: &Eligible<'_>, rng: &mut dyn RngCore) -> Option<usize> {
+        let priors = Priors::of(eligible);
+        let blocks = eligible.blocks;
+        let mut best: Option<(usize, f64, usize)> = None;
+        let mut ties = 0usize;
+        for slot in eligible.slots.iter() {
+            let e = eligible.endpoint(slot);
+            let cached = e.prefix.matched(blocks).cached;
+            let cost = expected_ttft_ms(e, blocks.len(), cached, &priors);
+            match best {
+                Some((_, best_cost, _)) if cost > best_cost + TIE_MS => {}
+                Some((_, best_cost, _)) if cost >= best_cost - TIE_MS => {
+                    ties += 1;
+                    if below(rng, ties) == 0 {
+                        best = Some((slot, cost.min(best_cost), cached));
+                    }
+                }
+                _ => {
+                    best = Some((slot, cost, cached));
+                    ties = 1;
+                }
+            }
+        }
+        let (slot, best_cost, cached) = best?;
+        if blocks.is_empty() || cached as f64 >= PLACE_BELOW * blocks.len() as f64 {
+            return Some(slot);
+        }
+        Some(place(eligible, &priors, best_cost, rng).unwrap_or(slot))
+    }
+}
+
+/// Where a prompt no endpoint caches much of goes: of the endpoints that cache little of it, the
+/// one within the home slack of `best_cost` that knows the longest prefix of it (its home; ties at
+/// random); if none knows half of it, of those within the placement slack, one drawn with
+/// chances in proportion to how long each one's cache keeps blocks. Drawn rather than the
+/// longest, because residence is measured once a second and every prompt of that second would
+/// otherwise crowd one endpoint.
+fn place(
+    eligible: &Eligible<'_>,
+    priors: &Priors,
+    best_cost: f64,
+    rng: &mut dyn RngCore,
+) -> Option<usize> {
+    let blocks = eligible.blocks;
+    let half = PLACE_BELOW * blocks.len() as f64;
+    let home_limit = best_cost * (1.0 + HOME_SLACK) + TIE_MS;
+    let limit = best_cost * (1.0 + PLACE_SLACK * priors.reuse) + TIE_MS;
+    let mut home: Option<(usize, usize)> = None;
+    let mut home_ties = 0usize;
+    let mut drawn: Option<usize> = None;
+    let mut total = 0.0;
+    for slot in eligible.slots.iter() {
+        let e = eligible.endpoint(slot);
+        let found = e.prefix.matched(blocks);
+        let cost = expected_ttft_ms(e, blocks.len(), found.cached, priors);
+        // An endpoint that caches the prompt but costs more is one whose queue outweighs its
+        // cache: the cost said no, so it is no place to put the prompt either.
+        if found.cached as f64 >= half {
+            continue;
+        }
+        if found.known as f64 >= half {
+            if cost > home_limit {
+                continue;
+            }
+            match home {
+                Some((_, known)) if found.known < known => {}
+                Some((_, known)) if found.known == known => {
+                    home_ties += 1;
+                    if below(rng, home_ties) == 0 {
+                        home = Some((slot, known));
+                    }
+                }
+                _ => {
+                    home = Some((slot, found.known));
+                    home_ties = 1;
+                }
+            }
+        } else if home.is_none() && cost <= limit {
+            let estimate = e.estimate();
+            let weight = estimate.residence_ms.min(MAX_RESIDENCE_MS)
+                / (1.0 + estimate.tail_ms / TAIL_HALF_MS);
+            total += weight;
+            if drawn.is_none() || rng_unit(rng) * total < weight {
+                drawn = Some(slot);
+            }
+        }
+    }
+    home.map(|(slot, _)| slot).or(drawn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::tests::table_with;
+    use crate::endpoint::{Bits, PickRequest};
+    use crate::prefix_index::block_keys;
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+
+    fn keys(prompt: &str) -> Vec<u64> {
+        let mut out = Vec::new();
+        block_keys(prompt.as_bytes(), 512, &mut out);
+        out
+    }
+
+    fn fleet(n: usize) -> crate::endpoint::RoutingTable {
+        table_with(PolicyKind::CacheAware, &vec![1.0; n], &vec![None; n])
+    }
+
+    fn measured(e: &Endpoint, warm_ms: f64, block_ms: f64, capacity: u32) {
+        e.publish_estimate(Estimate {
+            warm_ms,
+            block_ms,
+            jitter_ms: 0.0,
+            spikes: 0.0,
+            share: 0.25,
+            tail_ms: 0.0,
+            reuse: 0.0,
+            service_ms: 400.0,
+            capacity,
+            residence_ms: f64::INFINITY,
+            ramp: 1.0,
+        });
+    }
+
+    fn pick(t: &crate::endpoint::RoutingTable, blocks: &[u64], rng: &mut SmallRng) -> usize {
+        let request = PickRequest {
+            model: "m",
+            exclude: Bits::default(),
+            affinity: None,
+            blocks,
+        };
+        t.pick(&request, rng).unwrap().slot
+    }
+
+    #[test]
+    fn a_prompt_stays_home_while_home_has_room_and_spills_when_the_queue_costs_more() {
+        let t = fleet(2);
+        for e in &t.endpoints {
+            measured(e, 10.0, 1.0, 4);
+        }
+        let mut rng = SmallRng::seed_from_u64(1);
+        let prompt = keys(&"system prompt ".repeat(1000));
+        let home = pick(&t, &prompt, &mut rng);
+        let mut running = vec![t.endpoints[home].begin()];
+        for _ in 0..20 {
+            assert_eq!(
+                pick(&t, &prompt, &mut rng),
+                home,
+                "one in flight: home has room"
+            );
+        }
+        running.extend((0..2).map(|_| t.endpoints[home].begin()));
+        // Three in flight in a batch of 4: no queue, and a quarter slot time each (3 x 0.25 x
+        // 400 / 4 = 75 ms) against a cold prefill of the 218 blocks elsewhere (218 ms): it stays.
+        assert_eq!(pick(&t, &prompt, &mut rng), home);
+        running.push(t.endpoints[home].begin());
+        // Home is full: one ahead costs 2 x 400 / 4 = 200 ms of queue, plus 100 ms for the four it
+        // runs, against 218 ms of prefill: it spills.
+        assert_ne!(pick(&t, &prompt, &mut rng), home);
+    }
+
+    #[test]
+    fn a_new_prompt_does_not_queue_behind_another_prefill() {
+        let t = fleet(2);
+        for e in &t.endpoints {
+            measured(e, 10.0, 1.0, 16);
+        }
+        let mut rng = SmallRng::seed_from_u64(3);
+        // Both run two requests; one of endpoint 0's is still prefilling 200 blocks.
+        let _running: Vec<_> = (0..2)
+            .flat_map(|_| [t.endpoints[0].begin(), t.endpoints[1].begin()])
+            .collect();
+        let _prefilling = t.endpoints[0].begin_prefill(200);
+        for i in 0..20 {
+            let prompt = keys(&format!("new prompt {i} ").repeat(200));
+            assert_eq!(
+                pick(&t, &prompt, &mut rng),
+                1,
+                "its prefill would wait 200 ms on 0"
+            );
+        }
+    }
+
+    #[test]
+    fn new_prompts_spread_and_slow_endpoints_get_less() {
+        let t = fleet(3);
+        measured(&t.endpoints[0], 10.0, 1.0, 32);
+        measured(&t.endpoints[1], 10.0, 1.0, 32);
+        measured(&t.endpoints[2], 40.0, 4.0, 32);
+        let mut rng = SmallRng::seed_from_u64(7);
+        let mut counts = [0; 3];
+        for i in 0..30 {
+            let prompt = keys(&format!("prompt {i} ").repeat(300));
+            counts[pick(&t, &prompt, &mut rng)] += 1;
+        }
+        assert!(counts[0] >= 10 && counts[1] >= 10, "{counts:?}");
+        assert_eq!(
+            counts[2], 0,
+            "the slow endpoint is never the cheaper one: {counts:?}"
+        );
+    }
+
+    #[test]
+    fn a_multi_turn_conversation_sticks_to_the_endpoint_that_holds_it() {
+        let t = fleet(4);
+        for e in &t.endpoints {
+            measured(e, 10.0, 1.0, 32);
+        }
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut conversation = String::from("You are a helpful assistant. ").repeat(40);
+        let first = pick(&t, &keys(&conversation), &mut rng);
+        for turn in 0..10 {
+            conversation.push_str(&format!(" user turn {turn} and the answer to it. ").repeat(8));
+            assert_eq!(
+                pick(&t, &keys(&conversation), &mut rng),
+                first,
+                "turn {turn}"
+            );
+        }
+    }
+
+    #[test]
+    fn unmeasured_endpoints_take_the_fleet_average() {
+        let t = fleet(2);
+        measured(&t.endpoints[0], 10.0, 1.0, 32);
+        let priors = Priors {
+            warm_ms: 10.0,
+            block_ms: 1.0,
+            service_ms: 400.0,
+            reuse: 0.5,
+        };
+        let cost = |e: &Endpoint| expected_ttft_ms(e, 100, 0, &priors);
+        assert_eq!(cost(&t.endpoints[0]), cost(&t.endpoints[1]));
+    }
+
+    #[test]
+    fn a_cold_prompt_goes_home_if_it_has_one_else_where_the_cache_lasts() {
+        let t = fleet(3);
+        for e in &t.endpoints {
+            measured(e, 10.0, 1.0, 32);
+        }
+        let prompt = keys(&"the prompt with a home ".repeat(400));
+        t.endpoints[1].prefix.insert(&prompt);
+        // More misses than endpoint 1's cache holds: the prompt is evicted there, still known.
+        for i in 0..40 {
+            t.endpoints[1]
+                .prefix
+                .insert(&keys(&format!("filler {i} ").repeat(800)));
+        }
+        let found = t.endpoints[1].prefix.matched(&prompt);
+        assert_eq!(found.cached, 0, "{found:?}");
+        assert!(found.known * 2 >= prompt.len(), "{found:?}");
+        let mut rng = SmallRng::seed_from_u64(5);
+        assert_eq!(pick(&t, &prompt, &mut rng), 1, "it goes back to its home");
+        // New prompts: endpoint 2's cache keeps blocks ten times longer than the others'.
+        for (e, residence_ms) in t.endpoints.iter().zip([1_000.0, 1_000.0, 10_000.0]) {
+            e.publish_estimate(Estimate {
+                residence_ms,
+                ..e.estimate()
+            });
+        }
+        let mut counts = [0; 3];
+        for i in 0..120 {
+            counts[pick(&t, &keys(&format!("new prompt {i} ").repeat(300)), &mut rng)] += 1;
+        }
+        assert!(counts[2] > counts[0] + counts[1], "{counts:?}");
+        assert!(
+            counts[0] > 0 && counts[1] > 0,
+            "drawn, not all to one: {counts:?}"
+        );
+    }
+
+    #[test]
+    fn a_backend_with_latency_spikes_costs_its_tail() {
+        let t = fleet(2);
+        for e in &t.endpoints {
+            measured(e, 10.0, 1.0, 32);
+        }
+        t.endpoints[1].publish_estimate(Estimate {
+            jitter_ms: 220.0,
+            tail_ms: 220.0,
+            ..t.endpoints[1].estimate()
+        });
+        let prompt = keys(&"shared system prompt ".repeat(300));
+        for e in &t.endpoints {
+            e.prefix.insert(&prompt);
+        }
+        let mut rng = SmallRng::seed_from_u64(9);
+        for _ in 0..20 {
+            assert_eq!(pick(&t, &prompt, &mut rng), 0);
+        }
+    }
+
+    /// The llama.cpp case: one cold prefill of 5 s on a backend made every estimate of it huge,
+    /// it got no more traffic, so nothing could correct it. With time the estimate loses its
+    /// weight and the backend is priced like the fleet again.
+    #[test]
+    fn a_backend_priced_out_by_one_slow_answer_gets_traffic_back_as_it_fades() {
+        use crate::clock::{Clock, ManualClock};
+        use crate::estimator::{Estimator, Sample};
+        use std::time::Duration;
+
+        let tau = Duration::from_secs(10);
+        let clock = ManualClock::default();
+        let t = fleet(2);
+        let mut estimators = [Estimator::default(), Estimator::default()];
+        let sample = |first_ms: u64| Sample {
+            stream: true,
+            first: Duration::from_millis(first_ms),
+            total: Duration::from_millis(first_ms + 200),
+            blocks: 40,
+            cached: 0,
+            load: 0.0,
+        };
+        estimators[0].observe(sample(5000), clock.now(), tau);
+        for _ in 0..20 {
+            estimators[1].observe(sample(60), clock.now(), tau);
+            clock.advance(Duration::from_millis(50));
+        }
+        let publish = |estimators: &[Estimator; 2]| {
+            for (e, estimator) in t.endpoints.iter().zip(estimators) {
+                e.publish_estimate(estimator.published(1.0, 4096, 0.5));
+            }
+        };
+        publish(&estimators);
+        let mut rng = SmallRng::seed_from_u64(11);
+        let spread = |rng: &mut SmallRng, round: usize| {
+            let mut counts = [0; 2];
+            for i in 0..40 {
+                let prompt = keys(&format!("round {round}, cold prompt {i} ").repeat(200));
+                counts[pick(&t, &prompt, rng)] += 1;
+            }
+            counts
+        };
+        assert_eq!(spread(&mut rng, 0)[0], 0, "right after the slow answer");
+        clock.advance(Duration::from_secs(60));
+        for estimator in &mut estimators {
+            estimator.decay(clock.now(), tau);
+        }
+        publish(&estimators);
+        let counts = spread(&mut rng, 1);
+        assert!(
+            counts[0] >= 5,
+            "a minute later it takes its share again: {counts:?}"
+        );
+    }
+}

@@ -1,0 +1,359 @@
+//! Time to first token when backends fail: a backend killed while it holds a queue, a frozen
+//! backend found by its overdue requests' probe, streams retried until their first event, hedged
+//! first tokens, and slow start. Every test runs simulators and the gateway in this process and
+//! speaks real HTTP on 127.0.0.1.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use nanogate::config::Config;
+use nanogate::gateway::Gateway;
+use nanogate::simulator::{SimConfig, SimHandle};
+use nanogate_actors::policy::PolicyKind;
+use serde_json::{json, Value};
+
+fn chat_url(gw: &Gateway) -> String {
+    format!("{}/v1/chat/completions", gw.url())
+}
+
+/// A GPU with two batch slots and an unbounded queue, like llama.cpp's server: a request holds
+/// its slot for about 40 ms.
+fn two_slots() -> SimConfig {
+    SimConfig {
+        max_batch: 2,
+        ..paced(10)
+    }
+}
+
+/// Periodic probes out of the way, so only what the requests themselves see finds a failure.
+fn no_periodic_probes(backends: &[SimHandle]) -> Config {
+    let mut cfg = config(backends);
+    cfg.health.interval_ms = 60_000;
+    cfg.health.unhealthy_interval_ms = 60_000;
+    cfg
+}
+
+/// Sends `n` requests at once; answers with how long each took.
+async fn burst(client: &awc::Client, url: &str, n: usize, body: &Value) -> Vec<(Answer, Duration)> {
+    futures_util::future::join_all((0..n).map(|_| async {
+        let start = Instant::now();
+        let answer = post(client, url, body).await;
+        (answer, start.elapsed())
+    }))
+    .await
+}
+
+fn failures(answers: &[(Answer, Duration)]) -> Vec<String> {
+    answers
+        .iter()
+        .filter(|(a, _)| {
+            a.status != 200
+                || (a.text().starts_with("data:") && !a.text().trim_end().ends_with("[DONE]"))
+        })
+        .map(|(a, _)| {
+            format!(
+                "{} {}",
+                a.status,
+                a.text().chars().take(200).collect::<String>()
+            )
+        })
+        .collect()
+}
+
+#[actix_rt::test]
+async fn a_backend_killed_while_it_holds_a_queue_costs_no_client_anything() {
+    let mut backends = sims(vec![two_slots(), two_slots()]).await;
+    let gw = gateway(no_periodic_probes(&backends)).await;
+    let client = client();
+    let url = chat_url(&gw);
+    let request = chat(4);
+    let answers = burst(&client, &url, 80, &request);
+    let kill = async {
+        // Kill whichever backend holds more, once it holds 30 or more (2 generating, the rest
+        // queued), as SIGKILL would: its connections drop, new ones are refused.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let held = |b: &SimHandle| {
+            let s = b.control.snapshot();
+            s.running + s.waiting
+        };
+        loop {
+            let fullest = (0..2).max_by_key(|&i| held(&backends[i])).unwrap_or(0);
+            let holding = held(&backends[fullest]);
+            if holding >= 30 {
+                backends.swap_remove(fullest).stop().await;
+                return holding;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no backend ever held 30: {holding}"
+            );
+            actix_rt::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let (answers, held) = futures_util::future::join(answers, kill).await;
+    let failed = failures(&answers);
+    assert!(
+        failed.is_empty(),
+        "{} of 80 failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let s = stats(&client, &gw).await;
+    let budget = &s["balancer"]["retry_budget"];
+    assert!(
+        budget["failovers"].as_u64().unwrap() >= 1,
+        "the {held} requests it held failed over: {budget}"
+    );
+    assert_eq!(
+        budget["denied"], 0,
+        "failovers take no retry budget: {budget}"
+    );
+    let ejected = s["balancer"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["circuit"] == "open");
+    assert!(ejected, "the dead backend was ejected at once");
+    gw.stop(false).await;
+}
+
+/// Freezes backend 1 (its hang switch: nothing new answered, nothing in flight moves) a moment
+/// into a burst of `body`, and checks that every request is answered, each within its overdue
+/// threshold plus the urgent probe's timeout plus a normal answer (and some slack).
+async fn frozen_during_a_burst(body: Value, backend: SimConfig) {
+    let backends = sims(vec![backend.clone(), backend.clone(), backend]).await;
+    let mut cfg = no_periodic_probes(&backends);
+    cfg.upstream.overdue_floor_ms = 300;
+    cfg.health.urgent_timeout_ms = 300;
+    cfg.balancer.policy = PolicyKind::RoundRobin;
+    let gw = gateway(cfg).await;
+    let client = client();
+    let url = chat_url(&gw);
+    // Normal answers first, so every endpoint knows how long its answers take.
+    let mut normal = Duration::ZERO;
+    for _ in 0..30 {
+        let (answer, took) = burst(&client, &url, 1, &body).await.remove(0);
+        assert_eq!(answer.status, 200);
+        normal = normal.max(took);
+    }
+    let answers = burst(&client, &url, 60, &body);
+    let freeze = async {
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+        backends[1].control.set_hang(true);
+    };
+    let (answers, ()) = futures_util::future::join(answers, freeze).await;
+    let failed = failures(&answers);
+    assert!(
+        failed.is_empty(),
+        "{} of 60 failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let s = stats(&client, &gw).await;
+    let frozen = &s["balancer"]["endpoints"][1];
+    assert_eq!(
+        frozen["healthy"], false,
+        "the urgent probe took it out: {frozen}"
+    );
+    // The overdue threshold is 3 x the p95 (at least 300 ms), then the probe's 300 ms, then the
+    // answer elsewhere; 1 s of slack for a loaded test machine.
+    let threshold = Duration::from_secs_f64(
+        (3.0 * frozen["ttft_p95_ms"]
+            .as_f64()
+            .unwrap()
+            .max(frozen["full_p95_ms"].as_f64().unwrap()))
+        .max(300.0)
+            / 1000.0,
+    );
+    let bound = threshold + Duration::from_millis(300) + 2 * normal + Duration::from_secs(1);
+    let worst = answers.iter().map(|(_, took)| *took).max().unwrap();
+    assert!(worst < bound, "worst {worst:?}, bound {bound:?}");
+    backends[1].control.set_hang(false);
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn a_frozen_backend_under_a_burst_of_non_streamed_requests_loses_none() {
+    frozen_during_a_burst(chat(8), paced(5)).await;
+}
+
+#[actix_rt::test]
+async fn a_frozen_backend_under_a_burst_of_streams_loses_none() {
+    // A first token 150 ms in: the freeze catches the streams on it before their first event.
+    let slow_start = SimConfig {
+        ttft_base_ms: 150,
+        ..paced(5)
+    };
+    frozen_during_a_burst(chat_stream(8), slow_start).await;
+}
+
+#[actix_rt::test]
+async fn a_stream_that_answers_its_head_then_stalls_or_resets_is_retried() {
+    let backends = sims(vec![fast(), fast()]).await;
+    let mut cfg = no_periodic_probes(&backends);
+    cfg.upstream.first_byte_timeout_ms = 500;
+    cfg.balancer.policy = PolicyKind::RoundRobin;
+    cfg.balancer.eject_after_failures = 100;
+    let gw = gateway(cfg).await;
+    let client = client();
+    let url = chat_url(&gw);
+    for (fault, check) in [("stall", "cancelled"), ("reset", "errors")] {
+        match fault {
+            "stall" => backends[0].control.set_stall(true),
+            _ => {
+                backends[0].control.set_stall(false);
+                backends[0].control.set_reset(true);
+            }
+        }
+        let before = backends[0].control.snapshot();
+        for _ in 0..4 {
+            let answer = post(&client, &url, &chat_stream(3)).await;
+            assert_eq!(answer.status, 200, "{fault}: {}", answer.text());
+            let events = sse_events(&answer.text());
+            assert_eq!(
+                events.last().map(String::as_str),
+                Some("[DONE]"),
+                "{fault}: {events:?}"
+            );
+            assert!(
+                events.iter().any(|e| e.contains("tok0")),
+                "{fault}: {events:?}"
+            );
+        }
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                let now = backends[0].control.snapshot();
+                let (was, is) = match check {
+                    "cancelled" => (before.cancelled, now.cancelled),
+                    _ => (before.errors, now.errors),
+                };
+                is > was
+            })
+            .await,
+            "{fault}: the broken stream was tried and dropped"
+        );
+    }
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn a_late_first_token_is_hedged_and_the_loser_cancelled() {
+    // Backend 0 takes 1.5 s to its first token, backend 1 a few ms.
+    let slow = SimConfig {
+        ttft_base_ms: 1500,
+        ..paced(5)
+    };
+    let backends = sims(vec![slow, paced(5)]).await;
+    let mut cfg = no_periodic_probes(&backends);
+    cfg.balancer.policy = PolicyKind::RoundRobin;
+    cfg.hedge.enabled = true;
+    cfg.hedge.min_ms = 50;
+    cfg.hedge.max_ms = 200;
+    let gw = gateway(cfg).await;
+    let client = client();
+    let url = chat_url(&gw);
+    for _ in 0..4 {
+        let start = Instant::now();
+        let answer = post(&client, &url, &chat_stream(3)).await;
+        assert_eq!(answer.status, 200);
+        assert!(answer.text().trim_end().ends_with("[DONE]"));
+        assert!(
+            start.elapsed() < Duration::from_millis(1000),
+            "the hedge answered first: {:?}",
+            start.elapsed()
+        );
+    }
+    let s = stats(&client, &gw).await;
+    let budget = &s["balancer"]["retry_budget"];
+    assert!(budget["hedges"].as_u64().unwrap() >= 1, "{budget}");
+    assert!(budget["hedges_won"].as_u64().unwrap() >= 1, "{budget}");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            let slow = backends[0].control.snapshot();
+            slow.cancelled >= 1 && slow.running == 0 && slow.waiting == 0
+        })
+        .await,
+        "the slow backend's losing requests were cancelled: {:?}",
+        backends[0].control.snapshot()
+    );
+    // Asked not to hedge, a request waits for its backend however slow.
+    let mut waited = false;
+    for _ in 0..2 {
+        let start = Instant::now();
+        let response = client
+            .post(&url)
+            .insert_header(("x-nanogate-hedge", "off"))
+            .send_json(&chat_stream(1))
+            .await
+            .expect("answers");
+        assert_eq!(response.status(), 200);
+        waited |= start.elapsed() >= Duration::from_millis(1400);
+    }
+    assert!(
+        waited,
+        "with hedging off, the request on the slow backend waited for it"
+    );
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn an_added_backend_ramps_up_its_share_over_slow_start() {
+    let warming = SimConfig {
+        warmup_ms: 3000,
+        warmup_factor: 5.0,
+        ..paced(5)
+    };
+    let backends = sims(vec![paced(5), warming]).await;
+    let mut cfg = config(&backends[..1]);
+    cfg.admin.token = "token".into();
+    cfg.balancer.policy = PolicyKind::RoundRobin;
+    cfg.balancer.slow_start_ms = 3000;
+    let gw = gateway(cfg).await;
+    let client = client();
+    let url = chat_url(&gw);
+    let mut added = client
+        .post(format!("{}/admin/endpoints", gw.url()))
+        .insert_header(("authorization", "Bearer token"))
+        .send_json(&json!({"url": backends[1].url()}))
+        .await
+        .expect("admin answers");
+    assert_eq!(added.status(), 201);
+    let id: Value = added.json().await.expect("json");
+    let id = id["id"].to_string();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            stats(&client, &gw).await["balancer"]["endpoints"][1]["healthy"] == true
+        })
+        .await
+    );
+    let since = Instant::now();
+    // (elapsed, went to the new backend) for a steady stream of requests, 8 at a time.
+    let mut picks = Vec::new();
+    while since.elapsed() < Duration::from_millis(3600) {
+        let answers = burst(&client, &url, 8, &chat(1)).await;
+        for (answer, _) in answers {
+            assert_eq!(answer.status, 200);
+            picks.push((
+                since.elapsed(),
+                answer.header("x-nanogate-endpoint") == Some(id.clone()),
+            ));
+        }
+    }
+    let share = |from: u64, to: u64| {
+        let window: Vec<bool> = picks
+            .iter()
+            .filter(|(t, _)| (from..to).contains(&(t.as_millis() as u64)))
+            .map(|(_, new)| *new)
+            .collect();
+        window.iter().filter(|new| **new).count() as f64 / window.len().max(1) as f64
+    };
+    let (early, late) = (share(0, 600), share(2800, 3600));
+    assert!(
+        early < 0.2,
+        "a fresh backend starts with a small share: {early}"
+    );
+    assert!(late > 0.3, "and ramps to about half of round robin: {late}");
+    gw.stop(false).await;
+}
