@@ -113,14 +113,7 @@ impl Breaker {
         if !trip {
             return None;
         }
-        self.ejections += 1;
-        let doublings = self.ejections.saturating_sub(1).min(20);
-        let cooldown = s
-            .cooldown_ms
-            .saturating_mul(1 << doublings)
-            .min(s.max_cooldown_ms.max(s.cooldown_ms));
-        self.reopen_at = Some(now + Duration::from_millis(cooldown));
-        self.set(Circuit::Open)
+        self.open(now, s)
     }
 
     /// Ejects at once, whatever the count of failures (the endpoint refused a fresh connection,
@@ -130,6 +123,11 @@ impl Breaker {
         if self.circuit == Circuit::Open {
             return None;
         }
+        self.open(now, s)
+    }
+
+    /// Opens the circuit for a cool-down that doubles with each ejection, up to the maximum.
+    fn open(&mut self, now: Instant, s: &BreakerSettings) -> Option<Circuit> {
         self.ejections += 1;
         let doublings = self.ejections.saturating_sub(1).min(20);
         let cooldown = s

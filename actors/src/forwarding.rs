@@ -18,7 +18,6 @@
 //!   token gets one hedge on the best other endpoint; the first to produce a token wins and the
 //!   other is dropped at once, which cancels it on its backend.
 
-use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -395,12 +394,7 @@ async fn run(
     hedge: Option<(Duration, &Arc<RoutingTable>, Bits)>,
 ) -> (Tried, Attempt) {
     let first_endpoint = first.endpoint.clone();
-    let primary = watched(
-        shared,
-        &first_endpoint,
-        request.stream,
-        send(shared, request, &first_endpoint, first_byte, limits),
-    );
+    let primary = watched(shared, request, &first_endpoint, first_byte, limits);
     let mut primary = pin!(primary);
     let Some((after, table, exclude)) = hedge else {
         return (primary.await, first);
@@ -431,12 +425,7 @@ async fn run(
     let second = start(picked.endpoint, picked.cached, request);
     let left = first_byte.saturating_sub(first.started.elapsed());
     let second_endpoint = second.endpoint.clone();
-    let hedged = watched(
-        shared,
-        &second_endpoint,
-        request.stream,
-        send(shared, request, &second_endpoint, left, limits),
-    );
+    let hedged = watched(shared, request, &second_endpoint, left, limits);
     let mut hedged = pin!(hedged);
     tokio::select! {
         tried = &mut primary => match tried {
@@ -476,16 +465,18 @@ fn report_loser(shared: &WorkerShared, attempt: &Attempt, tried: Tried) {
     shared.reports.outcome(attempt.endpoint.id, verdict);
 }
 
-/// Waits for an attempt, and once it is overdue asks for a probe of its endpoint: a failed probe
-/// (the endpoint is found unhealthy) ends the attempt as dead; a passing one lets it go on.
+/// Sends the request to `endpoint` ([`send`]), and once it is overdue asks for a probe of the
+/// endpoint: a failed probe (the endpoint is found unhealthy) ends the attempt as dead; a passing
+/// one lets it go on.
 async fn watched(
     shared: &WorkerShared,
+    request: &UpstreamRequest,
     endpoint: &Endpoint,
-    stream: bool,
-    attempt: impl Future<Output = Tried>,
+    first_byte: Duration,
+    limits: RelayLimits,
 ) -> Tried {
-    let mut attempt = pin!(attempt);
-    let overdue = overdue_after(shared, endpoint, stream);
+    let mut attempt = pin!(send(shared, request, endpoint, first_byte, limits));
+    let overdue = overdue_after(shared, endpoint, request.stream);
     tokio::select! {
         tried = &mut attempt => return tried,
         () = tokio::time::sleep(overdue) => {}

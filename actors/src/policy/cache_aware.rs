@@ -335,9 +335,11 @@ mod tests {
             measured(e, 10.0, 1.0, 16);
         }
         let mut rng = SmallRng::seed_from_u64(3);
-        // Both run two requests; one of endpoint 0's is still prefilling 200 blocks.
+        // Both run three requests; one of endpoint 0's is still prefilling 200 blocks, so only the
+        // prefill ahead tells them apart.
         let _running: Vec<_> = (0..2)
             .flat_map(|_| [t.endpoints[0].begin(), t.endpoints[1].begin()])
+            .chain([t.endpoints[1].begin_prefill(0)])
             .collect();
         let _prefilling = t.endpoints[0].begin_prefill(200);
         for i in 0..20 {
