@@ -1,23 +1,80 @@
 #!/usr/bin/env bash
-# Installs the Python test dependencies: a venv at <repo>/.venv (git-ignored) with the official `openai` SDK, pinned.
-# Usage: scripts/install-test-deps.sh        (then: .venv/bin/python tests/openai_sdk.py http://127.0.0.1:PORT/v1)
-# Idempotent and quiet: exits 0 at once when the pinned version is already installed. Needs python3 (>= 3.8) and PyPI.
+# Installs what the tests need besides Cargo, each part only if it is missing:
+#   postgres  PostgreSQL server binaries (initdb, pg_ctl) for the tests' throwaway servers
+#             (tests/common/postgres.rs): Debian's `postgresql` package through apt-get (as root, or with
+#             sudo), unless `pg_config --bindir` or /usr/lib/postgresql/*/bin already has initdb.
+#   python    a venv at <repo>/.venv (git-ignored) with the official `openai` SDK, pinned; needs python3
+#             (>= 3.8) and PyPI, and is skipped, saying so, where python3 is missing.
+# Usage: scripts/install-test-deps.sh [all|postgres|python]   (default all)
+#        then e.g.: .venv/bin/python tests/openai_sdk.py http://127.0.0.1:PORT/v1
+# Idempotent and quiet: exits 0 at once when everything is already installed. A part that fails does not stop
+# the other; the exit status is then 1.
 # Env: PYTHON (interpreter used to create the venv, default python3).
 set -euo pipefail
 OPENAI_VERSION=1.109.1   # latest 1.x on PyPI (2.x/3.x exist; the tests target the 1.x API, which they keep)
+what=${1:-all}
+case $what in all | postgres | python) ;; *) echo "usage: $0 [all|postgres|python]" >&2; exit 2 ;; esac
 venv=$(cd "$(dirname "$0")/.." && pwd)/.venv
 py=$venv/bin/python
 # Tests running in parallel may all call this on a fresh checkout: one installs, the others wait for it.
 exec 9>"$venv.lock"
 flock 9
-if [ -x "$py" ] && "$py" - "$OPENAI_VERSION" >/dev/null 2>&1 <<'EOF'
+
+# The same search as tests/common/postgres.rs: pg_config (which may belong to another version's libpq-dev), then
+# Debian's versioned directories.
+have_initdb() {
+  local d
+  d=$(pg_config --bindir 2>/dev/null) && [ -x "$d/initdb" ] && return 0
+  for d in /usr/lib/postgresql/*/bin; do [ -x "$d/initdb" ] && return 0; done
+  return 1
+}
+
+# Note: functions called as `f || status=1` run without `set -e`, hence the explicit `|| return 1`.
+install_postgres() {
+  have_initdb && return 0
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if ! command -v sudo >/dev/null; then
+      echo "install-test-deps: no PostgreSQL server (initdb) found; installing it needs root or sudo" >&2
+      return 1
+    fi
+    sudo="sudo -n"   # -n: fail rather than wait for a password nobody will type
+  fi
+  if ! command -v apt-get >/dev/null; then
+    echo "install-test-deps: no PostgreSQL server (initdb) found and no apt-get: install it (initdb, pg_ctl) yourself" >&2
+    return 1
+  fi
+  # Lock::Timeout: wait for another apt/dpkg (e.g. a parallel CI job) rather than fail at once.
+  local apt="$sudo env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=120"
+  echo "install-test-deps: installing PostgreSQL (apt-get install postgresql)" >&2
+  # Package lists may be stale or absent (containers): refresh them only when the install fails.
+  if ! timeout 600 $apt install --no-install-recommends postgresql >/dev/null 2>&1; then
+    timeout 300 $apt update >/dev/null || return 1
+    timeout 600 $apt install --no-install-recommends postgresql >/dev/null || return 1
+  fi
+  have_initdb || { echo "install-test-deps: postgresql installed, but still no initdb found" >&2; return 1; }
+  echo "PostgreSQL server binaries in $(pg_config --bindir 2>/dev/null || ls -d /usr/lib/postgresql/*/bin)"
+}
+
+install_python() {
+  if [ -x "$py" ] && "$py" - "$OPENAI_VERSION" >/dev/null 2>&1 <<'EOF'
 import sys, openai
 sys.exit(0 if openai.__version__ == sys.argv[1] else 1)
 EOF
-then exit 0; fi
-if ! [ -x "$py" ]; then
-  rm -rf "$venv"
-  timeout 300 "${PYTHON:-python3}" -m venv "$venv"
-fi
-timeout 600 "$py" -m pip install -q --disable-pip-version-check "openai==$OPENAI_VERSION"
-"$py" -c 'import openai; print("openai", openai.__version__, "in", __import__("sys").prefix)'
+  then return 0; fi
+  if ! [ -x "$py" ]; then
+    if ! command -v "${PYTHON:-python3}" >/dev/null; then
+      echo "install-test-deps: ${PYTHON:-python3} is missing: skipping the openai SDK (.venv)" >&2
+      return 0
+    fi
+    rm -rf "$venv"
+    timeout 300 "${PYTHON:-python3}" -m venv "$venv" || return 1
+  fi
+  timeout 600 "$py" -m pip install -q --disable-pip-version-check "openai==$OPENAI_VERSION" || return 1
+  "$py" -c 'import openai; print("openai", openai.__version__, "in", __import__("sys").prefix)'
+}
+
+status=0
+case $what in all | postgres) install_postgres || status=1 ;; esac
+case $what in all | python) install_python || status=1 ;; esac
+exit $status

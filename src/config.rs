@@ -11,7 +11,10 @@ use nanogate_actors::balancer::BalancerSettings;
 use nanogate_actors::cache::CacheSettings;
 use nanogate_actors::endpoint::{EndpointSpec, MAX_ENDPOINTS};
 use nanogate_actors::health_checker::HealthSettings;
+use nanogate_actors::keys::{digest, KeyLimits, StoredKey};
 use nanogate_actors::pool_supervisor::PoolSettings;
+use nanogate_actors::store::DatabaseSettings;
+use nanogate_actors::usage_log::UsageLogSettings;
 use nanogate_actors::worker::{HedgeSettings, UpstreamSettings};
 use serde::Deserialize;
 
@@ -46,8 +49,171 @@ pub struct Config {
     pub affinity: AffinitySettings,
     pub admin: AdminSettings,
     pub cors: CorsSettings,
+    pub auth: AuthSettings,
+    pub usage: UsageSettings,
+    #[serde(default)]
+    pub keys: Vec<KeySpec>,
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
+}
+
+/// Who may use the gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub mode: AuthMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Off,
+    Keys,
+}
+
+/// A key from `[[keys]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    pub name: String,
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// The environment variable that holds the secret (kept out of the file).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Signed, so that a negative limit is refused by name rather than by a parse error.
+    #[serde(default)]
+    pub rpm: Option<i64>,
+    #[serde(default)]
+    pub tpm: Option<i64>,
+    #[serde(default)]
+    pub max_concurrent: Option<i64>,
+    #[serde(default)]
+    pub daily_tokens: Option<i64>,
+}
+
+impl KeySpec {
+    /// The key as stored, its secret read (from the environment if so configured) and hashed.
+    pub fn resolve(&self, index: usize) -> Result<StoredKey, ConfigError> {
+        let at = |field: &str| format!("keys[{index}].{field}");
+        if !valid_key_name(&self.name) {
+            return Err(invalid(
+                at("name"),
+                format!(
+                    "'{}' must be 1 to 64 letters, digits, '-', '_' or '.'",
+                    self.name
+                ),
+            ));
+        }
+        let secret = match (&self.secret, &self.secret_env) {
+            (Some(secret), None) => secret.clone(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                invalid(
+                    at("secret_env"),
+                    format!("the environment variable {var} is not set"),
+                )
+            })?,
+            _ => {
+                return Err(invalid(
+                    at("secret"),
+                    "give exactly one of secret and secret_env",
+                ))
+            }
+        };
+        if secret.len() < 8 {
+            return Err(invalid(at("secret"), "must be at least 8 characters"));
+        }
+        let limits = key_limits(
+            [self.rpm, self.tpm, self.max_concurrent, self.daily_tokens],
+            |field| at(field),
+        )?;
+        Ok(StoredKey {
+            name: self.name.clone(),
+            secret_sha256: digest(secret.as_bytes()),
+            models: self.models.clone(),
+            limits,
+            created_ms: 0,
+            revoked_ms: None,
+        })
+    }
+}
+
+/// A key's name: what the admin API's URLs, `/metrics` labels and the usage log carry.
+pub fn valid_key_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Limits in the order rpm, tpm, max_concurrent, daily_tokens; each at least 1 when set.
+pub fn key_limits(
+    values: [Option<i64>; 4],
+    key: impl Fn(&str) -> String,
+) -> Result<KeyLimits, ConfigError> {
+    const FIELDS: [&str; 4] = ["rpm", "tpm", "max_concurrent", "daily_tokens"];
+    let mut checked = [None; 4];
+    for ((field, value), out) in FIELDS.iter().zip(values).zip(&mut checked) {
+        *out = match value {
+            None => None,
+            Some(v) if v >= 1 => Some(v as u64),
+            Some(v) => {
+                return Err(invalid(
+                    key(field),
+                    format!("{v} is not a limit: it must be at least 1 (leave it out for none)"),
+                ))
+            }
+        };
+    }
+    Ok(KeyLimits {
+        rpm: checked[0],
+        tpm: checked[1],
+        max_concurrent: checked[2],
+        daily_tokens: checked[3],
+    })
+}
+
+/// `[usage]`: the usage log, its database and pool, and token accounting of streams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageSettings {
+    pub database: String,
+    pub batch_records: usize,
+    pub flush_interval_ms: u64,
+    pub buffer_records: usize,
+    pub retry_interval_ms: u64,
+    pub stream_usage: bool,
+    pub pool_min_connections: usize,
+    pub pool_max_connections: usize,
+    pub max_queries_per_connection: u64,
+    pub idle_timeout_secs: u64,
+    pub acquire_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+}
+
+impl UsageSettings {
+    pub fn database(&self) -> DatabaseSettings {
+        DatabaseSettings {
+            database: self.database.clone(),
+            pool_min_connections: self.pool_min_connections,
+            pool_max_connections: self.pool_max_connections,
+            max_queries_per_connection: self.max_queries_per_connection,
+            idle_timeout_secs: self.idle_timeout_secs,
+            acquire_timeout_ms: self.acquire_timeout_ms,
+            connect_timeout_ms: self.connect_timeout_ms,
+        }
+    }
+
+    pub fn log(&self) -> UsageLogSettings {
+        UsageLogSettings {
+            batch_records: self.batch_records,
+            flush_interval_ms: self.flush_interval_ms,
+            buffer_records: self.buffer_records,
+            retry_interval_ms: self.retry_interval_ms,
+        }
+    }
 }
 
 /// Which browser origins may call the gateway (CORS); none by default.
@@ -184,6 +350,60 @@ impl Config {
                     format!("'{origin}' is not an origin like https://app.example.com (or *)"),
                 ));
             }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, key) in self.keys.iter().enumerate() {
+            key.resolve(i)?;
+            if !names.insert(key.name.as_str()) {
+                return Err(invalid(
+                    format!("keys[{i}].name"),
+                    format!("'{}' names another key too", key.name),
+                ));
+            }
+        }
+        let u = &self.usage;
+        let database = u.database.as_str();
+        let known_store = database == "off"
+            || database.starts_with("sqlite:")
+            || database.starts_with("postgres://")
+            || database.starts_with("postgresql://");
+        if !known_store || database == "sqlite:" {
+            return Err(invalid(
+                "usage.database",
+                format!("'{database}' is not sqlite:PATH, postgres://... or off"),
+            ));
+        }
+        for (key, value) in [
+            ("usage.batch_records", u.batch_records as u64),
+            ("usage.flush_interval_ms", u.flush_interval_ms),
+            ("usage.buffer_records", u.buffer_records as u64),
+            ("usage.retry_interval_ms", u.retry_interval_ms),
+            ("usage.pool_max_connections", u.pool_max_connections as u64),
+            (
+                "usage.max_queries_per_connection",
+                u.max_queries_per_connection,
+            ),
+            ("usage.acquire_timeout_ms", u.acquire_timeout_ms),
+            ("usage.connect_timeout_ms", u.connect_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if u.pool_min_connections > u.pool_max_connections {
+            return Err(invalid(
+                "usage.pool_min_connections",
+                format!(
+                    "{} is above usage.pool_max_connections ({})",
+                    u.pool_min_connections, u.pool_max_connections
+                ),
+            ));
+        }
+        if u.buffer_records < u.batch_records {
+            return Err(invalid(
+                "usage.buffer_records",
+                "must be at least usage.batch_records",
+            ));
         }
         let c = &self.cache;
         if c.max_entry_bytes == 0 || c.max_entry_bytes > c.fill_buffer_bytes {

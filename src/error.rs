@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use nanogate_actors::error::ForwardError;
+use nanogate_actors::limiter::{RateState, Refusal, Refused};
 use nanogate_actors::metrics::Cause;
 use serde::Serialize;
 
@@ -36,6 +38,16 @@ pub enum GatewayError {
     ModelNotFound(String),
     #[error("A valid admin bearer token is required.")]
     Unauthorized,
+    #[error("Incorrect API key provided. Send your key as 'Authorization: Bearer <key>'.")]
+    InvalidApiKey,
+    #[error("Your API key '{key}' does not have access to model '{model}'.")]
+    ModelNotAllowed { key: String, model: String },
+    #[error("{}", rate_limit_message(.0))]
+    RateLimited(Refused),
+    #[error("The usage database is not available: {0}")]
+    StoreUnavailable(String),
+    #[error("No API key is named '{0}'.")]
+    NoSuchKey(String),
     #[error("No endpoint has id {0}.")]
     NoSuchEndpoint(usize),
     #[error("{0}")]
@@ -44,6 +56,70 @@ pub enum GatewayError {
     Forward(#[from] ForwardError),
     #[error("Internal error: {0}")]
     Internal(String),
+}
+
+fn rate_limit_message(refused: &Refused) -> String {
+    let wait = refused.retry_after.as_secs_f64();
+    match refused.why {
+        Refusal::Requests => format!(
+            "Rate limit reached for requests per minute on this key. Please try again in {wait:.3}s."
+        ),
+        Refusal::Tokens => format!(
+            "Rate limit reached for tokens per minute on this key. Please try again in {wait:.3}s."
+        ),
+        Refusal::Concurrency => {
+            "Too many concurrent requests on this key. Please try again when one has finished."
+                .into()
+        }
+        Refusal::DailyBudget => format!(
+            "You exceeded this key's daily token budget; it renews at 00:00 UTC, in {wait:.0}s."
+        ),
+    }
+}
+
+/// OpenAI's `x-ratelimit-*` headers: the limit, what is left, and when it is whole again.
+pub fn rate_limit_headers(headers: &mut HeaderMap, state: &RateState) {
+    const NAMES: [[HeaderName; 3]; 2] = [
+        [
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static("x-ratelimit-reset-requests"),
+        ],
+        [
+            HeaderName::from_static("x-ratelimit-limit-tokens"),
+            HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            HeaderName::from_static("x-ratelimit-reset-tokens"),
+        ],
+    ];
+    for (names, window) in NAMES.iter().zip([state.requests, state.tokens]) {
+        if let Some(w) = window {
+            let values = [
+                w.limit.to_string(),
+                w.remaining.to_string(),
+                duration_text(w.reset),
+            ];
+            for (name, value) in names.iter().zip(values) {
+                if let Ok(value) = HeaderValue::try_from(value) {
+                    headers.insert(name.clone(), value);
+                }
+            }
+        }
+    }
+}
+
+/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1.5s`, `6m0s`.
+pub fn duration_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let minutes = ms / 60_000;
+    let seconds = (ms % 60_000) as f64 / 1000.0;
+    if minutes == 0 {
+        format!("{seconds}s")
+    } else {
+        format!("{minutes}m{seconds}s")
+    }
 }
 
 #[derive(Serialize)]
@@ -75,6 +151,18 @@ impl GatewayError {
             Self::UnknownRoute { .. } => ("invalid_request_error", Some("unknown_url")),
             Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             Self::Unauthorized => ("authentication_error", Some("invalid_admin_token")),
+            Self::InvalidApiKey => ("invalid_request_error", Some("invalid_api_key")),
+            // What OpenAI answers when a project's key may not use a model.
+            Self::ModelNotAllowed { .. } => ("invalid_request_error", Some("model_not_found")),
+            Self::RateLimited(refused) => match refused.why {
+                Refusal::DailyBudget => ("insufficient_quota", Some("insufficient_quota")),
+                Refusal::Tokens => ("tokens", Some("rate_limit_exceeded")),
+                Refusal::Requests | Refusal::Concurrency => {
+                    ("requests", Some("rate_limit_exceeded"))
+                }
+            },
+            Self::StoreUnavailable(_) => ("server_error", Some("database_unavailable")),
+            Self::NoSuchKey(_) => ("invalid_request_error", Some("key_not_found")),
             Self::NoSuchEndpoint(_) => ("invalid_request_error", Some("endpoint_not_found")),
             Self::Conflict(_) => ("invalid_request_error", Some("conflict")),
             Self::Forward(f) => match f {
@@ -96,7 +184,7 @@ impl GatewayError {
     fn param(&self) -> Option<&'static str> {
         match self {
             Self::MissingField(field) | Self::InvalidField { field, .. } => Some(field),
-            Self::ModelNotFound(_) => Some("model"),
+            Self::ModelNotFound(_) | Self::ModelNotAllowed { .. } => Some("model"),
             _ => None,
         }
     }
@@ -117,7 +205,8 @@ impl GatewayError {
                 ForwardError::WorkerGone => Cause::Internal,
             },
             Self::TooManyConnections | Self::BodyBufferFull => Cause::Overload,
-            Self::Internal(_) => Cause::Internal,
+            Self::Internal(_) | Self::StoreUnavailable(_) => Cause::Internal,
+            Self::RateLimited(_) => Cause::RateLimited,
             _ => Cause::ClientError,
         }
     }
@@ -140,7 +229,9 @@ impl GatewayError {
             Self::Forward(ForwardError::Overloaded { retry_after, .. }) => Some(*retry_after),
             Self::Forward(ForwardError::NoBackend { .. } | ForwardError::WorkerGone)
             | Self::TooManyConnections
-            | Self::BodyBufferFull => Some(Duration::from_secs(1)),
+            | Self::BodyBufferFull
+            | Self::StoreUnavailable(_) => Some(Duration::from_secs(1)),
+            Self::RateLimited(refused) => Some(refused.retry_after),
             _ => None,
         }
     }
@@ -157,10 +248,14 @@ impl ResponseError for GatewayError {
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyConnections | Self::BodyBufferFull => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UnknownRoute { .. } | Self::ModelNotFound(_) | Self::NoSuchEndpoint(_) => {
-                StatusCode::NOT_FOUND
-            }
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::UnknownRoute { .. }
+            | Self::ModelNotFound(_)
+            | Self::NoSuchEndpoint(_)
+            | Self::NoSuchKey(_) => StatusCode::NOT_FOUND,
+            Self::Unauthorized | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Forward(f) => match f {
                 ForwardError::Overloaded { .. }
@@ -181,19 +276,30 @@ impl ResponseError for GatewayError {
         let (kind, code) = self.kind_and_code();
         let mut response = HttpResponse::build(self.status_code());
         if let Some(after) = self.retry_after() {
-            response.insert_header((header::RETRY_AFTER, after.as_secs().max(1).to_string()));
+            // Whole seconds, rounded up (a client that waits less is refused again); the OpenAI
+            // SDKs read `retry-after-ms` first.
+            let millis = after.as_millis().max(1);
+            response.insert_header((header::RETRY_AFTER, millis.div_ceil(1000).to_string()));
+            if matches!(self, Self::RateLimited(_)) {
+                response.insert_header(("retry-after-ms", millis.to_string()));
+            }
         }
+
         if self.closes_connection() {
             response.force_close();
         }
-        response.json(Body {
+        let mut response = response.json(Body {
             error: Detail {
                 message: self.to_string(),
                 kind,
                 param: self.param(),
                 code,
             },
-        })
+        });
+        if let Self::RateLimited(refused) = self {
+            rate_limit_headers(response.headers_mut(), &refused.state);
+        }
+        response
     }
 }
 

@@ -25,11 +25,14 @@ use nanogate_actors::report::Reporters;
 use nanogate_actors::retry_budget::RetryBudget;
 use nanogate_actors::worker::{WorkerPool, WorkerPoolConfig};
 
-use crate::config::{Config, ConfigError, CorsSettings};
-use crate::ingress::admin::digest;
+use crate::config::{AuthMode, Config, ConfigError, CorsSettings};
+use crate::ingress::auth::now_ms;
 use crate::ingress::connections::ConnectionLimit;
 use crate::ingress::request::BodyLimits;
 use crate::ingress::{self, AppState};
+use nanogate_actors::keys::{digest, ApiKey, KeyRegistry, KeySource};
+use nanogate_actors::store::{Store, StoreError};
+use nanogate_actors::usage_log::{Flush, UsageLog, UsageLogCounters};
 
 /// Descriptors kept for everything but client and upstream connections: listeners, the runtime's
 /// epoll and event descriptors, health probes and load scrapes (up to two per endpoint), logs.
@@ -41,6 +44,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("configuration key `usage.database`: {0}")]
+    Usage(StoreError),
 }
 
 /// A running gateway.
@@ -52,6 +57,9 @@ pub struct Gateway {
     control: Arbiter,
     shutdown_delay: Duration,
 }
+
+/// Longest a stopping gateway waits for the usage log to write what it holds.
+const USAGE_FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 impl Gateway {
     /// Validates `config`, starts the actors and the HTTP server on the current actix system.
@@ -66,6 +74,11 @@ impl Gateway {
             config.server.body_buffer_bytes,
             config.cache.fill_buffer_bytes,
         );
+        let (store, migrated) = open_store(&config).await?;
+        let keys = match config.auth.mode {
+            AuthMode::Off => None,
+            AuthMode::Keys => Some(key_registry(&config, store.as_ref(), migrated).await?),
+        };
         let control = Arbiter::new();
         let arbiter = control.handle();
         let clock = clock::system();
@@ -104,14 +117,26 @@ impl Gateway {
             );
             Supervisor::start_in_arbiter(&arbiter, move |_| Cache::new(settings, clock, fills))
         };
-        let metrics = Metrics::new(
+        let usage_log = store.clone().map(|store| {
+            let counters = Arc::new(UsageLogCounters::default());
+            let (settings, shared) = (config.usage.log(), counters.clone());
+            let log = Supervisor::start_in_arbiter(&arbiter, move |_| {
+                UsageLog::new(store, settings, migrated, shared)
+            });
+            (log, counters)
+        });
+        let mut metrics = Metrics::new(
             clock,
             view.clone(),
             admission.clone(),
             buffers.clone(),
             retry_budget.clone(),
-        )
-        .start_in(&arbiter);
+        );
+        if let Some((log, counters)) = &usage_log {
+            metrics = metrics.with_usage_log(log.clone(), counters.clone());
+        }
+        let metrics = metrics.start_in(&arbiter);
+        let usage_log = usage_log.map(|(log, _)| log);
 
         let state = AppState {
             view: view.clone(),
@@ -140,6 +165,11 @@ impl Gateway {
             admin_authorization: (!config.admin.token.is_empty())
                 .then(|| digest(format!("Bearer {}", config.admin.token).as_bytes())),
             shutting_down: Arc::new(AtomicBool::new(false)),
+            keys,
+            store,
+            usage_log,
+            stream_usage: config.usage.stream_usage,
+            cache_shared: config.cache.shared,
         };
         let reporters = Reporters {
             balancer,
@@ -225,6 +255,7 @@ impl Gateway {
             Ok(result) => result,
             Err(e) => Err(io::Error::other(e)),
         };
+        flush_usage(&self.state).await;
         self.control.stop();
         result
     }
@@ -232,6 +263,7 @@ impl Gateway {
     /// Stops the server, letting in-flight requests finish when `graceful`.
     pub async fn stop(self, graceful: bool) {
         self.server.stop(graceful).await;
+        flush_usage(&self.state).await;
         self.control.stop();
     }
 
@@ -262,6 +294,120 @@ impl ShutdownHandle {
         self.shutting_down.store(true, Ordering::Relaxed);
         actix_rt::time::sleep(self.delay).await;
         self.server.stop(true).await;
+    }
+}
+
+/// Writes what the usage log still holds, for at most [`USAGE_FLUSH_WAIT`] (a database that is
+/// down by then loses what is buffered, and the log says how many), and closes the database.
+async fn flush_usage(state: &AppState) {
+    write_usage(state).await;
+    if let Some(store) = &state.store {
+        store.close();
+    }
+}
+
+async fn write_usage(state: &AppState) {
+    let Some(log) = &state.usage_log else {
+        return;
+    };
+    let until = std::time::Instant::now() + USAGE_FLUSH_WAIT;
+    while std::time::Instant::now() < until {
+        match log.send(Flush).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => actix_rt::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    if let Ok(left) = log.send(Flush).await {
+        log::error!("usage log: {left} records not written at shutdown (the database did not take them in time)");
+    }
+}
+
+/// The usage log's database, and whether its schema is in place. SQLite that cannot be opened
+/// or migrated stops the start, naming the file; PostgreSQL that does not answer does not:
+/// routing does not depend on the log, which buffers and migrates once the server answers.
+async fn open_store(config: &Config) -> Result<(Option<Store>, bool), StartError> {
+    let settings = config.usage.database();
+    let Some(store) = Store::open(&settings).await.map_err(StartError::Usage)? else {
+        return Ok((None, false));
+    };
+    let wait = Duration::from_millis(settings.connect_timeout_ms.saturating_mul(2));
+    let migrated = match tokio::time::timeout(wait, store.migrate()).await {
+        Ok(Ok(())) => {
+            if let Err(e) = store.warm().await {
+                log::warn!("usage log: opening usage.pool_min_connections connections failed: {e}");
+            }
+            true
+        }
+        Ok(Err(e)) if store.kind() == "sqlite" => return Err(StartError::Usage(e)),
+        Ok(Err(e)) => {
+            log::error!("usage log: the {} database is not available ({e}); starting anyway, records are buffered (usage.buffer_records) and keys made through the admin API load once it answers", store.kind());
+            false
+        }
+        Err(_) => {
+            log::error!("usage log: the {} database did not answer in {wait:?}; starting anyway, records are buffered (usage.buffer_records) and keys made through the admin API load once it answers", store.kind());
+            false
+        }
+    };
+    Ok((Some(store), migrated))
+}
+
+/// The keys of `[[keys]]`, and those the admin API made (from the database; when it is down at
+/// start they load in the background once it answers).
+async fn key_registry(
+    config: &Config,
+    store: Option<&Store>,
+    migrated: bool,
+) -> Result<Arc<KeyRegistry>, StartError> {
+    let registry = Arc::new(KeyRegistry::default());
+    for (i, spec) in config.keys.iter().enumerate() {
+        let mut stored = spec.resolve(i)?;
+        stored.created_ms = now_ms();
+        registry
+            .insert(ApiKey::new(stored, KeySource::Config))
+            .map_err(|e| ConfigError::Invalid {
+                key: format!("keys[{i}]"),
+                reason: e.to_string(),
+            })?;
+    }
+    if let Some(store) = store {
+        if migrated {
+            load_stored_keys(store, &registry).await;
+        } else {
+            let (store, registry) = (store.clone(), registry.clone());
+            actix_rt::spawn(async move {
+                loop {
+                    actix_rt::time::sleep(Duration::from_secs(5)).await;
+                    if store.migrate().await.is_ok() && load_stored_keys(&store, &registry).await {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+    Ok(registry)
+}
+
+/// Adds the database's keys to `registry`; false when the database did not answer.
+async fn load_stored_keys(store: &Store, registry: &KeyRegistry) -> bool {
+    match store.load_keys().await {
+        Ok(keys) => {
+            let count = keys.len();
+            for key in keys {
+                let name = key.name.clone();
+                if let Err(e) = registry.insert(ApiKey::new(key, KeySource::Admin)) {
+                    log::warn!("keys: the stored key '{name}' is not used: {e}");
+                }
+            }
+            log::info!(
+                "keys: {count} keys loaded from the {} database",
+                store.kind()
+            );
+            true
+        }
+        Err(e) => {
+            log::error!("keys: loading the admin API's keys failed ({e}); retrying");
+            false
+        }
     }
 }
 

@@ -214,26 +214,6 @@ impl SimConfigExt {
 
 /// The interpreter of `.venv` with the official `openai` SDK, installed on first use; `None`
 /// (with the reason printed) only where Python itself is missing.
-fn sdk_python() -> Option<String> {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let python = format!("{root}/.venv/bin/python");
-    if !std::path::Path::new(&python).exists() {
-        if std::process::Command::new("python3")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            eprintln!("SKIPPED: python3 is not installed, so the OpenAI SDK test cannot run");
-            return None;
-        }
-        let installed = std::process::Command::new(format!("{root}/scripts/install-test-deps.sh"))
-            .status()
-            .expect("run scripts/install-test-deps.sh");
-        assert!(installed.success(), "scripts/install-test-deps.sh failed");
-    }
-    Some(python)
-}
-
 #[actix_rt::test]
 async fn the_official_openai_python_sdk_works_against_the_gateway() {
     let Some(python) = sdk_python() else {

@@ -32,6 +32,9 @@ pub struct CacheSettings {
     /// Bytes of answers being gathered to fill the cache, over all requests at once; a fill that
     /// would pass it streams instead.
     pub fill_buffer_bytes: usize,
+    /// Whether an answer may go to another caller (another API key, or other credentials) than
+    /// the one whose request filled it.
+    pub shared: bool,
 }
 
 impl Default for CacheSettings {
@@ -43,6 +46,7 @@ impl Default for CacheSettings {
             max_bytes: 64 * 1024 * 1024,
             max_entry_bytes: 4 * 1024 * 1024,
             fill_buffer_bytes: 64 * 1024 * 1024,
+            shared: false,
         }
     }
 }

@@ -20,13 +20,16 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
+use crate::account::Account;
 use crate::balancer::Verdict;
 use crate::buffers::RelayBytes;
 use crate::endpoint::InFlight;
 use crate::estimator::Sample;
-use crate::metrics::{Cause, Observe};
+use crate::metrics::{Cause, Observe, RequestFacts};
 use crate::pool_supervisor::Permit;
 use crate::report::ThreadReports;
+use crate::usage::TokenUsage;
+use crate::usage_scan::{usage_of_body, UsageScan};
 
 /// Chunks that may wait between the upstream read and the client write.
 pub(crate) const RELAY_DEPTH: usize = 16;
@@ -225,6 +228,8 @@ pub(crate) struct Held {
     /// when the answer is a refusal that followed the request from backend to backend.
     pub counts: bool,
     pub dispatch: Dispatch,
+    pub account: Account,
+    pub request: RequestFacts,
 }
 
 /// What was known when the request was sent, for what its outcome teaches about the endpoint.
@@ -345,7 +350,7 @@ pub fn has_known_length(headers: &HeaderMap) -> bool {
 }
 
 /// Reports an exchange whose body was read whole.
-pub(crate) fn report_whole(held: Held, status: u16, started: Instant) {
+pub(crate) fn report_whole(held: Held, status: u16, started: Instant, body: &Bytes) {
     let first = started.elapsed();
     let timing = Timing {
         first_chunk: Some(first),
@@ -353,7 +358,43 @@ pub(crate) fn report_whole(held: Held, status: u16, started: Instant) {
         gaps: Duration::ZERO,
         chunks: 1,
     };
-    report(held, false, status, Ending::Complete, &timing, started);
+    let usage = (status < 300).then(|| {
+        held.account
+            .settle(usage_of_body(body), estimate_from_bytes(body.len() as u64))
+    });
+    report(
+        held,
+        false,
+        status,
+        Ending::Complete,
+        &timing,
+        started,
+        usage,
+    );
+}
+
+/// Completion tokens of a JSON answer without usage: about four bytes a token, the JSON around
+/// the text counted in (an estimate, and the record says so).
+fn estimate_from_bytes(bytes: u64) -> u64 {
+    bytes.div_ceil(4)
+}
+
+/// The tail of a non-streamed body, where its `usage` object is (vLLM, SGLang and OpenAI write
+/// it after the choices).
+#[derive(Default)]
+struct BodyTail {
+    bytes: Vec<u8>,
+}
+
+impl BodyTail {
+    const KEEP: usize = 4096;
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.bytes
+            .extend_from_slice(&chunk[chunk.len().saturating_sub(Self::KEEP)..]);
+        let excess = self.bytes.len().saturating_sub(Self::KEEP);
+        self.bytes.drain(..excess);
+    }
 }
 
 /// Copies the upstream body into the channel until it ends, fails, stalls, passes its deadline,
@@ -378,6 +419,8 @@ pub(crate) async fn relay(
     let mut tail = StreamTail::default();
     let mut last_event = LastEvent::default();
     let follow_events = sse && limits.stream_end.follows_events();
+    let mut scan = UsageScan::new(sse && held.account.strip_usage);
+    let mut body_tail = BodyTail::default();
     // One timer for the whole relay, re-armed only when it fires early (a chunk came since it
     // was set), not on every chunk; one `closed` future, polled whenever the relay waits.
     let idle = tokio::time::sleep(
@@ -403,6 +446,10 @@ pub(crate) async fn relay(
                 last_event.push(&chunk);
             }
             timing.chunks += 1;
+            let chunk = scan.pass(chunk);
+            if chunk.is_empty() {
+                continue;
+            }
             match link.deliver(chunk, closed.as_mut(), &limits).await {
                 Delivery::Delivered => continue,
                 Delivery::Gone => break Ending::Cancelled,
@@ -441,11 +488,18 @@ pub(crate) async fn relay(
             Some(Ok(chunk)) => {
                 timing.chunk(started);
                 received += chunk.len() as u64;
-                if sse {
+                let chunk = if sse {
                     tail.push(&chunk);
                     if follow_events {
                         last_event.push(&chunk);
                     }
+                    scan.pass(chunk)
+                } else {
+                    body_tail.push(&chunk);
+                    chunk
+                };
+                if chunk.is_empty() {
+                    continue;
                 }
                 match link.deliver(chunk, closed.as_mut(), &limits).await {
                     Delivery::Delivered => last_activity = Instant::now(),
@@ -494,12 +548,36 @@ pub(crate) async fn relay(
                 break Ending::Broken;
             }
             None => {
+                if let Some(rest) = scan.finish() {
+                    if let Delivery::Gone | Delivery::Stalled(_) =
+                        link.deliver(rest, closed.as_mut(), &limits).await
+                    {
+                        break Ending::Cancelled;
+                    }
+                }
                 link.end_with(None);
                 break Ending::Complete;
             }
         }
     };
-    report(held, sse, status, ending, &timing, started);
+    let generated = match ending {
+        Ending::Complete => status < 300,
+        _ => sse && scan.events() > 0,
+    };
+    let reported = if sse {
+        scan.usage()
+    } else {
+        usage_of_body(&body_tail.bytes)
+    };
+    let usage = (generated || reported.is_some()).then(|| {
+        let estimate = if sse {
+            u64::from(scan.events())
+        } else {
+            estimate_from_bytes(received)
+        };
+        held.account.settle(reported, estimate)
+    });
+    report(held, sse, status, ending, &timing, started, usage);
 }
 
 /// What the client gets when the body fails mid-way: an SSE error event for a stream (after
@@ -660,7 +738,15 @@ impl Timing {
     }
 }
 
-fn report(held: Held, sse: bool, status: u16, ending: Ending, timing: &Timing, started: Instant) {
+fn report(
+    held: Held,
+    sse: bool,
+    status: u16,
+    ending: Ending,
+    timing: &Timing,
+    started: Instant,
+    usage: Option<TokenUsage>,
+) {
     let endpoint = held.in_flight.endpoint().id;
     let total = started.elapsed();
     let (status, cause) = match ending {
@@ -698,6 +784,9 @@ fn report(held: Held, sse: bool, status: u16, ending: Ending, timing: &Timing, s
         ttft: timing.first_chunk.filter(|_| sse),
         inter_token: (timing.chunks > 1).then(|| timing.gaps / (timing.chunks - 1)),
         cache_hit: false,
+        usage,
+        key: held.account.key_name(),
+        request: held.request,
     });
 }
 

@@ -35,6 +35,7 @@ use crate::exchange::{
     content_length, is_backend_failure, read_whole, Dispatch, Held, RelayLimits, INLINE_BODY_MAX,
 };
 use crate::health_checker::ProbeNow;
+use crate::metrics::RequestFacts;
 use crate::pool_supervisor::Permit;
 use crate::worker::{UpstreamRequest, WorkerShared};
 
@@ -161,7 +162,7 @@ pub(crate) async fn connect(
                     attempt_state,
                     ready,
                     permit,
-                    true,
+                    (true, (attempt - 1) as u32),
                 ));
             }
             Tried::Refused(response) => {
@@ -218,7 +219,7 @@ pub(crate) async fn connect(
                     attempt_state,
                     ready,
                     permit,
-                    !follows_request,
+                    (!follows_request, (attempt - 1) as u32),
                 ));
             }
             Tried::Failed(failure) => {
@@ -340,7 +341,7 @@ fn connected(
     attempt: Attempt,
     ready: Ready,
     permit: Permit,
-    counts: bool,
+    (counts, retries): (bool, u32),
 ) -> Connected {
     let mut in_flight = attempt.in_flight;
     in_flight.first_token();
@@ -356,6 +357,12 @@ fn connected(
             model: request.model.clone(),
             counts,
             dispatch: attempt.dispatch,
+            account: request.account.clone(),
+            request: RequestFacts {
+                id: Some(request.request_id.clone()),
+                at_ms: request.account.at_ms,
+                retries,
+            },
         },
         started: attempt.started,
     }

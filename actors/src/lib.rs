@@ -19,10 +19,17 @@
 //!   batches in which the request path tells the balancer and metrics what happened;
 //!   [`upstream_io`]: the backend connections under the HTTP client (close-delimited bodies);
 //!   [`buffers`]: the bounds and gauges of every byte held for a request in flight.
+//! - Tenants: [`keys`] (API keys, published for the request path), [`limiter`] (each key's
+//!   limits), [`account`] (whom a request is for, settled when its relay ends); [`usage`] (what a
+//!   request cost in tokens) and [`usage_scan`] (reading it from answers and streams on their way
+//!   to the client, and removing the usage chunk the gateway asked for); [`usage_log`] (the actor
+//!   that writes one record per request in batches) and [`store`] (the database behind it and the
+//!   admin API's keys: SQLite or PostgreSQL through deadpool).
 //!
 //! Every actor starts under an actix `Supervisor` and answers [`GetStats`] with a JSON object that
 //! `/stats` shows as-is.
 
+pub mod account;
 pub mod balancer;
 pub mod breaker;
 pub mod buffers;
@@ -34,13 +41,19 @@ pub mod estimator;
 pub mod exchange;
 pub mod forwarding;
 pub mod health_checker;
+pub mod keys;
+pub mod limiter;
 pub mod metrics;
 pub mod policy;
 pub mod pool_supervisor;
 pub mod prefix_index;
 pub mod report;
 pub mod retry_budget;
+pub mod store;
 pub mod upstream_io;
+pub mod usage;
+pub mod usage_log;
+pub mod usage_scan;
 pub mod worker;
 
 use actix::{Message, MessageResponse};

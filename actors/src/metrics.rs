@@ -19,11 +19,15 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram as Pr
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+use awc::http::header::HeaderValue;
+
 use crate::balancer::BalancerView;
 use crate::buffers::{BufferStats, Buffers};
 use crate::clock::SharedClock;
 use crate::pool_supervisor::Admission;
 use crate::retry_budget::RetryBudget;
+use crate::usage::{TokenUsage, UsageRecord};
+use crate::usage_log::{Records, UsageLog, UsageLogCounters};
 use crate::{Fail, GetStats, Stats};
 
 /// Seconds of history behind the requests-per-second figure.
@@ -58,10 +62,12 @@ pub enum Cause {
     Cancelled,
     /// The gateway failed itself.
     Internal,
+    /// The client's API key was over one of its limits: 429.
+    RateLimited,
 }
 
 impl Cause {
-    const ALL: [Cause; 9] = [
+    const ALL: [Cause; 10] = [
         Cause::ClientError,
         Cause::Overload,
         Cause::NoBackend,
@@ -71,12 +77,16 @@ impl Cause {
         Cause::Backend,
         Cause::Cancelled,
         Cause::Internal,
+        Cause::RateLimited,
     ];
 
     /// Whether it is the gateway's or a backend's failure (what the error rate counts), rather
     /// than the client's doing.
     pub fn is_failure(self) -> bool {
-        !matches!(self, Cause::ClientError | Cause::Cancelled)
+        !matches!(
+            self,
+            Cause::ClientError | Cause::Cancelled | Cause::RateLimited
+        )
     }
 
     fn index(self) -> usize {
@@ -94,6 +104,7 @@ impl Cause {
             Cause::Backend => "backend",
             Cause::Cancelled => "cancelled",
             Cause::Internal => "internal",
+            Cause::RateLimited => "rate_limited",
         }
     }
 
@@ -124,6 +135,23 @@ pub struct Observe {
     /// Mean gap between body chunks after the first, for a stream.
     pub inter_token: Option<Duration>,
     pub cache_hit: bool,
+    /// Tokens the answer used (none when nothing was generated).
+    pub usage: Option<TokenUsage>,
+    /// The API key's name, when keys are on.
+    pub key: Option<Arc<str>>,
+    /// What the usage log keeps beyond the metrics.
+    pub request: RequestFacts,
+}
+
+/// A request's identity for the usage log.
+#[derive(Debug, Clone, Default)]
+pub struct RequestFacts {
+    /// `X-Request-Id`.
+    pub id: Option<HeaderValue>,
+    /// Arrival, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// Attempts beyond the first.
+    pub retries: u32,
 }
 
 /// A thread's batch of observations.
@@ -203,6 +231,7 @@ struct Slot {
     /// Which ten seconds since the series began this slot holds.
     epoch: u64,
     requests: u64,
+    tokens: Tokens,
     causes: Causes,
     latency: Histogram<u32>,
     ttft: Histogram<u32>,
@@ -217,6 +246,7 @@ impl Slot {
         Self {
             epoch: u64::MAX,
             requests: 0,
+            tokens: Tokens::default(),
             causes: Causes::default(),
             latency: histogram(),
             ttft: histogram(),
@@ -227,6 +257,7 @@ impl Slot {
 /// Counters and histograms for one slice of traffic (all, one endpoint, one model).
 struct Series {
     requests: u64,
+    tokens: Tokens,
     causes: Causes,
     cache_hits: u64,
     latency: Histogram<u64>,
@@ -246,6 +277,7 @@ impl Series {
         };
         Self {
             requests: 0,
+            tokens: Tokens::default(),
             causes: Causes::default(),
             cache_hits: 0,
             latency: histogram(),
@@ -264,6 +296,7 @@ impl Series {
 
     fn record(&mut self, o: &Observe, now: Instant) {
         self.requests += 1;
+        self.tokens.add(o.usage);
         self.rate.add(now);
         if let Some(cause) = o.cause {
             self.causes.add(cause);
@@ -281,11 +314,13 @@ impl Series {
         if slot.epoch != epoch {
             slot.epoch = epoch;
             slot.requests = 0;
+            slot.tokens = Tokens::default();
             slot.causes = Causes::default();
             slot.latency.reset();
             slot.ttft.reset();
         }
         slot.requests += 1;
+        slot.tokens.add(o.usage);
         if let Some(cause) = o.cause {
             slot.causes.add(cause);
         }
@@ -305,6 +340,8 @@ impl Series {
             by_cause: HashMap::new(),
             latency_ms: None,
             ttft_ms: None,
+            tokens: Tokens::default(),
+            tokens_per_second: TokenRates::default(),
         };
         let mut causes = Causes::default();
         let mut latency: Option<Histogram<u32>> = None;
@@ -315,6 +352,7 @@ impl Series {
             .filter(|s| s.epoch <= epoch && epoch - s.epoch < SLOTS as u64)
         {
             recent.requests += slot.requests;
+            recent.tokens.merge(&slot.tokens);
             for cause in Cause::ALL {
                 causes.0[cause.index()] += slot.causes.get(cause);
             }
@@ -332,6 +370,7 @@ impl Series {
         recent.by_cause = causes.named();
         recent.latency_ms = latency.as_ref().and_then(Summary::of);
         recent.ttft_ms = ttft.as_ref().and_then(Summary::of);
+        recent.tokens_per_second = recent.tokens.per_second(recent.seconds);
         let errors = self.causes.failures();
         SeriesStats {
             requests: self.requests,
@@ -345,6 +384,7 @@ impl Series {
             latency_ms: Summary::of(&self.latency),
             ttft_ms: Summary::of(&self.ttft),
             inter_token_ms: Summary::of(&self.inter_token),
+            tokens: self.tokens,
             last_minute: recent,
         }
     }
@@ -447,7 +487,50 @@ struct SeriesStats {
     latency_ms: Option<Summary>,
     ttft_ms: Option<Summary>,
     inter_token_ms: Option<Summary>,
+    tokens: Tokens,
     last_minute: RecentStats,
+}
+
+/// Tokens counted from answers' usage.
+#[derive(Serialize, Debug, Clone, Copy, Default, PartialEq)]
+struct Tokens {
+    prompt: u64,
+    completion: u64,
+    cached: u64,
+    /// Answers whose usage the gateway estimated (the backend sent none).
+    estimated_answers: u64,
+}
+
+impl Tokens {
+    fn add(&mut self, usage: Option<TokenUsage>) {
+        if let Some(u) = usage {
+            self.prompt += u.prompt;
+            self.completion += u.completion;
+            self.cached += u.cached;
+            self.estimated_answers += u64::from(u.estimated);
+        }
+    }
+
+    fn merge(&mut self, other: &Tokens) {
+        self.prompt += other.prompt;
+        self.completion += other.completion;
+        self.cached += other.cached;
+        self.estimated_answers += other.estimated_answers;
+    }
+
+    fn per_second(&self, seconds: u64) -> TokenRates {
+        let seconds = seconds.max(1) as f64;
+        TokenRates {
+            prompt: self.prompt as f64 / seconds,
+            completion: self.completion as f64 / seconds,
+        }
+    }
+}
+
+#[derive(Serialize, Debug, Clone, Copy, Default, PartialEq)]
+struct TokenRates {
+    prompt: f64,
+    completion: f64,
 }
 
 /// The same figures over the last minute only (since start, a p99 says little about now).
@@ -460,6 +543,8 @@ struct RecentStats {
     by_cause: HashMap<&'static str, u64>,
     latency_ms: Option<Summary>,
     ttft_ms: Option<Summary>,
+    tokens: Tokens,
+    tokens_per_second: TokenRates,
 }
 
 // ===== Prometheus =====
@@ -480,6 +565,34 @@ struct RouteLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabels {
     endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointTokenLabels {
+    endpoint: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelTokenLabels {
+    model: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyTokenLabels {
+    key: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyRequestLabels {
+    key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UsageLogLabels {
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -519,6 +632,12 @@ struct Exposition {
     endpoint_ejections: Family<EndpointLabels, Counter>,
     dropped: Counter,
     buffered: Family<BufferLabels, Gauge>,
+    endpoint_tokens: Family<EndpointTokenLabels, Counter>,
+    model_tokens: Family<ModelTokenLabels, Counter>,
+    key_tokens: Family<KeyTokenLabels, Counter>,
+    key_requests: Family<KeyRequestLabels, Counter>,
+    usage_log_records: Family<UsageLogLabels, Counter>,
+    usage_log_buffered: Gauge,
 }
 
 impl Exposition {
@@ -550,6 +669,12 @@ impl Exposition {
             endpoint_ejections: Family::default(),
             dropped: Counter::default(),
             buffered: Family::default(),
+            endpoint_tokens: Family::default(),
+            model_tokens: Family::default(),
+            key_tokens: Family::default(),
+            key_requests: Family::default(),
+            usage_log_records: Family::default(),
+            usage_log_buffered: Gauge::default(),
         };
         let r = &mut e.registry;
         r.register(
@@ -648,6 +773,36 @@ impl Exposition {
             e.buffered.clone(),
         );
         r.register(
+            "endpoint_tokens",
+            "Tokens in answers per endpoint, by kind (prompt, completion, cached: prompt tokens the backend's prefix cache served)",
+            e.endpoint_tokens.clone(),
+        );
+        r.register(
+            "model_tokens",
+            "Tokens in answers per model, by kind (prompt, completion, cached)",
+            e.model_tokens.clone(),
+        );
+        r.register(
+            "key_tokens",
+            "Tokens in answers per API key, by kind (prompt, completion, cached)",
+            e.key_tokens.clone(),
+        );
+        r.register(
+            "key_requests",
+            "Requests per API key",
+            e.key_requests.clone(),
+        );
+        r.register(
+            "usage_log_records",
+            "Usage records written to the database, or dropped on a full buffer",
+            e.usage_log_records.clone(),
+        );
+        r.register(
+            "usage_log_buffered_records",
+            "Usage records waiting to be written",
+            e.usage_log_buffered.clone(),
+        );
+        r.register(
             "metrics_dropped_observations",
             "Observations dropped on a full mailbox",
             e.dropped.clone(),
@@ -709,6 +864,11 @@ pub struct Metrics {
     exposition: Exposition,
     /// Model → (endpoint, answered from cache, status) → its Prometheus series.
     routes: HashMap<String, HashMap<RouteKey, RouteMetrics>>,
+    keys: HashMap<Arc<str>, Series>,
+    /// Where each request's record goes, when the usage log is on.
+    usage_log: Option<(Addr<UsageLog>, Arc<UsageLogCounters>)>,
+    /// Records on their way to the usage log, sent once per batch of observations.
+    records: Vec<UsageRecord>,
 }
 
 impl Metrics {
@@ -731,7 +891,16 @@ impl Metrics {
             models: HashMap::new(),
             exposition: Exposition::new(),
             routes: HashMap::new(),
+            keys: HashMap::new(),
+            usage_log: None,
+            records: Vec::new(),
         }
+    }
+
+    /// Sends every observation on to the usage log as a record.
+    pub fn with_usage_log(mut self, log: Addr<UsageLog>, counters: Arc<UsageLogCounters>) -> Self {
+        self.usage_log = Some((log, counters));
+        self
     }
 
     /// Starts the actor under a supervisor on `arbiter` and returns the handle the request path
@@ -775,6 +944,7 @@ impl Handler<Observe> for Metrics {
 
     fn handle(&mut self, o: Observe, _ctx: &mut Self::Context) {
         self.record(o);
+        self.send_records();
     }
 }
 
@@ -785,6 +955,7 @@ impl Handler<Observations> for Metrics {
         for o in batch.0 {
             self.record(o);
         }
+        self.send_records();
     }
 }
 
@@ -793,8 +964,88 @@ impl Handler<Observations> for Metrics {
 const OTHER_MODEL: &str = "other";
 
 impl Metrics {
+    fn send_records(&mut self) {
+        if let Some((log, _)) = &self.usage_log {
+            if !self.records.is_empty() {
+                log.do_send(Records(std::mem::take(&mut self.records)));
+            }
+        }
+    }
+
+    /// The usage log's record of an observation (before its model is folded into `other`).
+    fn usage_record(&self, o: &Observe) -> UsageRecord {
+        UsageRecord {
+            at_ms: o.request.at_ms,
+            request_id: o
+                .request
+                .id
+                .as_ref()
+                .and_then(|id| id.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            key: o.key.clone(),
+            model: o.model.clone(),
+            endpoint: o.endpoint.and_then(|id| {
+                self.view
+                    .table()
+                    .by_id(id)
+                    .map(|e| Arc::from(e.url.as_str()))
+            }),
+            status: o.status,
+            usage: o.usage.unwrap_or_default(),
+            ttft_ms: o.ttft.map(|d| d.as_secs_f64() * 1e3),
+            latency_ms: o.latency.as_secs_f64() * 1e3,
+            cache_hit: o.cache_hit,
+            retries: o.request.retries,
+            error: o.cause.map(Cause::name),
+        }
+    }
+
+    fn record_tokens(&mut self, o: &Observe) {
+        let Some(usage) = o.usage else {
+            return;
+        };
+        let e = &self.exposition;
+        let kinds = [
+            ("prompt", usage.prompt),
+            ("completion", usage.completion),
+            ("cached", usage.cached),
+        ];
+        let endpoint = o.endpoint.map(|id| self.endpoint_name(Some(id), false));
+        for (kind, count) in kinds {
+            if let Some(endpoint) = &endpoint {
+                e.endpoint_tokens
+                    .get_or_create(&EndpointTokenLabels {
+                        endpoint: endpoint.clone(),
+                        kind,
+                    })
+                    .inc_by(count);
+            }
+            if let Some(model) = &o.model {
+                e.model_tokens
+                    .get_or_create(&ModelTokenLabels {
+                        model: model.clone(),
+                        kind,
+                    })
+                    .inc_by(count);
+            }
+            if let Some(key) = &o.key {
+                e.key_tokens
+                    .get_or_create(&KeyTokenLabels {
+                        key: key.to_string(),
+                        kind,
+                    })
+                    .inc_by(count);
+            }
+        }
+    }
+
     fn record(&mut self, mut o: Observe) {
         let now = self.clock.now();
+        if self.usage_log.is_some() {
+            let record = self.usage_record(&o);
+            self.records.push(record);
+        }
         if o.model
             .as_deref()
             .is_some_and(|m| !self.view.table().serves(m))
@@ -802,6 +1053,19 @@ impl Metrics {
             o.model = Some(OTHER_MODEL.to_string());
         }
         self.overall.record(&o, now);
+        self.record_tokens(&o);
+        if let Some(key) = &o.key {
+            self.keys
+                .entry(key.clone())
+                .or_insert_with(Series::new)
+                .record(&o, now);
+            self.exposition
+                .key_requests
+                .get_or_create(&KeyRequestLabels {
+                    key: key.to_string(),
+                })
+                .inc();
+        }
         if let Some(id) = o.endpoint {
             self.endpoints
                 .entry(id)
@@ -924,6 +1188,20 @@ impl Handler<RenderPrometheus> for Metrics {
                 endpoint.ejections(),
             );
         }
+        if let Some((_, counters)) = &self.usage_log {
+            for (outcome, count) in [
+                ("written", counters.written.load(Ordering::Relaxed)),
+                ("dropped", counters.dropped.load(Ordering::Relaxed)),
+            ] {
+                sync_counter(
+                    &e.usage_log_records
+                        .get_or_create(&UsageLogLabels { outcome }),
+                    count,
+                );
+            }
+            e.usage_log_buffered
+                .set(counters.buffered.load(Ordering::Relaxed) as i64);
+        }
         let mut text = String::new();
         if encode(&mut text, &e.registry).is_err() {
             log::error!("prometheus encoding failed");
@@ -941,6 +1219,7 @@ struct MetricsStats {
     overall: SeriesStats,
     endpoints: HashMap<String, SeriesStats>,
     models: HashMap<String, SeriesStats>,
+    keys: HashMap<String, SeriesStats>,
     dropped_observations: u64,
     buffers: BufferStats,
 }
@@ -966,6 +1245,11 @@ impl Handler<GetStats> for Metrics {
                 .models
                 .iter_mut()
                 .map(|(m, s)| (m.clone(), s.stats(now)))
+                .collect(),
+            keys: self
+                .keys
+                .iter_mut()
+                .map(|(k, s)| (k.to_string(), s.stats(now)))
                 .collect(),
             dropped_observations: self.dropped.load(Ordering::Relaxed),
             buffers: self.buffers.stats(),
@@ -1014,6 +1298,9 @@ mod tests {
             ttft: Some(Duration::from_millis(2)),
             inter_token: None,
             cache_hit: false,
+            usage: None,
+            key: None,
+            request: RequestFacts::default(),
         }
     }
 

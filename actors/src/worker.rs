@@ -20,6 +20,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::account::Account;
 use crate::buffers::RelayBytes;
 use crate::error::ForwardError;
 use crate::exchange::{
@@ -136,6 +137,8 @@ pub struct UpstreamRequest {
     pub budget: Duration,
     /// The client's limit on each read (the head, each next chunk), when it set one.
     pub read_timeout: Option<Duration>,
+    /// Whom it is for, and what its end settles (tokens charged to the key, the usage record).
+    pub account: Account,
 }
 
 // ===== WorkerPool =====
@@ -340,8 +343,8 @@ impl Handler<Forward> for Worker {
                 body,
             };
             if let Some(whole) = whole {
-                let answer = exchange(ExchangeBody::Complete(Some(whole)));
-                report_whole(held, answer.status.as_u16(), started);
+                let answer = exchange(ExchangeBody::Complete(Some(whole.clone())));
+                report_whole(held, answer.status.as_u16(), started, &whole);
                 let _ = head.send(Ok(answer));
                 return;
             }

@@ -1,4 +1,5 @@
-//! `/admin/endpoints`: list, add, remove and drain backends at runtime. Behind a bearer token
+//! `/admin/endpoints`: list, add, remove and drain backends at runtime (and, in [`admin_keys`],
+//! `/admin/keys` and `/admin/usage`). Behind a bearer token
 //! (`[admin] token`, better given as `NANOGATE__ADMIN__TOKEN`); without a configured token the
 //! routes do not exist (404), so an operator cannot leave them open by accident.
 
@@ -7,27 +8,26 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use nanogate_actors::balancer::{AddEndpoint, DrainEndpoint, ListEndpoints, RemoveEndpoint};
 use nanogate_actors::endpoint::EndpointSpec;
 use nanogate_actors::health_checker::ProbeNow;
+use nanogate_actors::keys::{constant_time_eq, digest};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::connections::admit;
 use super::request::{read_body, BodyLimits};
-use super::AppState;
+use super::{admin_keys, AppState};
 use crate::config::check_endpoint;
 use crate::error::GatewayError;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::scope("/admin")
-            .route("/endpoints", web::get().to(list))
-            .route("/endpoints", web::post().to(add))
-            .route("/endpoints/{id}", web::delete().to(remove))
-            .route("/endpoints/{id}/{action}", web::post().to(set_draining)),
-    );
+    let scope = web::scope("/admin")
+        .route("/endpoints", web::get().to(list))
+        .route("/endpoints", web::post().to(add))
+        .route("/endpoints/{id}", web::delete().to(remove))
+        .route("/endpoints/{id}/{action}", web::post().to(set_draining));
+    cfg.service(admin_keys::routes(scope));
 }
 
 /// The admin routes are off without a token, and refuse a request without the right one.
-fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), GatewayError> {
+pub(super) fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), GatewayError> {
     let Some(expected) = &state.admin_authorization else {
         return Err(GatewayError::UnknownRoute {
             method: req.method().to_string(),
@@ -39,22 +39,25 @@ fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), GatewayError> {
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
-    if digests_equal(&digest(given), expected) {
+    if constant_time_eq(&digest(given), expected) {
         Ok(())
     } else {
         Err(GatewayError::Unauthorized)
     }
 }
 
-/// The SHA-256 digest of a secret: comparing digests of equal length compares secrets without
-/// revealing their length or where they first differ.
-pub fn digest(secret: &[u8]) -> [u8; 32] {
-    Sha256::digest(secret).into()
-}
-
-/// Compares without stopping at the first difference, so timing does not reveal the token.
-fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// An admin request's JSON body, at most [`MAX_ADMIN_BODY`] bytes.
+pub(super) async fn read_admin_body(
+    req: &HttpRequest,
+    state: &AppState,
+    payload: web::Payload,
+) -> Result<bytes::Bytes, GatewayError> {
+    admit(req)?;
+    let limits = BodyLimits {
+        max_bytes: MAX_ADMIN_BODY,
+        ..state.body_limits.clone()
+    };
+    Ok(read_body(req.headers(), payload, &limits).await?.0)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> GatewayError {
@@ -95,13 +98,8 @@ async fn add(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, GatewayError> {
-    admit(&req)?;
     authorize(&req, &state)?;
-    let limits = BodyLimits {
-        max_bytes: MAX_ADMIN_BODY,
-        ..state.body_limits.clone()
-    };
-    let (body, _reservation) = read_body(req.headers(), payload, &limits).await?;
+    let body = read_admin_body(&req, &state, payload).await?;
     let spec: EndpointSpec =
         serde_json::from_slice(&body).map_err(|e| GatewayError::BadJson(e.to_string()))?;
     if spec.models.len() > 1024 || spec.models.iter().any(|m| m.len() > 256) {
@@ -188,18 +186,4 @@ async fn set_draining(
         drain,
     };
     found(state.balancer.send(message).await.map_err(unavailable)?, id)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{digest, digests_equal};
-
-    #[test]
-    fn token_comparison() {
-        let expected = digest(b"Bearer abc");
-        assert!(digests_equal(&digest(b"Bearer abc"), &expected));
-        assert!(!digests_equal(&digest(b"Bearer abd"), &expected));
-        assert!(!digests_equal(&digest(b"Bearer ab"), &expected));
-        assert!(!digests_equal(&digest(b""), &expected));
-    }
 }

@@ -4,6 +4,8 @@
 //! ([`status`]) and the token-protected `/admin/endpoints` ([`admin`]).
 
 pub mod admin;
+pub mod admin_keys;
+pub mod auth;
 pub mod connections;
 pub mod path;
 pub mod proxy;
@@ -12,7 +14,7 @@ pub mod status;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
@@ -20,8 +22,11 @@ use nanogate_actors::balancer::{Balancer, BalancerView};
 use nanogate_actors::buffers::ByteBudget;
 use nanogate_actors::cache::Cache;
 use nanogate_actors::health_checker::HealthChecker;
-use nanogate_actors::metrics::{Cause, MetricsHandle, Observe};
+use nanogate_actors::keys::KeyRegistry;
+use nanogate_actors::metrics::MetricsHandle;
 use nanogate_actors::pool_supervisor::PoolSupervisor;
+use nanogate_actors::store::Store;
+use nanogate_actors::usage_log::UsageLog;
 
 use crate::config::AffinitySettings;
 use crate::error::GatewayError;
@@ -51,29 +56,14 @@ pub struct AppState {
     pub admin_authorization: Option<[u8; 32]>,
     /// Set when shutdown begins: `/ready` answers 503 from then on.
     pub shutting_down: Arc<AtomicBool>,
-}
-
-impl AppState {
-    /// Records a request the gateway answered itself (an error, or a cache hit when `cause` is
-    /// `None`).
-    pub fn observe_local(
-        &self,
-        started: Instant,
-        status: u16,
-        cause: Option<Cause>,
-        model: Option<String>,
-    ) {
-        self.metrics.observe(Observe {
-            endpoint: None,
-            model,
-            status,
-            cause,
-            latency: started.elapsed(),
-            ttft: None,
-            inter_token: None,
-            cache_hit: cause.is_none(),
-        });
-    }
+    /// The API keys, when `[auth] mode = "keys"`.
+    pub keys: Option<Arc<KeyRegistry>>,
+    /// The usage log's and admin keys' database, unless `usage.database = "off"`.
+    pub store: Option<Store>,
+    pub usage_log: Option<Addr<UsageLog>>,
+    /// Ask backends for streams' usage on the clients' behalf (`usage.stream_usage`).
+    pub stream_usage: bool,
+    pub cache_shared: bool,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

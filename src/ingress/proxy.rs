@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::body::SizedStream;
@@ -11,19 +12,24 @@ use actix_web::http::{ConnectionType, Method, StatusCode, Version};
 use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder, ResponseError};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use nanogate_actors::account::Account;
 use nanogate_actors::cache::{CachedResponse, FillGuard, Key, Lookup, LookupResult};
 use nanogate_actors::error::ForwardError;
 use nanogate_actors::exchange::{has_known_length, Exchange, ExchangeBody, RelayError, StreamEnd};
+use nanogate_actors::limiter::RateState;
+use nanogate_actors::metrics::{Cause, Observe, RequestFacts};
 use nanogate_actors::worker::{UpstreamRequest, WorkerPool};
 use sha2::{Digest, Sha256};
 
+use super::auth::{self, authenticate, now_ms, KEY_HEADERS};
 use super::connections::{admit, ConnectionSlot, PeerHeaders};
 use super::path::normalize_v1;
 use super::request::{
-    classify_with_blocks, client_timeouts, read_body, Classified, Operation, TIMEOUT_HEADER,
+    classify_with_blocks, client_timeouts, read_body, with_stream_usage, Classified, Operation,
+    TIMEOUT_HEADER,
 };
 use super::AppState;
-use crate::error::GatewayError;
+use crate::error::{rate_limit_headers, GatewayError};
 
 /// Response header saying whether the cache answered (`hit`) or was filled (`miss`).
 pub const CACHE_HEADER: &str = "x-nanogate-cache";
@@ -52,16 +58,25 @@ pub async fn pass_through(
     state: web::Data<AppState>,
     pool: Pool,
 ) -> HttpResponse {
-    let started = Instant::now();
-    let request_id = request_id(&req);
+    let mut answered = Answered::new(request_id(&req));
     let answer = async {
         admit(&req)?;
+        let key = authenticate(state.keys.as_deref(), req.headers())?;
+        answered.key = key.as_ref().map(|k| k.name.clone());
         let path = normalize_v1(req.method().as_str(), req.uri().path())?;
         let (body, _reservation) = read_body(req.headers(), payload, &state.body_limits).await?;
         let model = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
             .unwrap_or_default();
+        let admitted = match key {
+            Some(key) => {
+                let (admitted, rate) = auth::admit(key, &model)?;
+                answered.rate = Some(rate);
+                Some(admitted)
+            }
+            None => None,
+        };
         if !model.is_empty() && !state.view.table().knows_model(&model) {
             return Err(GatewayError::ModelNotFound(model));
         }
@@ -69,6 +84,7 @@ pub async fn pass_through(
             Some(query) => format!("{path}?{query}"),
             None => path,
         };
+        let prompt_bytes = body.len();
         let mut upstream = upstream_request(
             &req,
             &state,
@@ -76,15 +92,20 @@ pub async fn pass_through(
             path.into(),
             body,
             model,
-            &request_id,
+            &answered.request_id,
         );
         upstream.openai_route = false;
         upstream.stream_end = StreamEnd::BodyEnd;
+        upstream.account = Account {
+            key: admitted,
+            at_ms: answered.at_ms,
+            strip_usage: false,
+            prompt_bytes,
+        };
         Ok(relay(&req, pool.forward(upstream).await?))
     };
-    let mut response = answer.await.unwrap_or_else(|e| fail(&state, started, e));
-    response.headers_mut().insert(REQUEST_ID, request_id);
-    response
+    let response = answer.await;
+    answered.finish(&state, response)
 }
 
 /// The OpenAI routes; which one is in the route's data.
@@ -94,38 +115,74 @@ pub async fn openai(
     state: web::Data<AppState>,
     pool: Pool,
 ) -> HttpResponse {
-    let started = Instant::now();
-    let request_id = request_id(&req);
-    let mut response = match req.app_data::<Operation>() {
-        Some(&operation) => serve(
-            operation,
-            &req,
-            payload,
-            &state,
-            &pool,
-            started,
-            &request_id,
-        )
-        .await
-        .unwrap_or_else(|e| fail(&state, started, e)),
-        None => fail(
-            &state,
-            started,
-            GatewayError::Internal("route without an operation".into()),
-        ),
+    let mut answered = Answered::new(request_id(&req));
+    let response = match req.app_data::<Operation>() {
+        Some(&operation) => serve(operation, &req, payload, &state, &pool, &mut answered).await,
+        None => Err(GatewayError::Internal("route without an operation".into())),
     };
-    response.headers_mut().insert(REQUEST_ID, request_id);
-    response
+    answered.finish(&state, response)
 }
 
-fn fail(state: &AppState, started: Instant, error: GatewayError) -> HttpResponse {
-    state.observe_local(
-        started,
-        error.status_code().as_u16(),
-        Some(error.cause()),
-        None,
-    );
-    error.error_response()
+/// What the handler learns of a request as it goes: for the record of an answer the gateway
+/// gives itself, and for the headers of every answer.
+struct Answered {
+    started: Instant,
+    at_ms: i64,
+    request_id: HeaderValue,
+    key: Option<Arc<str>>,
+    rate: Option<RateState>,
+}
+
+impl Answered {
+    fn new(request_id: HeaderValue) -> Self {
+        Self {
+            started: Instant::now(),
+            at_ms: now_ms(),
+            request_id,
+            key: None,
+            rate: None,
+        }
+    }
+
+    /// Records the gateway's own answer (a backend's is recorded when its relay ends) and adds
+    /// the request id and the key's rate-limit headers.
+    fn finish(self, state: &AppState, response: Result<HttpResponse>) -> HttpResponse {
+        let mut response = response.unwrap_or_else(|error| {
+            self.local(
+                state,
+                error.status_code().as_u16(),
+                Some(error.cause()),
+                None,
+            );
+            error.error_response()
+        });
+        let headers = response.headers_mut();
+        if let Some(rate) = &self.rate {
+            rate_limit_headers(headers, rate);
+        }
+        headers.insert(REQUEST_ID, self.request_id);
+        response
+    }
+
+    fn local(&self, state: &AppState, status: u16, cause: Option<Cause>, model: Option<String>) {
+        state.metrics.observe(Observe {
+            endpoint: None,
+            model,
+            status,
+            cause,
+            latency: self.started.elapsed(),
+            ttft: None,
+            inter_token: None,
+            cache_hit: cause.is_none(),
+            usage: None,
+            key: self.key.clone(),
+            request: RequestFacts {
+                id: Some(self.request_id.clone()),
+                at_ms: self.at_ms,
+                retries: 0,
+            },
+        });
+    }
 }
 
 async fn serve(
@@ -134,10 +191,11 @@ async fn serve(
     payload: web::Payload,
     state: &AppState,
     pool: &Pool,
-    started: Instant,
-    request_id: &HeaderValue,
+    answered: &mut Answered,
 ) -> Result<HttpResponse> {
     admit(req)?;
+    let key = authenticate(state.keys.as_deref(), req.headers())?;
+    answered.key = key.as_ref().map(|k| k.name.clone());
     let (body, _reservation) = read_body(req.headers(), payload, &state.body_limits).await?;
     let Classified {
         model,
@@ -145,6 +203,8 @@ async fn serve(
         affinity,
         stream,
         blocks,
+        stream_usage,
+        prompt_bytes,
     } = classify_with_blocks(
         operation,
         &body,
@@ -152,28 +212,55 @@ async fn serve(
         &state.affinity,
         state.prefix_blocks,
     )?;
+    let admitted = match key {
+        Some(key) => {
+            let (admitted, rate) = auth::admit(key, &model)?;
+            answered.rate = Some(rate);
+            Some(admitted)
+        }
+        None => None,
+    };
     if !state.view.table().knows_model(&model) {
         return Err(GatewayError::ModelNotFound(model));
     }
-    let key = (cacheable && state.cache_enabled).then(|| cache_key(operation, req, &body));
+    let cache_key = (cacheable && state.cache_enabled)
+        .then(|| cache_key(operation, req, state, answered, &body));
+    // The stream's usage chunk, asked for on the client's behalf (see `with_stream_usage`).
+    let asked = (stream
+        && state.stream_usage
+        && matches!(
+            operation,
+            Operation::ChatCompletions | Operation::Completions
+        ))
+    .then(|| with_stream_usage(&body, stream_usage))
+    .flatten();
+    let strip_usage = asked.is_some();
+    let body = asked.unwrap_or(body);
     let path = Cow::Borrowed(operation.path());
-    let mut upstream = upstream_request(req, state, Method::POST, path, body, model, request_id);
+    let request_id = answered.request_id.clone();
+    let mut upstream = upstream_request(req, state, Method::POST, path, body, model, &request_id);
     upstream.affinity = affinity;
     upstream.stream_end = operation.stream_end();
     upstream.stream = stream;
     upstream.blocks = blocks;
-    let Some(key) = key else {
+    upstream.account = Account {
+        key: admitted,
+        at_ms: answered.at_ms,
+        strip_usage,
+        prompt_bytes,
+    };
+    let Some(key) = cache_key else {
         return Ok(relay(req, pool.forward(upstream).await?));
     };
     let model = upstream.model.clone();
     match state.cache.send(Lookup { key }).await {
         Ok(LookupResult::Hit(hit)) => {
-            state.observe_local(started, hit.status, None, Some(model));
+            answered.local(state, hit.status, None, Some(model));
             Ok(from_cache(&hit))
         }
         Ok(LookupResult::Wait(leader)) => match leader.await {
             Ok(Some(shared)) => {
-                state.observe_local(started, shared.status, None, Some(model));
+                answered.local(state, shared.status, None, Some(model));
                 Ok(from_cache(&shared))
             }
             _ => Ok(relay(req, pool.forward(upstream).await?)),
@@ -199,7 +286,7 @@ fn upstream_request(
         method,
         path,
         body,
-        headers: upstream_headers(req, request_id),
+        headers: upstream_headers(req, request_id, state.keys.is_some()),
         request_id: request_id.clone(),
         model,
         openai_route: true,
@@ -211,6 +298,7 @@ fn upstream_request(
         deadline: Instant::now() + timeouts.total,
         budget: timeouts.total,
         read_timeout: timeouts.read,
+        account: Account::default(),
     }
 }
 
@@ -254,7 +342,11 @@ fn request_id(req: &HttpRequest) -> HeaderValue {
 /// (the HTTP client sets its own), `Accept-Encoding` (a compressed answer could not be checked or
 /// cached), and the gateway's own request headers; with `X-Request-Id`, `X-Forwarded-For`,
 /// `X-Forwarded-Proto` and `Forwarded` (RFC 7239) added for the backend's logs.
-fn upstream_headers(req: &HttpRequest, request_id: &HeaderValue) -> Vec<(HeaderName, HeaderValue)> {
+fn upstream_headers(
+    req: &HttpRequest,
+    request_id: &HeaderValue,
+    keys_on: bool,
+) -> Vec<(HeaderName, HeaderValue)> {
     let incoming = req.headers();
     let connection_lists = incoming.contains_key(header::CONNECTION);
     let named_by_connection = |name: &HeaderName| {
@@ -279,6 +371,7 @@ fn upstream_headers(req: &HttpRequest, request_id: &HeaderValue) -> Vec<(HeaderN
             || name.as_str() == TIMEOUT_HEADER
             || *name == REQUEST_ID;
         let dropped = own
+            || (keys_on && KEY_HEADERS.contains(name))
             || hop_by_hop(name)
             || *name == header::HOST
             || *name == header::ACCEPT_ENCODING
@@ -324,15 +417,29 @@ fn upstream_headers(req: &HttpRequest, request_id: &HeaderValue) -> Vec<(HeaderN
     headers
 }
 
-/// The cache key: route, a digest of the credentials, and the exact body, so only byte-identical
+/// The cache key: route, a digest of the caller (its API key's name in keys mode, else its
+/// credential headers; nothing when `cache.shared`), and the exact body, so only byte-identical
 /// requests by the same caller share an answer.
-fn cache_key(operation: Operation, req: &HttpRequest, body: &[u8]) -> Key {
+fn cache_key(
+    operation: Operation,
+    req: &HttpRequest,
+    state: &AppState,
+    answered: &Answered,
+    body: &[u8],
+) -> Key {
     let mut credentials = Sha256::new();
-    for name in &CREDENTIAL_HEADERS {
-        if let Some(value) = req.headers().get(name) {
-            credentials.update(value.as_bytes());
+    if !state.cache_shared {
+        match &answered.key {
+            Some(key) => credentials.update(key.as_bytes()),
+            None => {
+                for name in &CREDENTIAL_HEADERS {
+                    if let Some(value) = req.headers().get(name) {
+                        credentials.update(value.as_bytes());
+                    }
+                    credentials.update([0]);
+                }
+            }
         }
-        credentials.update([0]);
     }
     let path = operation.path().as_bytes();
     let mut key = Vec::with_capacity(path.len() + 33 + body.len());

@@ -114,6 +114,8 @@ struct Fields<'a> {
     #[serde(borrow)]
     instructions: Option<&'a RawValue>,
     stream: Option<bool>,
+    #[serde(borrow)]
+    stream_options: Option<&'a RawValue>,
     temperature: Option<f64>,
     seed: Option<i64>,
     #[serde(borrow)]
@@ -147,6 +149,51 @@ pub struct Classified {
     pub blocks: Vec<u64>,
     /// Hash of the affinity key: a session header, else `user`, else the prompt's prefix.
     pub affinity: Option<u64>,
+    /// How the stream's usage chunk stands: asked for by the client, or not, and whether the
+    /// request has `stream_options` at all (which decides how the gateway asks for it).
+    pub stream_usage: StreamUsage,
+    /// The prompt's size in bytes (its system prompt or instructions and its content), for an
+    /// estimate of its tokens when the backend reports none.
+    pub prompt_bytes: usize,
+}
+
+/// What a request says about the usage chunk of its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamUsage {
+    /// `stream_options.include_usage` is true.
+    Asked,
+    /// No `stream_options` at all.
+    Absent,
+    /// `stream_options` without `include_usage: true`.
+    NotAsked,
+}
+
+/// The request body with `stream_options.include_usage` set, so the backend reports the
+/// stream's usage (the gateway removes that chunk before the client sees it). With no
+/// `stream_options` the member is written in after the opening brace, the rest of the body kept
+/// byte for byte; otherwise the body is parsed and written anew.
+pub fn with_stream_usage(body: &[u8], usage: StreamUsage) -> Option<Bytes> {
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    match usage {
+        StreamUsage::Asked => None,
+        StreamUsage::Absent => {
+            let open = body.iter().position(|b| *b == b'{')?;
+            let mut out = BytesMut::with_capacity(body.len() + MEMBER.len());
+            out.extend_from_slice(&body[..=open]);
+            out.extend_from_slice(MEMBER);
+            out.extend_from_slice(&body[open + 1..]);
+            Some(out.freeze())
+        }
+        StreamUsage::NotAsked => {
+            let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+            let options = value.get_mut("stream_options")?;
+            if !options.is_object() {
+                return None;
+            }
+            options["include_usage"] = serde_json::Value::Bool(true);
+            serde_json::to_vec(&value).ok().map(Bytes::from)
+        }
+    }
 }
 
 /// How a request body may arrive.
@@ -275,6 +322,26 @@ pub fn classify_with_blocks(
         });
     }
     let lead = fields.system.or(fields.instructions).or(content);
+    let prompt_bytes = [fields.system.or(fields.instructions), content]
+        .iter()
+        .flatten()
+        .map(|raw| raw.get().len())
+        .sum();
+    let stream_usage = match fields.stream_options {
+        None => StreamUsage::Absent,
+        Some(options) => {
+            #[derive(Deserialize)]
+            struct Options {
+                include_usage: Option<bool>,
+            }
+            match serde_json::from_str::<Options>(options.get()) {
+                Ok(Options {
+                    include_usage: Some(true),
+                }) => StreamUsage::Asked,
+                _ => StreamUsage::NotAsked,
+            }
+        }
+    };
     let stream = fields.stream.unwrap_or(false);
     let deterministic = operation == Operation::Embeddings
         || fields.temperature == Some(0.0)
@@ -314,6 +381,8 @@ pub fn classify_with_blocks(
         stream,
         blocks,
         affinity: key.map(|(kind, bytes)| stable_hash_seeded(u64::from(kind), bytes)),
+        stream_usage,
+        prompt_bytes,
     })
 }
 

@@ -9,6 +9,7 @@ use nanogate_actors::metrics::RenderPrometheus;
 use nanogate_actors::GetStats;
 use serde_json::{json, Value};
 
+use super::auth::authenticate;
 use super::AppState;
 use crate::error::GatewayError;
 
@@ -37,26 +38,35 @@ fn model(id: &str) -> Value {
     json!({"id": id, "object": "model", "created": 0, "owned_by": "nanogate"})
 }
 
-/// The union of the models the healthy backends serve, in the OpenAI list shape.
-pub async fn models(state: web::Data<AppState>) -> HttpResponse {
+/// The union of the models the healthy backends serve, in the OpenAI list shape; with keys on,
+/// only those the caller's key may use.
+pub async fn models(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, GatewayError> {
+    let key = authenticate(state.keys.as_deref(), req.headers())?;
     let data: Vec<Value> = state
         .view
         .table()
         .served_models()
         .iter()
+        .filter(|id| key.as_ref().is_none_or(|k| k.allows(id)))
         .map(|id| model(id))
         .collect();
-    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
 
 /// One model, answered from the gateway's own list (as `client.models.retrieve` expects): 404
-/// `model_not_found` when no healthy backend serves it.
+/// `model_not_found` when no healthy backend serves it (or the caller's key may not use it).
 pub async fn one_model(
+    req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, GatewayError> {
+    let key = authenticate(state.keys.as_deref(), req.headers())?;
     let id = id.into_inner();
-    if state.view.table().served_models().contains(&id) {
+    let allowed = key.as_ref().is_none_or(|k| k.allows(&id));
+    if allowed && state.view.table().served_models().contains(&id) {
         Ok(HttpResponse::Ok().json(model(&id)))
     } else {
         Err(GatewayError::ModelNotFound(id))
@@ -64,7 +74,15 @@ pub async fn one_model(
 }
 
 /// The sections of `/stats`, in order: one per actor, and the ingress's own counters.
-const SECTIONS: [&str; 6] = ["ingress", "pool", "balancer", "health", "cache", "metrics"];
+const SECTIONS: [&str; 7] = [
+    "ingress",
+    "pool",
+    "balancer",
+    "health",
+    "cache",
+    "metrics",
+    "usage_log",
+];
 
 async fn section(state: &AppState, name: &str) -> Option<Value> {
     let answer = match name {
@@ -78,6 +96,10 @@ async fn section(state: &AppState, name: &str) -> Option<Value> {
         "balancer" => state.balancer.send(GetStats).await,
         "health" => state.health.send(GetStats).await,
         "cache" => state.cache.send(GetStats).await,
+        "usage_log" => match &state.usage_log {
+            Some(log) => log.send(GetStats).await,
+            None => return Some(json!({"store": "off"})),
+        },
         "metrics" => state.metrics.addr().send(GetStats).await,
         _ => return None,
     };

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod postgres;
 pub mod rogue;
 
 use std::future::Future;
@@ -61,6 +62,8 @@ pub fn config(backends: &[SimHandle]) -> Config {
     config.health.timeout_ms = 500;
     config.health.rise = 1;
     config.health.fall = 1;
+    // Tests that look at the usage log give it a database of their own.
+    config.usage.database = "off".into();
     config.endpoints = backends
         .iter()
         .map(|b| EndpointSpec::new(b.url()))
@@ -209,4 +212,27 @@ pub fn config_for(url: &str) -> Config {
     config.endpoints = vec![endpoint];
     config.health.interval_ms = 60_000;
     config
+}
+
+/// The Python with the pinned OpenAI SDK (`.venv`, installed by scripts/install-test-deps.sh
+/// when missing); `None` only where python3 itself is missing.
+pub fn sdk_python() -> Option<String> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let python = format!("{root}/.venv/bin/python");
+    if !std::path::Path::new(&python).exists() {
+        if std::process::Command::new("python3")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED: python3 is not installed, so the OpenAI SDK test cannot run");
+            return None;
+        }
+        let installed = std::process::Command::new(format!("{root}/scripts/install-test-deps.sh"))
+            .arg("python")
+            .status()
+            .expect("run scripts/install-test-deps.sh");
+        assert!(installed.success(), "scripts/install-test-deps.sh failed");
+    }
+    Some(python)
 }

@@ -1,0 +1,88 @@
+//! The schema, as numbered migrations in both dialects. A migration, once released, never
+//! changes: a database records in `schema_migrations` which versions it has, and a change is a
+//! new migration appended here.
+//!
+//! Column names and meanings are the same in both dialects, and times are `BIGINT` Unix
+//! milliseconds in both, so that one report query serves both. Unsigned counts are stored as
+//! signed 64-bit integers, saturating.
+
+/// One step of the schema.
+pub(super) struct Migration {
+    pub version: i64,
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+}
+
+/// Created before any migration runs, in both dialects (`IF NOT EXISTS`: every start runs it).
+pub(super) const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+    version BIGINT PRIMARY KEY,
+    applied_ms BIGINT NOT NULL
+)";
+
+pub(super) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sqlite: "
+        CREATE TABLE usage_log (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at_ms INTEGER NOT NULL,
+            request_id TEXT NOT NULL,
+            api_key TEXT,
+            model TEXT,
+            endpoint TEXT,
+            status INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            cached_tokens INTEGER NOT NULL,
+            estimated INTEGER NOT NULL,
+            ttft_ms REAL,
+            latency_ms REAL NOT NULL,
+            cache_hit INTEGER NOT NULL,
+            retries INTEGER NOT NULL,
+            error TEXT
+        );
+        CREATE INDEX usage_log_at_ms ON usage_log (at_ms);
+        CREATE INDEX usage_log_api_key_at_ms ON usage_log (api_key, at_ms);
+        CREATE TABLE api_keys (
+            name TEXT PRIMARY KEY,
+            secret_sha256 BLOB NOT NULL UNIQUE,
+            models TEXT NOT NULL,
+            rpm INTEGER,
+            tpm INTEGER,
+            max_concurrent INTEGER,
+            daily_tokens INTEGER,
+            created_ms INTEGER NOT NULL,
+            revoked_ms INTEGER
+        );",
+    postgres: "
+        CREATE TABLE usage_log (
+            id BIGSERIAL PRIMARY KEY,
+            at_ms BIGINT NOT NULL,
+            request_id TEXT NOT NULL,
+            api_key TEXT,
+            model TEXT,
+            endpoint TEXT,
+            status INTEGER NOT NULL,
+            prompt_tokens BIGINT NOT NULL,
+            completion_tokens BIGINT NOT NULL,
+            cached_tokens BIGINT NOT NULL,
+            estimated BOOLEAN NOT NULL,
+            ttft_ms DOUBLE PRECISION,
+            latency_ms DOUBLE PRECISION NOT NULL,
+            cache_hit BOOLEAN NOT NULL,
+            retries INTEGER NOT NULL,
+            error TEXT
+        );
+        CREATE INDEX usage_log_at_ms ON usage_log (at_ms);
+        CREATE INDEX usage_log_api_key_at_ms ON usage_log (api_key, at_ms);
+        CREATE TABLE api_keys (
+            name TEXT PRIMARY KEY,
+            secret_sha256 BYTEA NOT NULL UNIQUE,
+            models TEXT NOT NULL,
+            rpm BIGINT,
+            tpm BIGINT,
+            max_concurrent BIGINT,
+            daily_tokens BIGINT,
+            created_ms BIGINT NOT NULL,
+            revoked_ms BIGINT
+        );",
+}];
