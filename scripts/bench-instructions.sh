@@ -7,7 +7,9 @@
 #   For each binary: a simulated backend (fast, so it never waits), the gateway under valgrind --tool=callgrind,
 #   200 warm-up requests, counters zeroed, then REQUESTS (default 2000) non-streamed chat completions and the same
 #   number of 8-token streams at concurrency 1 from `nanogate loadtest`; prints instructions per request of each.
-# Env: REQUESTS, PORT_BASE (default 18300). Needs valgrind (Debian: valgrind).
+# Env: REQUESTS, PORT_BASE (default 18300), GW_ARGS (more `serve` arguments for both binaries, e.g. `--config F`),
+#      (not the baseline's), API_KEY (sent by the load tester as `Authorization: Bearer`), LABEL (instead of `nanogate` in the output).
+# Needs valgrind (Debian: valgrind).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -26,18 +28,19 @@ trap cleanup EXIT
 pids+=($!)
 
 measure() { # BIN NAME
-  local gw=$1 name=$2 listen="127.0.0.1:$port"
+  local gw=$1 name=$2 listen="127.0.0.1:$port" args=${GW_ARGS:-}
+  [ "$name" = baseline ] && args=""   # an older binary may not know the keys GW_ARGS' config sets
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/$name.%p" \
-    "$gw" serve --listen "$listen" --backends "http://127.0.0.1:$((port + 1))" >"$work/$name.log" 2>&1 &
+    "$gw" serve --listen "$listen" --backends "http://127.0.0.1:$((port + 1))" $args >"$work/$name.log" 2>&1 &
   local vg=$!
   pids+=("$vg")
   for _ in $(seq 600); do curl -sf "http://$listen/ready" >/dev/null && break; sleep 0.1; done
-  "$bin" loadtest --url "http://$listen/v1/chat/completions" --requests 200 --concurrency 1 >/dev/null
+  "$bin" loadtest --url "http://$listen/v1/chat/completions" --requests 200 --concurrency 1 "${key[@]}" >/dev/null
   for mode in json stream; do
     local flag=""; [ "$mode" = stream ] && flag=--stream
     callgrind_control -z "$vg" >/dev/null 2>&1
     timeout 1800 "$bin" loadtest --url "http://$listen/v1/chat/completions" --requests "$requests" --concurrency 1 \
-      --max-tokens 8 $flag --json >"$work/$name-$mode.json"
+      --max-tokens 8 $flag "${key[@]}" --json >"$work/$name-$mode.json"
     callgrind_control -d "$name-$mode" "$vg" >/dev/null 2>&1
     local file total
     file=$(ls -t "$work/$name".* | grep -v '\.log$' | head -n 1)
@@ -47,6 +50,8 @@ measure() { # BIN NAME
   kill "$vg"; wait "$vg" 2>/dev/null || true
 }
 
-measure "$bin" nanogate
+key=()
+[ -n "${API_KEY:-}" ] && key=(--api-key "$API_KEY")
+measure "$bin" "${LABEL:-nanogate}"
 [ -n "$baseline" ] && measure "$baseline" baseline
 exit 0

@@ -697,4 +697,83 @@ mod tests {
         assert!(message.contains("min_workers"), "{message}");
         std::fs::remove_dir_all(&dir).ok();
     }
+
+    #[test]
+    fn keys_and_the_usage_log_are_checked_by_name() {
+        let mut c = Config::defaults();
+        c.endpoints.push(EndpointSpec::new("http://127.0.0.1:9000"));
+        let key = KeySpec {
+            name: "team-a".into(),
+            secret: Some("ng-0123456789".into()),
+            secret_env: None,
+            models: Vec::new(),
+            rpm: Some(60),
+            tpm: None,
+            max_concurrent: None,
+            daily_tokens: None,
+        };
+        c.keys = vec![key.clone()];
+        c.validate().unwrap();
+        let cases: [(KeySpec, &str); 5] = [
+            (
+                KeySpec {
+                    rpm: Some(0),
+                    ..key.clone()
+                },
+                "keys[0].rpm",
+            ),
+            (
+                KeySpec {
+                    tpm: Some(-5),
+                    ..key.clone()
+                },
+                "keys[0].tpm",
+            ),
+            (
+                KeySpec {
+                    secret: None,
+                    ..key.clone()
+                },
+                "keys[0].secret",
+            ),
+            (
+                KeySpec {
+                    secret: None,
+                    secret_env: Some("NANOGATE_TEST_UNSET_SECRET".into()),
+                    ..key.clone()
+                },
+                "keys[0].secret_env",
+            ),
+            (
+                KeySpec {
+                    name: "a b".into(),
+                    ..key.clone()
+                },
+                "keys[0].name",
+            ),
+        ];
+        for (bad, named) in cases {
+            c.keys = vec![bad];
+            let message = c.validate().unwrap_err().to_string();
+            assert!(message.contains(named), "{named}: {message}");
+        }
+        c.keys = vec![key.clone(), key];
+        let message = c.validate().unwrap_err().to_string();
+        assert!(message.contains("keys[1].name"), "{message}");
+        c.keys.clear();
+        for (database, ok) in [
+            ("off", true),
+            ("sqlite:/tmp/x.db", true),
+            ("postgres://u@h/db", true),
+            ("mysql://h/db", false),
+            ("sqlite:", false),
+        ] {
+            c.usage.database = database.into();
+            let result = c.validate();
+            assert_eq!(result.is_ok(), ok, "{database}: {result:?}");
+            if !ok {
+                assert!(result.unwrap_err().to_string().contains("usage.database"));
+            }
+        }
+    }
 }

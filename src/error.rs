@@ -93,33 +93,41 @@ pub fn rate_limit_headers(headers: &mut HeaderMap, state: &RateState) {
     ];
     for (names, window) in NAMES.iter().zip([state.requests, state.tokens]) {
         if let Some(w) = window {
-            let values = [
-                w.limit.to_string(),
-                w.remaining.to_string(),
-                duration_text(w.reset),
-            ];
-            for (name, value) in names.iter().zip(values) {
-                if let Ok(value) = HeaderValue::try_from(value) {
-                    headers.insert(name.clone(), value);
-                }
+            headers.insert(names[0].clone(), HeaderValue::from(w.limit));
+            headers.insert(names[1].clone(), HeaderValue::from(w.remaining));
+            if let Ok(reset) = HeaderValue::try_from(duration_text(w.reset)) {
+                headers.insert(names[2].clone(), reset);
             }
         }
     }
 }
 
-/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1.5s`, `6m0s`.
+/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1.5s`, `6m0s`. Integer
+/// arithmetic only: it is written twice into every answer under a key.
 pub fn duration_text(d: Duration) -> String {
+    use std::fmt::Write;
     let ms = d.as_millis();
+    let mut text = String::with_capacity(12);
     if ms < 1000 {
-        return format!("{ms}ms");
+        let _ = write!(text, "{ms}ms");
+        return text;
     }
-    let minutes = ms / 60_000;
-    let seconds = (ms % 60_000) as f64 / 1000.0;
-    if minutes == 0 {
-        format!("{seconds}s")
-    } else {
-        format!("{minutes}m{seconds}s")
+    let (minutes, rest) = (ms / 60_000, ms % 60_000);
+    if minutes > 0 {
+        let _ = write!(text, "{minutes}m");
     }
+    let _ = write!(text, "{}", rest / 1000);
+    let mut fraction = rest % 1000;
+    if fraction > 0 {
+        let mut digits = 3;
+        while fraction % 10 == 0 {
+            fraction /= 10;
+            digits -= 1;
+        }
+        let _ = write!(text, ".{fraction:0digits$}");
+    }
+    text.push('s');
+    text
 }
 
 #[derive(Serialize)]
@@ -334,6 +342,20 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("capacity"));
+    }
+
+    #[test]
+    fn reset_durations_read_as_openai_writes_them() {
+        for (ms, text) in [
+            (20, "20ms"),
+            (1000, "1s"),
+            (1500, "1.5s"),
+            (2050, "2.05s"),
+            (360_000, "6m0s"),
+            (61_001, "1m1.001s"),
+        ] {
+            assert_eq!(duration_text(Duration::from_millis(ms)), text);
+        }
     }
 
     #[actix_rt::test]

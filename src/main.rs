@@ -57,6 +57,26 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
     },
+    /// Show the usage log's totals (GET /admin/usage) as a table.
+    Usage {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The admin token ([admin] token).
+        #[arg(long, env = "NANOGATE__ADMIN__TOKEN", hide_env_values = true)]
+        token: String,
+        /// key, model, endpoint or hour.
+        #[arg(long)]
+        group_by: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// Unix milliseconds, or a UTC time like 2026-11-28T09:00:00Z.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -123,6 +143,25 @@ async fn run(command: Command) -> Result<(), String> {
         }
         Command::Stats { url } => {
             println!("{}", stats_view::fetch(&url).await?);
+            Ok(())
+        }
+        Command::Usage {
+            url,
+            token,
+            group_by,
+            key,
+            model,
+            since,
+            until,
+        } => {
+            let query = [
+                ("group_by", group_by),
+                ("key", key),
+                ("model", model),
+                ("since", since),
+                ("until", until),
+            ];
+            print!("{}", stats_view::usage(&url, &token, &query).await?);
             Ok(())
         }
     }

@@ -176,15 +176,116 @@ pub fn render(s: &Value) -> String {
             "",
             latency(&recent["ttft_ms"]),
         );
+        let (tokens, rate) = (&v["tokens"], &recent["tokens_per_second"]);
+        if !tokens.is_null() {
+            let _ = writeln!(
+                out,
+                "  {:<28} tokens  prompt {}  completion {}  cached {}  (estimated answers {})  last minute {} prompt/s {} completion/s",
+                "",
+                num(&tokens["prompt"]),
+                num(&tokens["completion"]),
+                num(&tokens["cached"]),
+                num(&tokens["estimated_answers"]),
+                num(&rate["prompt"]),
+                num(&rate["completion"]),
+            );
+        }
     };
     let _ = writeln!(out, "\ntraffic (since start, and the last minute)");
     series(&mut out, "all", &m["overall"]);
-    for section in ["endpoints", "models"] {
+    for section in ["endpoints", "models", "keys"] {
         if let Some(map) = m[section].as_object() {
             for (name, v) in map {
                 series(&mut out, name, v);
             }
         }
+    }
+    let u = &s["usage_log"];
+    let _ = writeln!(
+        out,
+        "
+usage log {}  written {}  buffered {} (peak {}, at most {})  dropped {}  failed writes {}  database up {}",
+        num(&u["store"]),
+        num(&u["written"]),
+        num(&u["buffered"]),
+        num(&u["peak_buffered"]),
+        num(&u["buffer_records"]),
+        num(&u["dropped"]),
+        num(&u["failed_writes"]),
+        num(&u["database_up"]),
+    );
+    out
+}
+
+/// `nanogate usage`: `GET {url}/admin/usage` as a table.
+pub async fn usage(
+    url: &str,
+    token: &str,
+    query: &[(&str, Option<String>)],
+) -> Result<String, String> {
+    let client = awc::Client::default();
+    let params: Vec<(&str, &str)> = query
+        .iter()
+        .filter_map(|(k, v)| Some((*k, v.as_deref()?)))
+        .collect();
+    let target = format!("{}/admin/usage", url.trim_end_matches('/'));
+    let mut response = client
+        .get(&target)
+        .query(&params)
+        .map_err(|e| e.to_string())?
+        .insert_header(("authorization", format!("Bearer {token}")))
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {target}: {e}"))?;
+    let body: Value = response
+        .json()
+        .limit(64 * 1024 * 1024)
+        .await
+        .map_err(|e| format!("{target} did not answer JSON: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!(
+            "{target}: {} {}",
+            response.status(),
+            body["error"]["message"]
+        ));
+    }
+    Ok(usage_table(&body))
+}
+
+fn usage_table(body: &Value) -> String {
+    let mut out = String::new();
+    let group = body["group_by"].as_str().unwrap_or("all");
+    let _ = writeln!(
+        out,
+        "{:<28} {:>9} {:>7} {:>12} {:>12} {:>10} {:>9} {:>10} {:>10} {:>10}",
+        group,
+        "requests",
+        "errors",
+        "prompt",
+        "completion",
+        "cached",
+        "estimated",
+        "p50 ms",
+        "p99 ms",
+        "ttft p50"
+    );
+    for row in body["rows"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<28} {:>9} {:>7} {:>12} {:>12} {:>10} {:>9} {:>10} {:>10} {:>10}",
+            row["group"]
+                .as_str()
+                .unwrap_or(if group == "all" { "all" } else { "-" }),
+            num(&row["requests"]),
+            num(&row["errors"]),
+            num(&row["prompt_tokens"]),
+            num(&row["completion_tokens"]),
+            num(&row["cached_tokens"]),
+            num(&row["estimated"]),
+            num(&row["p50_latency_ms"]),
+            num(&row["p99_latency_ms"]),
+            num(&row["p50_ttft_ms"]),
+        );
     }
     out
 }
@@ -218,6 +319,18 @@ mod tests {
             "last minute: requests 4",
             "p99 7.5",
         ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn renders_the_usage_table_by_group() {
+        let body = serde_json::json!({"group_by": "model", "rows": [
+            {"group": "sim", "requests": 12, "errors": 1, "prompt_tokens": 340, "completion_tokens": 99,
+             "cached_tokens": 0, "estimated": 2, "p50_latency_ms": 4.5, "p99_latency_ms": 20.25, "p50_ttft_ms": null}]});
+        let text = usage_table(&body);
+        assert!(text.starts_with("model"), "{text}");
+        for needle in ["sim", "12", "340", "99", "4.50", "20.25"] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
     }

@@ -281,6 +281,8 @@ async fn the_binary_reloads_endpoints_on_sighup_and_shuts_down_gracefully_on_sig
     let mut child = Command::new(env!("CARGO_BIN_EXE_nanogate"))
         .args(["serve", "--config"])
         .arg(&file)
+        // The default usage log (SQLite, nanogate-usage.db) goes in the test's own directory.
+        .current_dir(&dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

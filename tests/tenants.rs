@@ -524,6 +524,20 @@ async fn admin_keys_survive_a_restart_and_a_revoked_key_is_refused_at_once() {
     .await;
     assert_eq!(created.status, 201, "{}", created.text());
     let secret = created.json()["secret"].as_str().unwrap().to_string();
+    let malformed = client
+        .post(format!("{}/admin/keys", gw.url()))
+        .insert_header(("authorization", ADMIN))
+        .send_body("{\"name\": ")
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    let oversized = client
+        .post(format!("{}/admin/keys", gw.url()))
+        .insert_header(("authorization", ADMIN))
+        .send_body(vec![b' '; 100_000])
+        .await
+        .unwrap();
+    assert_eq!(oversized.status(), 413);
     for bad in [
         json!({"name": "team-a"}),
         json!({"name": "team-b", "rpm": 0}),
@@ -690,4 +704,108 @@ async fn the_openai_sdk_sees_401_403_and_429_and_backs_off_as_told() {
         String::from_utf8_lossy(&output.stderr)
     );
     gw.stop(false).await;
+}
+
+/// Not a test but a measurement, run by scripts/bench-tenants.sh (`--ignored`, release build):
+/// how many records a second the store takes in batches of `usage.batch_records` (SQLite file,
+/// and a PostgreSQL server of its own), and how much the usage log buffers, drops and takes to
+/// drain when PostgreSQL is down under load. It checks only that every record arrived.
+#[actix_rt::test]
+#[ignore]
+async fn usage_log_throughput() {
+    use nanogate_actors::store::{Store, UsageQuery};
+    use nanogate_actors::usage::{TokenUsage, UsageRecord};
+    let pg = Postgres::start();
+    let db = temp_db("throughput");
+    let record = |i: usize| UsageRecord {
+        at_ms: 1_700_000_000_000 + i as i64,
+        request_id: format!("{i:032x}"),
+        key: Some("team-a".into()),
+        model: Some("llama-3-8b".into()),
+        endpoint: Some("http://10.0.0.1:8000".into()),
+        status: 200,
+        usage: TokenUsage {
+            prompt: 812,
+            completion: 64,
+            cached: 512,
+            estimated: false,
+        },
+        ttft_ms: Some(41.5),
+        latency_ms: 812.25,
+        cache_hit: false,
+        retries: 0,
+        error: None,
+    };
+    for database in [format!("sqlite:{}", db.display()), pg.url.clone()] {
+        let mut c = config(&[]);
+        c.usage.database = database.clone();
+        let store = Store::open(&c.usage.database()).await.unwrap().unwrap();
+        store.migrate().await.unwrap();
+        let batch = c.usage.batch_records;
+        let records: Vec<UsageRecord> = (0..batch).map(record).collect();
+        let batches = 200;
+        let started = Instant::now();
+        for _ in 0..batches {
+            store.insert_usage(&records).await.unwrap();
+        }
+        let took = started.elapsed();
+        let total = usage_report_requests(&store, &UsageQuery::default()).await;
+        assert_eq!(total, (batch * batches) as u64);
+        println!(
+            "store {}: {} records in batches of {batch} in {:.2} s: {:.0} records/s",
+            store.kind(),
+            batch * batches,
+            took.as_secs_f64(),
+            (batch * batches) as f64 / took.as_secs_f64()
+        );
+        store.close();
+    }
+    let _ = std::fs::remove_file(&db);
+
+    // The log under load with PostgreSQL down for 5 s.
+    let backends = sims(vec![fast(), fast()]).await;
+    let urls: Vec<String> = backends.iter().map(|b| b.url()).collect();
+    let c = with_second_key(keys_config(&urls, &pg.url));
+    let gw = gateway(c).await;
+    let client = client();
+    let url = format!("{}/v1/chat/completions", gw.url());
+    pg.kill();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_secs(5) {
+        let body = chat(2);
+        let answers = futures_util::future::join_all(
+            (0..32).map(|_| send(&client, &url, Some("ng-good-secret"), &body)),
+        )
+        .await;
+        assert!(answers.iter().all(|a| a.status == 200));
+        sent += 32;
+    }
+    let down = stats(&client, &gw).await["usage_log"].clone();
+    pg.restart();
+    let restarted = Instant::now();
+    let drained = eventually(Duration::from_secs(60), || async {
+        let log = &stats(&client, &gw).await["usage_log"];
+        log["written"].as_u64().unwrap() + log["dropped"].as_u64().unwrap() >= sent
+    })
+    .await;
+    let log = stats(&client, &gw).await["usage_log"].clone();
+    assert!(drained, "{log}");
+    println!(
+        "postgres down 5 s under load: {sent} requests answered ({:.0}/s), buffered {} (peak {}), dropped {}; drained {:.2} s after the restart; written {}",
+        sent as f64 / 5.0,
+        down["buffered"],
+        log["peak_buffered"],
+        log["dropped"],
+        restarted.elapsed().as_secs_f64(),
+        log["written"]
+    );
+    gw.stop(false).await;
+}
+
+async fn usage_report_requests(
+    store: &nanogate_actors::store::Store,
+    query: &nanogate_actors::store::UsageQuery,
+) -> u64 {
+    store.usage_report(query).await.unwrap()[0].requests
 }

@@ -865,6 +865,7 @@ pub struct Metrics {
     /// Model → (endpoint, answered from cache, status) → its Prometheus series.
     routes: HashMap<String, HashMap<RouteKey, RouteMetrics>>,
     keys: HashMap<Arc<str>, Series>,
+    key_metrics: HashMap<Arc<str>, KeyMetrics>,
     /// Where each request's record goes, when the usage log is on.
     usage_log: Option<(Addr<UsageLog>, Arc<UsageLogCounters>)>,
     /// Records on their way to the usage log, sent once per batch of observations.
@@ -892,6 +893,7 @@ impl Metrics {
             exposition: Exposition::new(),
             routes: HashMap::new(),
             keys: HashMap::new(),
+            key_metrics: HashMap::new(),
             usage_log: None,
             records: Vec::new(),
         }
@@ -1001,41 +1003,35 @@ impl Metrics {
         }
     }
 
-    fn record_tokens(&mut self, o: &Observe) {
-        let Some(usage) = o.usage else {
-            return;
-        };
+    fn record_key(&mut self, key: &Arc<str>, o: &Observe, now: Instant) {
+        self.keys
+            .entry(key.clone())
+            .or_insert_with(Series::new)
+            .record(o, now);
         let e = &self.exposition;
-        let kinds = [
-            ("prompt", usage.prompt),
-            ("completion", usage.completion),
-            ("cached", usage.cached),
-        ];
-        let endpoint = o.endpoint.map(|id| self.endpoint_name(Some(id), false));
-        for (kind, count) in kinds {
-            if let Some(endpoint) = &endpoint {
-                e.endpoint_tokens
-                    .get_or_create(&EndpointTokenLabels {
-                        endpoint: endpoint.clone(),
-                        kind,
-                    })
-                    .inc_by(count);
-            }
-            if let Some(model) = &o.model {
-                e.model_tokens
-                    .get_or_create(&ModelTokenLabels {
-                        model: model.clone(),
-                        kind,
-                    })
-                    .inc_by(count);
-            }
-            if let Some(key) = &o.key {
-                e.key_tokens
-                    .get_or_create(&KeyTokenLabels {
+        let metrics = self
+            .key_metrics
+            .entry(key.clone())
+            .or_insert_with(|| KeyMetrics {
+                requests: e
+                    .key_requests
+                    .get_or_create(&KeyRequestLabels {
                         key: key.to_string(),
-                        kind,
                     })
-                    .inc_by(count);
+                    .clone(),
+                tokens: TOKEN_KINDS.map(|kind| {
+                    e.key_tokens
+                        .get_or_create(&KeyTokenLabels {
+                            key: key.to_string(),
+                            kind,
+                        })
+                        .clone()
+                }),
+            });
+        metrics.requests.inc();
+        if let Some(usage) = &o.usage {
+            for (counter, count) in metrics.tokens.iter().zip(token_counts(usage)) {
+                counter.inc_by(count);
             }
         }
     }
@@ -1053,18 +1049,8 @@ impl Metrics {
             o.model = Some(OTHER_MODEL.to_string());
         }
         self.overall.record(&o, now);
-        self.record_tokens(&o);
         if let Some(key) = &o.key {
-            self.keys
-                .entry(key.clone())
-                .or_insert_with(Series::new)
-                .record(&o, now);
-            self.exposition
-                .key_requests
-                .get_or_create(&KeyRequestLabels {
-                    key: key.to_string(),
-                })
-                .inc();
+            self.record_key(key, &o, now);
         }
         if let Some(id) = o.endpoint {
             self.endpoints
@@ -1099,6 +1085,15 @@ impl Metrics {
         if let Some(gap) = o.inter_token {
             metrics.inter_token.observe(gap.as_secs_f64());
         }
+        if let Some(usage) = &o.usage {
+            let counts = token_counts(usage);
+            for (counter, count) in metrics.model_tokens.iter().zip(counts) {
+                counter.inc_by(count);
+            }
+            for (counter, count) in metrics.endpoint_tokens.iter().flatten().zip(counts) {
+                counter.inc_by(count);
+            }
+        }
     }
     /// The Prometheus series of an observation's labels, looked up once per label set: building
     /// label strings and hashing them for every request would cost more than the recording.
@@ -1123,6 +1118,24 @@ impl Metrics {
                 latency: e.latency.get_or_create(&route).clone(),
                 ttft: e.ttft.get_or_create(&route).clone(),
                 inter_token: e.inter_token.get_or_create(&route).clone(),
+                endpoint_tokens: o.endpoint.map(|_| {
+                    TOKEN_KINDS.map(|kind| {
+                        e.endpoint_tokens
+                            .get_or_create(&EndpointTokenLabels {
+                                endpoint: route.endpoint.clone(),
+                                kind,
+                            })
+                            .clone()
+                    })
+                }),
+                model_tokens: TOKEN_KINDS.map(|kind| {
+                    e.model_tokens
+                        .get_or_create(&ModelTokenLabels {
+                            model: route.model.clone(),
+                            kind,
+                        })
+                        .clone()
+                }),
             };
             self.routes
                 .entry(model.to_string())
@@ -1142,6 +1155,22 @@ struct RouteMetrics {
     latency: PromHistogram,
     ttft: PromHistogram,
     inter_token: PromHistogram,
+    /// By [`TOKEN_KINDS`]; the endpoint's only when an endpoint answered.
+    endpoint_tokens: Option<[Counter; 3]>,
+    model_tokens: [Counter; 3],
+}
+
+/// The `kind` labels of the token counters, in [`token_counts`] order.
+const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
+
+fn token_counts(usage: &TokenUsage) -> [u64; 3] {
+    [usage.prompt, usage.completion, usage.cached]
+}
+
+/// A key's Prometheus series, looked up once.
+struct KeyMetrics {
+    requests: Counter,
+    tokens: [Counter; 3],
 }
 
 impl Handler<RenderPrometheus> for Metrics {

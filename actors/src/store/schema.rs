@@ -2,6 +2,9 @@
 //! changes: a database records in `schema_migrations` which versions it has, and a change is a
 //! new migration appended here.
 //!
+//! The usage log has no key of its own: every index is paid for on each of thousands of inserts a
+//! second, and the log is read by time and by API key, which its two indexes serve.
+//!
 //! Column names and meanings are the same in both dialects, and times are `BIGINT` Unix
 //! milliseconds in both, so that one report query serves both. Unsigned counts are stored as
 //! signed 64-bit integers, saturating.
@@ -23,7 +26,6 @@ pub(super) const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     sqlite: "
         CREATE TABLE usage_log (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
             at_ms INTEGER NOT NULL,
             request_id TEXT NOT NULL,
             api_key TEXT,
@@ -55,7 +57,6 @@ pub(super) const MIGRATIONS: &[Migration] = &[Migration {
         );",
     postgres: "
         CREATE TABLE usage_log (
-            id BIGSERIAL PRIMARY KEY,
             at_ms BIGINT NOT NULL,
             request_id TEXT NOT NULL,
             api_key TEXT,
