@@ -1087,7 +1087,7 @@ impl Metrics {
         }
         if let Some(usage) = &o.usage {
             let counts = token_counts(usage);
-            for (counter, count) in metrics.model_tokens.iter().zip(counts) {
+            for (counter, count) in metrics.model_tokens.iter().flatten().zip(counts) {
                 counter.inc_by(count);
             }
             for (counter, count) in metrics.endpoint_tokens.iter().flatten().zip(counts) {
@@ -1128,13 +1128,15 @@ impl Metrics {
                             .clone()
                     })
                 }),
-                model_tokens: TOKEN_KINDS.map(|kind| {
-                    e.model_tokens
-                        .get_or_create(&ModelTokenLabels {
-                            model: route.model.clone(),
-                            kind,
-                        })
-                        .clone()
+                model_tokens: o.model.as_ref().map(|_| {
+                    TOKEN_KINDS.map(|kind| {
+                        e.model_tokens
+                            .get_or_create(&ModelTokenLabels {
+                                model: route.model.clone(),
+                                kind,
+                            })
+                            .clone()
+                    })
                 }),
             };
             self.routes
@@ -1155,9 +1157,10 @@ struct RouteMetrics {
     latency: PromHistogram,
     ttft: PromHistogram,
     inter_token: PromHistogram,
-    /// By [`TOKEN_KINDS`]; the endpoint's only when an endpoint answered.
+    /// By [`TOKEN_KINDS`]; the endpoint's only when an endpoint answered, the model's only when
+    /// the request named one.
     endpoint_tokens: Option<[Counter; 3]>,
-    model_tokens: [Counter; 3],
+    model_tokens: Option<[Counter; 3]>,
 }
 
 /// The `kind` labels of the token counters, in [`token_counts`] order.
