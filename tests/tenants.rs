@@ -438,6 +438,12 @@ async fn the_usage_log_in_sqlite_matches_what_the_clients_saw() {
     let gw = gateway(c).await;
     let seen = mixed_load(&gw.url(), 1000).await;
     let client = client();
+    // Records reach the log through the threads' report batches and the metrics actor.
+    let logged = eventually(Duration::from_secs(10), || async {
+        stats(&client, &gw).await["usage_log"]["written"] == json!(1000)
+    })
+    .await;
+    assert!(logged, "{}", stats(&client, &gw).await["usage_log"]);
     let total = usage_totals(&client, &gw, "").await;
     let row = &total["rows"][0];
     assert_eq!(row["requests"], seen.requests, "{total}");
