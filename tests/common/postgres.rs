@@ -25,12 +25,24 @@ impl Postgres {
     /// initdb (trust auth, user `nanogate`, UTF8, --no-sync) + `pg_ctl start -w`. Settings go
     /// into postgresql.conf rather than `pg_ctl -o`, so that `restart` needs nothing repeated.
     pub fn start() -> Postgres {
-        let bin = bin_dir().unwrap_or_else(|| {
-            panic!(
-                "PostgreSQL server binaries (initdb, pg_ctl) not found via `pg_config --bindir` \
-                 or in /usr/lib/postgresql/*/bin: run scripts/install-test-deps.sh"
-            )
-        });
+        // A fresh machine gets Debian's package the way `.ci/run` installs it, so that `cargo test`
+        // alone passes there too.
+        let bin = bin_dir()
+            .or_else(|| {
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install-test-deps.sh");
+                let installed = Command::new(script).arg("postgres").status();
+                assert!(
+                    installed.is_ok_and(|s| s.success()),
+                    "scripts/install-test-deps.sh postgres failed"
+                );
+                bin_dir()
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "PostgreSQL server binaries (initdb, pg_ctl) not found via `pg_config --bindir` \
+                     or in /usr/lib/postgresql/*/bin, even after scripts/install-test-deps.sh"
+                )
+            });
         // initdb refuses to run as root, so as root everything runs as the `postgres` user.
         let as_postgres = stdout(Command::new("id").arg("-u")) == "0";
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
