@@ -31,35 +31,10 @@ import argparse
 import sys
 import time
 
-try:
-    import openai
-except ImportError:
-    print("FAIL setup: the openai package is missing; run scripts/install-test-deps.sh and use .venv/bin/python",
-          file=sys.stderr)
-    sys.exit(3)
+# sdk_checks exits with 3, saying why, where the SDK is missing; so it comes first.
+from sdk_checks import MESSAGES, CheckFailed, describe, expect
 
-
-class CheckFailed(Exception):
-    pass
-
-
-def expect(cond, msg):
-    if not cond:
-        raise CheckFailed(msg)
-
-
-def describe(e):
-    if isinstance(e, openai.APIStatusError):
-        body = e.response.text if e.response is not None else ""
-        return f"{type(e).__name__}: HTTP {e.status_code}: {body[:300]!r}"
-    if isinstance(e, openai.APITimeoutError):
-        return f"APITimeoutError: no answer in time ({e})"
-    if isinstance(e, openai.APIConnectionError):
-        return f"APIConnectionError: cannot reach the server ({e.__cause__ or e})"
-    return f"{type(e).__name__}: {e}"
-
-
-MESSAGES = [{"role": "user", "content": "Say hello in a few words."}]
+import openai  # noqa: E402
 
 
 class Ctx:

@@ -58,22 +58,7 @@ fn temp_db(name: &str) -> std::path::PathBuf {
 }
 
 async fn send(client: &awc::Client, url: &str, key: Option<&str>, body: &Value) -> Answer {
-    let mut request = client
-        .post(url)
-        .insert_header(("content-type", "application/json"));
-    if let Some(key) = key {
-        request = request.insert_header(("authorization", format!("Bearer {key}")));
-    }
-    let mut response = request
-        .send_body(serde_json::to_vec(body).unwrap())
-        .await
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
-    let body = response.body().limit(64 << 20).await.expect("body");
-    Answer {
-        status: response.status(),
-        headers: response.headers().clone(),
-        body,
-    }
+    post_as(client, url, key, serde_json::to_vec(body).unwrap()).await
 }
 
 async fn admin(client: &awc::Client, method: &str, url: &str, body: Option<Value>) -> Answer {

@@ -12,10 +12,11 @@ use actix_web::http::{ConnectionType, Method, StatusCode, Version};
 use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder, ResponseError};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use nanogate_actors::account::Account;
+use nanogate_actors::account::{Account, Admitted};
 use nanogate_actors::cache::{CachedResponse, FillGuard, Key, Lookup, LookupResult};
 use nanogate_actors::error::ForwardError;
 use nanogate_actors::exchange::{has_known_length, Exchange, ExchangeBody, RelayError, StreamEnd};
+use nanogate_actors::keys::ApiKey;
 use nanogate_actors::limiter::RateState;
 use nanogate_actors::metrics::{Cause, Observe, RequestFacts};
 use nanogate_actors::worker::{UpstreamRequest, WorkerPool};
@@ -69,14 +70,7 @@ pub async fn pass_through(
             .ok()
             .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
             .unwrap_or_default();
-        let admitted = match key {
-            Some(key) => {
-                let (admitted, rate) = auth::admit(key, &model)?;
-                answered.rate = Some(rate);
-                Some(admitted)
-            }
-            None => None,
-        };
+        let admitted = answered.admit(key, &model)?;
         if !model.is_empty() && !state.view.table().knows_model(&model) {
             return Err(GatewayError::ModelNotFound(model));
         }
@@ -142,6 +136,17 @@ impl Answered {
             key: None,
             rate: None,
         }
+    }
+
+    /// Admits the request under its key (when keys are on), keeping the limits' state for the
+    /// answer's headers.
+    fn admit(&mut self, key: Option<Arc<ApiKey>>, model: &str) -> Result<Option<Arc<Admitted>>> {
+        let Some(key) = key else {
+            return Ok(None);
+        };
+        let (admitted, rate) = auth::admit(key, model)?;
+        self.rate = Some(rate);
+        Ok(Some(admitted))
     }
 
     /// Records the gateway's own answer (a backend's is recorded when its relay ends) and adds
@@ -212,14 +217,7 @@ async fn serve(
         &state.affinity,
         state.prefix_blocks,
     )?;
-    let admitted = match key {
-        Some(key) => {
-            let (admitted, rate) = auth::admit(key, &model)?;
-            answered.rate = Some(rate);
-            Some(admitted)
-        }
-        None => None,
-    };
+    let admitted = answered.admit(key, &model)?;
     if !state.view.table().knows_model(&model) {
         return Err(GatewayError::ModelNotFound(model));
     }

@@ -115,9 +115,23 @@ impl Answer {
 }
 
 pub async fn post_raw(client: &awc::Client, url: &str, body: impl Into<Bytes>) -> Answer {
-    let mut response = client
+    post_as(client, url, None, body).await
+}
+
+/// A POST with `Authorization: Bearer <key>` when a key is given.
+pub async fn post_as(
+    client: &awc::Client,
+    url: &str,
+    key: Option<&str>,
+    body: impl Into<Bytes>,
+) -> Answer {
+    let mut request = client
         .post(url)
-        .insert_header(("content-type", "application/json"))
+        .insert_header(("content-type", "application/json"));
+    if let Some(key) = key {
+        request = request.insert_header(("authorization", format!("Bearer {key}")));
+    }
+    let mut response = request
         .send_body(body.into())
         .await
         .unwrap_or_else(|e| panic!("POST {url}: {e}"));
