@@ -368,9 +368,11 @@ impl Config {
             || database.starts_with("postgres://")
             || database.starts_with("postgresql://");
         if !known_store || database == "sqlite:" {
+            // Only what comes before "://": the rest may hold a password.
+            let scheme = database.split("://").next().unwrap_or_default();
             return Err(invalid(
                 "usage.database",
-                format!("'{database}' is not sqlite:PATH, postgres://... or off"),
+                format!("'{scheme}...' is not sqlite:PATH, postgres://... or off"),
             ));
         }
         for (key, value) in [

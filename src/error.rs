@@ -48,6 +48,10 @@ pub enum GatewayError {
     StoreUnavailable(String),
     #[error("No API key is named '{0}'.")]
     NoSuchKey(String),
+    #[error(
+        "With API keys on, a request to {0} must name a model (a JSON `model` your key may use)."
+    )]
+    ModelRequired(String),
     #[error("No endpoint has id {0}.")]
     NoSuchEndpoint(usize),
     #[error("{0}")]
@@ -171,6 +175,7 @@ impl GatewayError {
             },
             Self::StoreUnavailable(_) => ("server_error", Some("database_unavailable")),
             Self::NoSuchKey(_) => ("invalid_request_error", Some("key_not_found")),
+            Self::ModelRequired(_) => ("invalid_request_error", Some("model_required")),
             Self::NoSuchEndpoint(_) => ("invalid_request_error", Some("endpoint_not_found")),
             Self::Conflict(_) => ("invalid_request_error", Some("conflict")),
             Self::Forward(f) => match f {
@@ -192,7 +197,9 @@ impl GatewayError {
     fn param(&self) -> Option<&'static str> {
         match self {
             Self::MissingField(field) | Self::InvalidField { field, .. } => Some(field),
-            Self::ModelNotFound(_) | Self::ModelNotAllowed { .. } => Some("model"),
+            Self::ModelNotFound(_) | Self::ModelNotAllowed { .. } | Self::ModelRequired(_) => {
+                Some("model")
+            }
             _ => None,
         }
     }
@@ -261,7 +268,7 @@ impl ResponseError for GatewayError {
             | Self::NoSuchEndpoint(_)
             | Self::NoSuchKey(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
-            Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Self::ModelNotAllowed { .. } | Self::ModelRequired(_) => StatusCode::FORBIDDEN,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Conflict(_) => StatusCode::CONFLICT,

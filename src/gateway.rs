@@ -371,43 +371,39 @@ async fn key_registry(
     }
     if let Some(store) = store {
         if migrated {
-            load_stored_keys(store, &registry).await;
-        } else {
-            let (store, registry) = (store.clone(), registry.clone());
-            actix_rt::spawn(async move {
-                loop {
-                    actix_rt::time::sleep(Duration::from_secs(5)).await;
-                    if store.migrate().await.is_ok() && load_stored_keys(&store, &registry).await {
-                        break;
-                    }
-                }
-            });
+            sync_stored_keys(store, &registry).await;
         }
+        // Gateways sharing a database see each other's keys (made, changed, revoked) within
+        // KEYS_SYNC_EVERY; one whose database was down at start loads them once it answers.
+        let (store, registry) = (store.clone(), registry.clone());
+        actix_rt::spawn(async move {
+            while !store.is_closed() {
+                actix_rt::time::sleep(KEYS_SYNC_EVERY).await;
+                if !store.is_closed() && store.migrate().await.is_ok() {
+                    sync_stored_keys(&store, &registry).await;
+                }
+            }
+        });
     }
     Ok(registry)
 }
 
-/// Adds the database's keys to `registry`; false when the database did not answer.
-async fn load_stored_keys(store: &Store, registry: &KeyRegistry) -> bool {
+/// How often the admin API's keys are read back from the database.
+const KEYS_SYNC_EVERY: Duration = Duration::from_secs(10);
+
+/// Brings `registry` in line with the database's keys.
+async fn sync_stored_keys(store: &Store, registry: &KeyRegistry) {
     match store.load_keys().await {
         Ok(keys) => {
-            let count = keys.len();
-            for key in keys {
-                let name = key.name.clone();
-                if let Err(e) = registry.insert(ApiKey::new(key, KeySource::Admin)) {
-                    log::warn!("keys: the stored key '{name}' is not used: {e}");
-                }
+            let changed = registry.sync(keys);
+            if changed > 0 {
+                log::info!(
+                    "keys: {changed} keys taken from the {} database",
+                    store.kind()
+                );
             }
-            log::info!(
-                "keys: {count} keys loaded from the {} database",
-                store.kind()
-            );
-            true
         }
-        Err(e) => {
-            log::error!("keys: loading the admin API's keys failed ({e}); retrying");
-            false
-        }
+        Err(e) => log::error!("keys: reading the admin API's keys failed ({e}); retrying"),
     }
 }
 

@@ -106,6 +106,16 @@ async fn keys_are_required_checked_per_model_and_never_sent_upstream() {
     assert_eq!(forbidden.status, 403);
     assert_eq!(forbidden.json()["error"]["code"], "model_not_found");
 
+    // A passed-through route must name an allowed model: else the backend would pick its own.
+    let alias = format!("{}/v1//chat/completions", gw.url());
+    let mut unnamed = chat(4);
+    unnamed.as_object_mut().unwrap().remove("model");
+    let refused = send(&client, &alias, Some("ng-good-secret"), &unnamed).await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert_eq!(refused.json()["error"]["code"], "model_required");
+    let refused = send(&client, &alias, Some("ng-good-secret"), &other).await;
+    assert_eq!(refused.status, 403);
+
     let good = send(&client, &url, Some("ng-good-secret"), &chat(4)).await;
     assert_eq!(good.status, 200, "{}", good.text());
     assert_eq!(

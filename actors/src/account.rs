@@ -20,6 +20,9 @@ pub struct Account {
     pub strip_usage: bool,
     /// The prompt's size, for an estimate when the backend reports no usage.
     pub prompt_bytes: usize,
+    /// Whether an answer without usage is counted by an estimate: on the OpenAI routes, not on
+    /// passed-through ones (an audio upload or a file download is not tokens).
+    pub estimate: bool,
 }
 
 /// A request admitted under a key's limits.
@@ -38,13 +41,20 @@ impl Account {
         self.key.as_ref().map(|a| a.key.name.clone())
     }
 
-    /// The usage to count: the backend's, else an estimate from the prompt's size and the
-    /// completion's (see [`estimate`]). Charged to the key's token limits.
-    pub fn settle(&self, reported: Option<TokenUsage>, completion_estimate: u64) -> TokenUsage {
-        let usage = reported.unwrap_or_else(|| estimate(self.prompt_bytes, completion_estimate));
+    /// The usage to count: the backend's, else (where [`Account::estimate`]) an estimate from the
+    /// prompt's size and the completion's (see [`estimate`]). Charged to the key's token limits.
+    pub fn settle(
+        &self,
+        reported: Option<TokenUsage>,
+        completion_estimate: u64,
+    ) -> Option<TokenUsage> {
+        let usage = reported.or_else(|| {
+            self.estimate
+                .then(|| estimate(self.prompt_bytes, completion_estimate))
+        })?;
         if let Some(admitted) = &self.key {
             admitted.key.limiter.charge(usage.total());
         }
-        usage
+        Some(usage)
     }
 }

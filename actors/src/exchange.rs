@@ -358,10 +358,12 @@ pub(crate) fn report_whole(held: Held, status: u16, started: Instant, body: &Byt
         gaps: Duration::ZERO,
         chunks: 1,
     };
-    let usage = (status < 300).then(|| {
-        held.account
-            .settle(usage_of_body(body), estimate_from_bytes(body.len() as u64))
-    });
+    let usage = (status < 300)
+        .then(|| {
+            held.account
+                .settle(usage_of_body(body), estimate_from_bytes(body.len() as u64))
+        })
+        .flatten();
     report(
         held,
         false,
@@ -569,14 +571,16 @@ pub(crate) async fn relay(
     } else {
         usage_of_body(&body_tail.bytes)
     };
-    let usage = (generated || reported.is_some()).then(|| {
-        let estimate = if sse {
-            u64::from(scan.events())
-        } else {
-            estimate_from_bytes(received)
-        };
-        held.account.settle(reported, estimate)
-    });
+    let usage = (generated || reported.is_some())
+        .then(|| {
+            let estimate = if sse {
+                u64::from(scan.events())
+            } else {
+                estimate_from_bytes(received)
+            };
+            held.account.settle(reported, estimate)
+        })
+        .flatten();
     report(held, sse, status, ending, &timing, started, usage);
 }
 

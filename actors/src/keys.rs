@@ -172,7 +172,34 @@ impl KeyRegistry {
         Ok(())
     }
 
-    /// Replaces an admin key's models and limits; its counters start afresh.
+    /// Brings the admin API's keys in line with the database's (where another gateway sharing it
+    /// may have made, changed or revoked one); returns how many keys changed.
+    pub fn sync(&self, stored: Vec<StoredKey>) -> usize {
+        let mut changed = 0;
+        for key in stored {
+            let known = self.get(&key.name);
+            let result = match known {
+                None => self.insert(ApiKey::new(key, KeySource::Admin)),
+                Some(old) if old.source == KeySource::Config || old.revoked_ms.is_some() => {
+                    continue
+                }
+                Some(_) if key.revoked_ms.is_some() => self
+                    .revoke(&key.name, key.revoked_ms.unwrap_or_default())
+                    .map(drop),
+                Some(old) if old.models != key.models || old.limits != key.limits => {
+                    self.update(&key.name, key.models, key.limits).map(drop)
+                }
+                Some(_) => continue,
+            };
+            match result {
+                Ok(()) => changed += 1,
+                Err(e) => log::warn!("keys: a stored key is not used: {e}"),
+            }
+        }
+        changed
+    }
+
+    /// Replaces an admin key's models and limits; changed limits start their counters afresh.
     pub fn update(
         &self,
         name: &str,
@@ -184,7 +211,13 @@ impl KeyRegistry {
             digest: old.digest,
             models,
             limits,
-            limiter: Arc::new(MemoryLimits::new(limits)),
+            // The same limits keep their counters (a change of models must not reset a spent
+            // budget); new limits start afresh.
+            limiter: if limits == old.limits {
+                old.limiter.clone()
+            } else {
+                Arc::new(MemoryLimits::new(limits))
+            },
             source: old.source,
             created_ms: old.created_ms,
             revoked_ms: None,
@@ -319,6 +352,40 @@ mod tests {
             registry.revoke("ops", 1).unwrap_err(),
             KeyError::FromConfig("ops".into())
         );
+    }
+
+    #[test]
+    fn sync_takes_what_another_gateway_made_changed_or_revoked() {
+        let registry = KeyRegistry::default();
+        registry
+            .insert(ApiKey::new(stored("ops", "ng-1"), KeySource::Config))
+            .unwrap();
+        registry
+            .insert(ApiKey::new(stored("a", "ng-a"), KeySource::Admin))
+            .unwrap();
+        let mut changed = stored("a", "ng-a");
+        changed.limits.rpm = Some(5);
+        let revoked = StoredKey {
+            revoked_ms: Some(9),
+            ..stored("b", "ng-b")
+        };
+        let ops = StoredKey {
+            revoked_ms: Some(9),
+            ..stored("ops", "ng-1")
+        };
+        assert_eq!(registry.sync(vec![changed, revoked, ops]), 2);
+        assert_eq!(registry.get("a").unwrap().limits.rpm, Some(5));
+        assert!(registry.authenticate(b"ng-b").is_none());
+        assert!(
+            registry.authenticate(b"ng-1").is_some(),
+            "config keys are the config's"
+        );
+        let gone = StoredKey {
+            revoked_ms: Some(10),
+            ..stored("a", "ng-a")
+        };
+        assert_eq!(registry.sync(vec![gone]), 1);
+        assert!(registry.authenticate(b"ng-a").is_none());
     }
 
     #[test]

@@ -281,46 +281,36 @@ impl TokenBucket {
 /// Tokens per UTC day.
 struct DailyBudget {
     budget: u64,
-    /// The day (days since the epoch) `used` counts, and the tokens used on it.
-    day: AtomicU64,
-    used: AtomicU64,
+    /// The day (days since the epoch) and the tokens used on it, changed together.
+    used: Mutex<(u64, u64)>,
 }
 
 impl DailyBudget {
     fn new(budget: u64) -> Self {
         Self {
             budget,
-            day: AtomicU64::new(now_ms() / DAY_MS),
-            used: AtomicU64::new(0),
+            used: Mutex::new((now_ms() / DAY_MS, 0)),
         }
     }
 
-    /// Starts a new day's count when the day has changed.
-    fn roll(&self) -> u64 {
+    /// Runs `f` on today's count (a new day starts from zero); returns the time now.
+    fn today<T>(&self, f: impl FnOnce(&mut u64) -> T) -> (T, u64) {
         let now = now_ms();
-        let today = now / DAY_MS;
-        let day = self.day.load(Ordering::Acquire);
-        if day != today
-            && self
-                .day
-                .compare_exchange(day, today, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            self.used.store(0, Ordering::Release);
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if used.0 != now / DAY_MS {
+            *used = (now / DAY_MS, 0);
         }
-        now
+        (f(&mut used.1), now)
     }
 
     /// Until midnight UTC, when the budget is spent.
     fn spent_for(&self) -> Option<Duration> {
-        let now = self.roll();
-        (self.used.load(Ordering::Acquire) >= self.budget)
-            .then(|| Duration::from_millis(DAY_MS - now % DAY_MS))
+        let (spent, now) = self.today(|used| *used >= self.budget);
+        spent.then(|| Duration::from_millis(DAY_MS - now % DAY_MS))
     }
 
     fn charge(&self, tokens: u64) {
-        self.roll();
-        self.used.fetch_add(tokens, Ordering::AcqRel);
+        self.today(|used| *used = used.saturating_add(tokens));
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::usage::UsageRecord;
 use crate::{Fail, GetStats, Stats};
 
@@ -50,6 +50,17 @@ pub struct Records(pub Vec<UsageRecord>);
 pub struct Flush;
 
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Longest a write may take before the database counts as down (a connection that hangs
+/// without closing would otherwise hold the log for good).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a batch was not written.
+enum Failed {
+    /// The database is down, slow or unreachable: the batch goes back to the front.
+    Retry(String, Vec<UsageRecord>),
+    /// The database refused the records (a value it cannot store): dropped and counted.
+    Rejected(String, usize),
+}
 
 pub struct UsageLog {
     store: Store,
@@ -116,9 +127,16 @@ impl UsageLog {
                 }
                 store.insert_usage(&batch).await
             };
-            match written.await {
-                Ok(()) => Ok(batch.len()),
-                Err(e) => Err((e.to_string(), batch)),
+            match tokio::time::timeout(WRITE_TIMEOUT, written).await {
+                Ok(Ok(())) => Ok(batch.len()),
+                // The database refused these records themselves: trying them again would stop
+                // every record behind them.
+                Ok(Err(StoreError::Query(e))) => Err(Failed::Rejected(e, batch.len())),
+                Ok(Err(e)) => Err(Failed::Retry(e.to_string(), batch)),
+                Err(_) => Err(Failed::Retry(
+                    format!("no answer in {WRITE_TIMEOUT:?}"),
+                    batch,
+                )),
             }
         }
         .into_actor(self)
@@ -126,11 +144,7 @@ impl UsageLog {
         .spawn(ctx);
     }
 
-    fn written(
-        &mut self,
-        written: Result<usize, (String, Vec<UsageRecord>)>,
-        ctx: &mut Context<Self>,
-    ) {
+    fn written(&mut self, written: Result<usize, Failed>, ctx: &mut Context<Self>) {
         self.writing = false;
         match written {
             Ok(count) => {
@@ -150,7 +164,18 @@ impl UsageLog {
                     self.write(ctx);
                 }
             }
-            Err((error, batch)) => {
+            Err(Failed::Rejected(error, count)) => {
+                self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
+                log::error!(
+                    "usage log: the {} database refused a batch of {count} records ({error}); \
+                     they are dropped",
+                    self.store.kind()
+                );
+                self.last_error = Some(error);
+                self.dropped(count as u64);
+                self.write(ctx);
+            }
+            Err(Failed::Retry(error, batch)) => {
                 self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
                 self.backoff = if self.backoff.is_zero() {
                     Duration::from_millis(self.settings.retry_interval_ms.max(1))

@@ -226,12 +226,12 @@ async fn revoke(
         return Err(key_error(KeyError::FromConfig(name.to_string())));
     }
     let at = now_ms();
-    // Refused from this moment, whatever the database says; the database keeps it revoked
-    // across restarts.
-    let info = registry.revoke(&name, at).map_err(key_error)?;
+    // The database first, so that a revocation it did not take is not undone by a restart (the
+    // caller gets a 503 and may try again); then refused from this moment on.
     if let Some(store) = &state.store {
         store.revoke_key(&name, at).await.map_err(store_error)?;
     }
+    let info = registry.revoke(&name, at).map_err(key_error)?;
     Ok(HttpResponse::Ok().json(info))
 }
 

@@ -70,6 +70,13 @@ pub async fn pass_through(
             .ok()
             .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
             .unwrap_or_default();
+        // A passed-through route under keys must name a model the key may use: without one the
+        // backend would pick its own (any model, for a key that may use only some), and the
+        // stateful routes (files, batches, stored responses) are shared by every key, since all
+        // reach the backend with its own key.
+        if key.is_some() && model.is_empty() {
+            return Err(GatewayError::ModelRequired(path));
+        }
         let admitted = answered.admit(key, &model)?;
         if !model.is_empty() && !state.view.table().knows_model(&model) {
             return Err(GatewayError::ModelNotFound(model));
@@ -95,6 +102,7 @@ pub async fn pass_through(
             at_ms: answered.at_ms,
             strip_usage: false,
             prompt_bytes,
+            estimate: false,
         };
         Ok(relay(&req, pool.forward(upstream).await?))
     };
@@ -246,6 +254,7 @@ async fn serve(
         at_ms: answered.at_ms,
         strip_usage,
         prompt_bytes,
+        estimate: true,
     };
     let Some(key) = cache_key else {
         return Ok(relay(req, pool.forward(upstream).await?));
@@ -485,9 +494,16 @@ fn relay(req: &HttpRequest, mut exchange: Exchange) -> HttpResponse {
     if let ExchangeBody::Complete(body) = &mut exchange.body {
         return response.body(body.take().unwrap_or_default());
     }
+    // An event stream's length is not the backend's once the relay has removed the usage chunk
+    // it asked for, or ended a broken stream with an error event: it goes as it comes.
+    let event_stream = exchange
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let length = exchange
         .headers
         .get(header::CONTENT_LENGTH)
+        .filter(|_| !event_stream)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     match length {

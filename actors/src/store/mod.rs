@@ -205,6 +205,14 @@ impl Store {
         }
     }
 
+    /// Whether [`Store::close`] was called (the gateway stopped).
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Store::Sqlite(store) => store.is_closed(),
+            Store::Postgres(store) => store.is_closed(),
+        }
+    }
+
     /// Writes one batch of records, all or none.
     pub async fn insert_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
         if records.is_empty() {

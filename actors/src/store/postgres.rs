@@ -148,6 +148,10 @@ impl PostgresStore {
         self.pool.close();
     }
 
+    pub(super) fn is_closed(&self) -> bool {
+        self.pool.is_closed()
+    }
+
     pub(super) fn retire_idle(&self) -> usize {
         let mut keep = self.settings.keep_open(self.pool.status().size);
         self.pool.retain(|_, metrics| keep(metrics)).removed.len()
@@ -194,13 +198,23 @@ impl PostgresStore {
                     to_i64(r.usage.cached),
                 );
                 let retries = i32::try_from(r.retries).unwrap_or(i32::MAX);
+                // PostgreSQL's text cannot hold NUL, which a client's model name may (escaped in
+                // its JSON); the one field a client writes freely.
+                let model = r.model.as_deref().map(|m| {
+                    if m.contains('\0') {
+                        std::borrow::Cow::Owned(m.replace('\0', "\u{fffd}"))
+                    } else {
+                        std::borrow::Cow::Borrowed(m)
+                    }
+                });
+                let model = model.as_deref();
                 writer
                     .as_mut()
                     .write(&[
                         &r.at_ms,
                         &r.request_id.as_str(),
                         &r.key.as_deref(),
-                        &r.model.as_deref(),
+                        &model,
                         &r.endpoint.as_deref(),
                         &status,
                         &prompt,

@@ -193,6 +193,10 @@ impl SqliteStore {
         self.pool.close();
     }
 
+    pub(super) fn is_closed(&self) -> bool {
+        self.pool.is_closed()
+    }
+
     pub(super) fn retire_idle(&self) -> usize {
         let mut keep = self.settings.keep_open(self.pool.status().size);
         self.pool.retain(|_, metrics| keep(metrics)).removed.len()
