@@ -3,7 +3,9 @@
 //! new migration appended here.
 //!
 //! The usage log has no key of its own: every index is paid for on each of thousands of inserts a
-//! second, and the log is read by time and by API key, which its two indexes serve.
+//! second, and the log is read by time and by API key, which its two indexes serve. In PostgreSQL
+//! the time index is a BRIN index: rows arrive in time order, so a block range summary finds them
+//! at a fraction of a B-tree's cost per insert.
 //!
 //! Column names and meanings are the same in both dialects, and times are `BIGINT` Unix
 //! milliseconds in both, so that one report query serves both. Unsigned counts are stored as
@@ -73,7 +75,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[Migration {
             retries INTEGER NOT NULL,
             error TEXT
         );
-        CREATE INDEX usage_log_at_ms ON usage_log (at_ms);
+        CREATE INDEX usage_log_at_ms ON usage_log USING brin (at_ms);
         CREATE INDEX usage_log_api_key_at_ms ON usage_log (api_key, at_ms);
         CREATE TABLE api_keys (
             name TEXT PRIMARY KEY,
