@@ -225,6 +225,46 @@ async fn a_stream_is_counted_and_its_client_gets_the_bytes_it_asked_for() {
 }
 
 #[actix_rt::test]
+async fn prompt_tokens_the_backend_cached_are_counted_apart() {
+    let backends = sims(vec![fast()]).await;
+    let gw = gateway(keys_config(&[backends[0].url()], "off")).await;
+    let client = client();
+    let url = format!("{}/v1/chat/completions", gw.url());
+    let system: String = (0..4000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let body = json!({"model": "sim", "max_tokens": 2, "messages": [
+        {"role": "system", "content": system}, {"role": "user", "content": "hello"}]});
+    let cold = send(&client, &url, Some("ng-good-secret"), &body).await;
+    assert!(cold.json()["usage"]["prompt_tokens_details"].is_null());
+    let warm = send(&client, &url, Some("ng-good-secret"), &body).await;
+    let cached = warm.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .expect("the second request's prefix is cached");
+    assert!(cached > 0);
+    let mut stream = body.clone();
+    stream["stream"] = json!(true);
+    let streamed = send(&client, &url, Some("ng-good-secret"), &stream).await;
+    assert!(
+        !streamed.text().contains("cached_tokens"),
+        "the usage chunk was removed"
+    );
+    let counted = eventually(Duration::from_secs(5), || async {
+        let tokens = &stats(&client, &gw).await["metrics"]["keys"]["good"]["tokens"];
+        tokens["cached"].as_u64() == Some(2 * cached)
+    })
+    .await;
+    assert!(counted, "{}", stats(&client, &gw).await["metrics"]["keys"]);
+    let metrics = get(&client, &format!("{}/metrics", gw.url())).await.text();
+    let line = format!(
+        r#"nanogate_key_tokens_total{{key="good",kind="cached"}} {}"#,
+        2 * cached
+    );
+    assert!(metrics.contains(&line), "{line}");
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
 async fn an_answer_without_usage_is_counted_by_an_estimate() {
     // llama-cpp-python's server and some mock servers send no usage at all.
     let backend = Fake::start(|r| match r.path.as_str() {

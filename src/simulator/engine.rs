@@ -241,6 +241,8 @@ pub struct Sequence {
     slot: Option<Slot>,
     /// How many leading prefix blocks the slot pins in the cache.
     held: usize,
+    /// Prompt tokens the prefix cache served, once the prefill began.
+    cached: u32,
     produced: u32,
     deadline: Instant,
 }
@@ -254,6 +256,7 @@ impl Sequence {
             outage,
             slot: None,
             held: 0,
+            cached: 0,
             produced: 0,
             deadline: Instant::now(),
         }
@@ -268,6 +271,12 @@ impl Sequence {
 
     /// Waits for the next token. Deadlines accumulate from the previous one (not from "now"), so
     /// timer and scheduling overhead do not stretch a long stream.
+    /// Prompt tokens the prefix cache served (what vLLM reports as
+    /// `usage.prompt_tokens_details.cached_tokens`).
+    pub fn cached_tokens(&self) -> u32 {
+        self.cached
+    }
+
     pub async fn next(&mut self) -> Result<Step, Cut> {
         let result = self.advance().await;
         match result {
@@ -300,6 +309,7 @@ impl Sequence {
                 .engine
                 .acquire_prefix(&self.plan.prefix_blocks, self.plan.prompt_tokens);
             self.held = held;
+            self.cached = cached;
             let prefill = time_to_first_token(cfg, self.plan.prompt_tokens - cached);
             self.deadline =
                 Instant::now() + prefill.mul_f64(self.engine.slowdown()) + self.plan.spike;

@@ -125,7 +125,7 @@ async fn generate(engine: Arc<Engine>, body: &[u8], kind: Kind) -> HttpResponse 
     let completion_tokens = request
         .max_tokens
         .unwrap_or(engine.cfg().default_max_tokens);
-    let meta = Meta {
+    let mut meta = Meta {
         kind,
         id: new_id(kind.id_prefix()),
         created: unix_now(),
@@ -139,6 +139,7 @@ async fn generate(engine: Arc<Engine>, body: &[u8], kind: Kind) -> HttpResponse 
         },
         include_usage: request.include_usage,
         choices: request.choices,
+        cached_tokens: 0,
     };
     let plan = Plan {
         prompt_tokens: request.prompt_tokens,
@@ -160,6 +161,7 @@ async fn generate(engine: Arc<Engine>, body: &[u8], kind: Kind) -> HttpResponse 
             Err(_) => return server_down(),
         }
     }
+    meta.cached_tokens = sequence.cached_tokens();
     json(StatusCode::OK, wire::completion_body(&meta))
 }
 

@@ -99,6 +99,7 @@ impl StreamState {
             }
             Phase::Usage => {
                 self.phase = Phase::Done;
+                self.meta.cached_tokens = self.seq.cached_tokens();
                 Event::Usage
             }
             Phase::Done => {
@@ -240,6 +241,7 @@ mod tests {
             finish_reason: "length",
             include_usage: true,
             choices: 1,
+            cached_tokens: 0,
         }
     }
 

@@ -217,6 +217,8 @@ pub struct Meta {
     pub include_usage: bool,
     /// Choices in the answer (`n` per prompt); each gets the same text.
     pub choices: u32,
+    /// Prompt tokens the prefix cache served, known once the prefill ran.
+    pub cached_tokens: u32,
 }
 
 impl Meta {
@@ -226,6 +228,9 @@ impl Meta {
             prompt_tokens: self.prompt_tokens,
             completion_tokens,
             total_tokens: self.prompt_tokens.saturating_add(completion_tokens),
+            prompt_tokens_details: (self.cached_tokens > 0).then_some(PromptTokensDetails {
+                cached_tokens: self.cached_tokens,
+            }),
         }
     }
 }
@@ -235,6 +240,15 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// vLLM's (with `--enable-prompt-tokens-details`) and SGLang's: written only when the prefix
+    /// cache served part of the prompt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
 }
 
 /// Generated token `n` as text: deterministic, one word per token, so clients can check that
@@ -576,6 +590,7 @@ mod tests {
             finish_reason: "length",
             include_usage: false,
             choices: 1,
+            cached_tokens: 0,
         };
         let body = completion_body(&meta).expect("serializable");
         let json: Value = serde_json::from_slice(&body).expect("json");
@@ -608,6 +623,7 @@ mod tests {
             finish_reason: "length",
             include_usage: false,
             choices: 3,
+            cached_tokens: 0,
         };
         let json: Value = serde_json::from_slice(&completion_body(&meta).unwrap()).unwrap();
         assert_eq!(json["choices"].as_array().unwrap().len(), 3);
