@@ -369,6 +369,12 @@ async fn key_registry(
                 reason: e.to_string(),
             })?;
     }
+    if store.is_none() && registry.is_empty() {
+        log::warn!(
+            "[auth] mode = \"keys\" with no [[keys]] and usage.database = \"off\" (where the \
+             admin API keeps the keys it makes): every API request will be refused with 401"
+        );
+    }
     if let Some(store) = store {
         if migrated {
             sync_stored_keys(store, &registry).await;

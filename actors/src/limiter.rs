@@ -185,6 +185,8 @@ impl LimitStore for MemoryLimits {
                 Err(not_until) => {
                     undo(self);
                     let wait = not_until.wait_time_from(clock.now());
+                    // None left, and the next one due in `wait`: as if the last admission (of
+                    // the last one) happened an interval before that.
                     *self.last_requests.lock().unwrap_or_else(|e| e.into_inner()) =
                         (0, Instant::now() + wait - request_interval(rpm).min(wait));
                     let window = request_window(rpm, 0);
