@@ -1,7 +1,9 @@
 //! API keys: what a key may do ([`KeyLimits`], its models), how it is stored ([`StoredKey`]:
 //! only its secret's SHA-256), and the [`KeyRegistry`] the request path authenticates against.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -121,9 +123,48 @@ pub struct KeyRegistry {
     /// Every key by name, revoked ones too (for the admin API and the usage log's names).
     all: ArcSwap<HashMap<Arc<str>, Arc<ApiKey>>>,
     writes: Mutex<()>,
+    /// Bumped by every change, so that a remembered authentication knows when to look again.
+    generation: AtomicU64,
+}
+
+/// The last key one client connection authenticated with: a keep-alive connection sends the same
+/// secret request after request, and comparing it with the last one costs less than a digest.
+#[derive(Debug, Default)]
+pub struct LastKey(RefCell<Option<Remembered>>);
+
+/// A secret, the key it belongs to, and the registry's generation when that was found.
+#[derive(Debug)]
+struct Remembered {
+    secret: Vec<u8>,
+    key: Arc<ApiKey>,
+    generation: u64,
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey").field("name", &self.name).finish()
+    }
 }
 
 impl KeyRegistry {
+    /// [`KeyRegistry::authenticate`], remembering the result on the connection: the same
+    /// secret (compared in constant time) with no change to the keys since is the same key.
+    pub fn authenticate_on(&self, secret: &[u8], last: &LastKey) -> Option<Arc<ApiKey>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(known) = &*last.0.borrow() {
+            if known.generation == generation && bool::from(known.secret.as_slice().ct_eq(secret)) {
+                return Some(known.key.clone());
+            }
+        }
+        let key = self.authenticate(secret)?;
+        *last.0.borrow_mut() = Some(Remembered {
+            secret: secret.to_vec(),
+            key: key.clone(),
+            generation,
+        });
+        Some(key)
+    }
+
     /// The key `secret` belongs to, if it is a known unrevoked key. The map is searched by a
     /// prefix of the secret's digest (which says nothing usable about the secret), and the whole
     /// digest is then compared in constant time.
@@ -165,6 +206,7 @@ impl KeyRegistry {
             }
             active.insert(prefix(&key.digest), key.clone());
             self.active.store(Arc::new(active));
+            self.generation.fetch_add(1, Ordering::AcqRel);
         }
         let mut all = HashMap::clone(&all);
         all.insert(key.name.clone(), key);
@@ -258,6 +300,7 @@ impl KeyRegistry {
             active.insert(prefix(&key.digest), key.clone());
         }
         self.active.store(Arc::new(active));
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let mut all = HashMap::clone(&self.all.load());
         all.insert(key.name.clone(), key.clone());
         self.all.store(Arc::new(all));
@@ -386,6 +429,24 @@ mod tests {
         };
         assert_eq!(registry.sync(vec![gone]), 1);
         assert!(registry.authenticate(b"ng-a").is_none());
+    }
+
+    #[test]
+    fn a_remembered_key_is_looked_up_again_after_any_change() {
+        let registry = KeyRegistry::default();
+        registry
+            .insert(ApiKey::new(stored("a", "ng-a"), KeySource::Admin))
+            .unwrap();
+        let last = LastKey::default();
+        assert!(registry.authenticate_on(b"ng-a", &last).is_some());
+        assert!(registry.authenticate_on(b"ng-a", &last).is_some());
+        assert!(registry.authenticate_on(b"ng-b", &last).is_none());
+        assert!(registry.authenticate_on(b"ng-a", &last).is_some());
+        registry.revoke("a", 1).unwrap();
+        assert!(
+            registry.authenticate_on(b"ng-a", &last).is_none(),
+            "revoked at once"
+        );
     }
 
     #[test]

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::http::header::{self, HeaderMap, HeaderName};
+use actix_web::HttpRequest;
 use nanogate_actors::account::Admitted;
 use nanogate_actors::keys::{ApiKey, KeyRegistry};
 use nanogate_actors::limiter::RateState;
 
+use super::connections::ConnectionSlot;
 use crate::error::GatewayError;
 
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -35,16 +37,17 @@ fn presented(headers: &HeaderMap) -> Option<&[u8]> {
 /// sent none or an unknown or revoked one.
 pub fn authenticate(
     registry: Option<&KeyRegistry>,
-    headers: &HeaderMap,
+    req: &HttpRequest,
 ) -> Result<Option<Arc<ApiKey>>, GatewayError> {
     let Some(registry) = registry else {
         return Ok(None);
     };
-    let secret = presented(headers).ok_or(GatewayError::InvalidApiKey)?;
-    registry
-        .authenticate(secret)
-        .map(Some)
-        .ok_or(GatewayError::InvalidApiKey)
+    let secret = presented(req.headers()).ok_or(GatewayError::InvalidApiKey)?;
+    let key = match req.conn_data::<ConnectionSlot>() {
+        Some(slot) => registry.authenticate_on(secret, &slot.last_key),
+        None => registry.authenticate(secret),
+    };
+    key.map(Some).ok_or(GatewayError::InvalidApiKey)
 }
 
 /// Checks that `key` may use `model` (403 `model_not_found`, as OpenAI answers a project key

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use actix_web::http::header::HeaderValue;
 use actix_web::http::{header, Method};
 use actix_web::HttpRequest;
+use nanogate_actors::keys::LastKey;
 use serde::Serialize;
 
 use crate::error::GatewayError;
@@ -35,6 +36,8 @@ pub struct ConnectionSlot {
     over_limit: bool,
     /// What the gateway tells backends about this connection's peer, worked out once.
     pub peer: Option<PeerHeaders>,
+    /// The API key this connection last authenticated with.
+    pub last_key: LastKey,
 }
 
 /// `X-Forwarded-For` and `Forwarded` (RFC 7239) values naming a connection's peer.
@@ -92,6 +95,7 @@ impl ConnectionLimit {
             limit: self.clone(),
             over_limit: open > self.api_limit,
             peer: peer.and_then(PeerHeaders::new),
+            last_key: LastKey::default(),
         }
     }
 

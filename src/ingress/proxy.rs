@@ -62,7 +62,7 @@ pub async fn pass_through(
     let mut answered = Answered::new(request_id(&req));
     let answer = async {
         admit(&req)?;
-        let key = authenticate(state.keys.as_deref(), req.headers())?;
+        let key = authenticate(state.keys.as_deref(), &req)?;
         answered.key = key.as_ref().map(|k| k.name.clone());
         let path = normalize_v1(req.method().as_str(), req.uri().path())?;
         let (body, _reservation) = read_body(req.headers(), payload, &state.body_limits).await?;
@@ -207,7 +207,7 @@ async fn serve(
     answered: &mut Answered,
 ) -> Result<HttpResponse> {
     admit(req)?;
-    let key = authenticate(state.keys.as_deref(), req.headers())?;
+    let key = authenticate(state.keys.as_deref(), req)?;
     answered.key = key.as_ref().map(|k| k.name.clone());
     let (body, _reservation) = read_body(req.headers(), payload, &state.body_limits).await?;
     let Classified {

@@ -44,7 +44,7 @@ pub async fn models(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, GatewayError> {
-    let key = authenticate(state.keys.as_deref(), req.headers())?;
+    let key = authenticate(state.keys.as_deref(), &req)?;
     let data: Vec<Value> = state
         .view
         .table()
@@ -63,7 +63,7 @@ pub async fn one_model(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, GatewayError> {
-    let key = authenticate(state.keys.as_deref(), req.headers())?;
+    let key = authenticate(state.keys.as_deref(), &req)?;
     let id = id.into_inner();
     let allowed = key.as_ref().is_none_or(|k| k.allows(&id));
     if allowed && state.view.table().served_models().contains(&id) {
