@@ -111,19 +111,8 @@ flock -u 9
 [ $install_only = 1 ] && { log "installed: ${!installed[*]}${PROMTOOL:+, promtool $PROMTOOL}"; exit 0; }
 
 # ---- processes ----------------------------------------------------------------------------------------------------
-declare -A PID
-stop_pid() { # PID: TERM to it and its children (children first), KILL after 5 s
-  local p=$1 c
-  for c in $(ps -o pid= --ppid "$p" 2>/dev/null); do stop_pid "$c"; done
-  kill "$p" 2>/dev/null || return 0
-  for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
-  kill -9 "$p" 2>/dev/null
-}
-stop() { [ -n "${PID[$1]:-}" ] && stop_pid "${PID[$1]}"; unset "PID[$1]"; }
-# shellcheck disable=SC2317 # run by the EXIT trap
-stop_all() { local k; for k in "${!PID[@]}"; do stop "$k"; done; }
-trap stop_all EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=scripts/lib/processes.sh
+source "$root/scripts/lib/processes.sh"
 start_bg() { # NAME CMD...: in the background, bounded by timeout in case this script is killed, PID recorded
   local n=$1; shift
   echo "$n: $*" >> "$out/run.log"

@@ -50,20 +50,12 @@ MODEL_DIR=$C/model-$SMOLLM2_PIN
 case $mode in run|setup) ;; *) echo "usage: $0 [run|setup]" >&2; exit 2;; esac
 log() { echo "[$(date +%T)] $*" >&2; }
 
-declare -A PID
+# shellcheck source=scripts/lib/processes.sh
+source "$root/scripts/lib/processes.sh"
 private_bin=""
-# Stops one process and any children it spawned, by PID: TERM, then KILL after 5 s.
-stop_pid() {
-  local p=$1 c
-  for c in $(ps -o pid= --ppid "$p" 2>/dev/null); do stop_pid "$c"; done
-  kill "$p" 2>/dev/null || return 0
-  for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
-  kill -9 "$p" 2>/dev/null
-}
-stop() { [ -n "${PID[$1]:-}" ] && stop_pid "${PID[$1]}"; unset "PID[$1]"; }
-cleanup() { local k; for k in "${!PID[@]}"; do stop "$k"; done; [ -z "$private_bin" ] || rm -f "$private_bin"; }
+# shellcheck disable=SC2317 # run by the EXIT trap
+cleanup() { stop_all; [ -z "$private_bin" ] || rm -f "$private_bin"; }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 if [ "$mode" = run ]; then
   BIN=${NANOGATE_BIN:-$root/target/release/nanogate}

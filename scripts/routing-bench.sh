@@ -89,19 +89,8 @@ command -v curl >/dev/null && command -v python3 >/dev/null || { echo "needs cur
 # Run a private copy: a rebuild of target/release during the run must not change what is measured half-way.
 cp "$BIN" "$out/nanogate" && BIN=$out/nanogate || exit 1
 
-declare -A PID
-# Stops one process and any children it spawned, by PID: TERM, then KILL after 5 s.
-stop_pid() {
-  local p=$1 c
-  for c in $(ps -o pid= --ppid "$p" 2>/dev/null); do stop_pid "$c"; done
-  kill "$p" 2>/dev/null || return 0
-  for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
-  kill -9 "$p" 2>/dev/null
-}
-stop() { [ -n "${PID[$1]:-}" ] && stop_pid "${PID[$1]}"; unset "PID[$1]"; }
-stop_all() { local k; for k in "${!PID[@]}"; do stop "$k"; done; }
-trap stop_all EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=scripts/lib/processes.sh
+source "$root/scripts/lib/processes.sh"
 
 start_bg() { # name, command... : runs in the background, PID recorded
   local n=$1; shift; "$@" >"$out/logs/$n.log" 2>&1 & PID[$n]=$!; }

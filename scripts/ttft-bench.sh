@@ -27,18 +27,8 @@ mkdir -p "$out/logs"
 log() { echo "[$(date +%T)] $*" | tee -a "$out/run.log" >&2; }
 command -v curl >/dev/null && command -v python3 >/dev/null || { echo "needs curl and python3" >&2; exit 1; }
 
-declare -A PID
-stop_pid() {
-  local p=$1
-  kill -CONT "$p" 2>/dev/null
-  kill "$p" 2>/dev/null || return 0
-  for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
-  kill -9 "$p" 2>/dev/null
-}
-stop() { [ -n "${PID[$1]:-}" ] && stop_pid "${PID[$1]}"; unset "PID[$1]"; }
-stop_all() { local k; for k in "${!PID[@]}"; do stop "$k"; done; }
-trap stop_all EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=scripts/lib/processes.sh
+source "$root/scripts/lib/processes.sh"
 start_bg() { local n=$1; shift; "$@" >"$out/logs/$n.log" 2>&1 & PID[$n]=$!; }
 ready() { # name port
   for _ in $(seq 120); do

@@ -21,7 +21,7 @@ import sys
 import time
 
 # sdk_checks exits with 3, saying why, where the SDK is missing; so it comes first.
-from sdk_checks import MESSAGES, CheckFailed, describe, expect
+from sdk_checks import MESSAGES, CheckFailed, describe, expect, run_checks
 
 import openai  # noqa: E402
 
@@ -128,28 +128,7 @@ def main():
     # max_retries=0: a retried 5xx would hide a gateway bug; every check must pass on its first request.
     client = openai.OpenAI(base_url=a.base_url.rstrip("/"), api_key="sk-test", timeout=a.timeout, max_retries=0)
     print(f"openai SDK {openai.__version__} -> {a.base_url} (model {a.model!r})")
-    deadline = time.monotonic() + a.wait
-    for i, (name, fn) in enumerate(CHECKS):
-        while True:
-            try:
-                detail = fn(client, a.model)
-                break
-            except CheckFailed as e:
-                print(f"FAIL {name}: {e}")
-                return 1
-            except openai.APIConnectionError as e:
-                if i == 0 and not isinstance(e, openai.APITimeoutError) and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                    continue
-                print(f"FAIL {name}: {describe(e)}")
-                return 1
-            except Exception as e:  # noqa: BLE001 - any SDK/parse error is a failed check, reported plainly
-                print(f"FAIL {name}: {describe(e)}")
-                return 1
-        print(f"ok   {name}: {detail}")
-    print(f"all {len(CHECKS)} checks passed")
-    return 0
-
+    return run_checks(CHECKS, lambda fn: fn(client, a.model), wait_until=time.monotonic() + a.wait)
 
 if __name__ == "__main__":
     sys.exit(main())

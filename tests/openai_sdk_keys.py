@@ -32,7 +32,7 @@ import sys
 import time
 
 # sdk_checks exits with 3, saying why, where the SDK is missing; so it comes first.
-from sdk_checks import MESSAGES, CheckFailed, describe, expect
+from sdk_checks import MESSAGES, CheckFailed, describe, expect, run_checks
 
 import openai  # noqa: E402
 
@@ -210,19 +210,7 @@ def main():
     ctx = Ctx(ap.parse_args())
     print(f"openai SDK {openai.__version__} -> {ctx.a.base_url} (model {ctx.a.model!r}, "
           f"forbidden {ctx.a.forbidden_model!r})")
-    for name, fn in CHECKS:
-        try:
-            detail = fn(ctx)
-        except CheckFailed as e:
-            print(f"FAIL {name}: {e}")
-            return 1
-        except Exception as e:  # noqa: BLE001 - any SDK/parse error is a failed check, reported plainly
-            print(f"FAIL {name}: {describe(e)}")
-            return 1
-        print(f"ok   {name}: {detail}")
-    print(f"all {len(CHECKS)} checks passed")
-    return 0
-
+    return run_checks(CHECKS, lambda fn: fn(ctx))
 
 if __name__ == "__main__":
     sys.exit(main())

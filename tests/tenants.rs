@@ -130,6 +130,21 @@ async fn keys_are_required_checked_per_model_and_never_sent_upstream() {
         Some("Bearer backend-secret")
     );
     assert!(sent[0].header("x-api-key").is_none());
+    // Anthropic's SDKs send the key as `x-api-key`: accepted, and not passed on either.
+    let mut anthropic_style = client
+        .post(&url)
+        .insert_header(("x-api-key", "ng-good-secret"))
+        .send_json(&chat(4))
+        .await
+        .unwrap();
+    assert_eq!(anthropic_style.status(), 200);
+    let _ = anthropic_style.body().await;
+    let sent = backend.on("/v1/chat/completions");
+    assert!(sent[1].header("x-api-key").is_none());
+    assert_eq!(
+        sent[1].header("authorization"),
+        Some("Bearer backend-secret")
+    );
 
     let models = client
         .get(format!("{}/v1/models", gw.url()))
@@ -783,7 +798,7 @@ async fn usage_log_throughput() {
         let store = Store::open(&c.usage.database()).await.unwrap().unwrap();
         store.migrate().await.unwrap();
         let batch = c.usage.batch_records;
-        let records: Vec<UsageRecord> = (0..batch).map(record).collect();
+        let records = std::sync::Arc::new((0..batch).map(record).collect::<Vec<UsageRecord>>());
         let batches = 200;
         let started = Instant::now();
         for _ in 0..batches {

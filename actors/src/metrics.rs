@@ -866,6 +866,8 @@ pub struct Metrics {
     routes: HashMap<String, HashMap<RouteKey, RouteMetrics>>,
     keys: HashMap<Arc<str>, Series>,
     key_metrics: HashMap<Arc<str>, KeyMetrics>,
+    /// Endpoint URLs as the usage log's records share them.
+    record_urls: HashMap<usize, Arc<str>>,
     /// Where each request's record goes, when the usage log is on.
     usage_log: Option<(Addr<UsageLog>, Arc<UsageLogCounters>)>,
     /// Records on their way to the usage log, sent once per batch of observations.
@@ -894,6 +896,7 @@ impl Metrics {
             routes: HashMap::new(),
             keys: HashMap::new(),
             key_metrics: HashMap::new(),
+            record_urls: HashMap::new(),
             usage_log: None,
             records: Vec::new(),
         }
@@ -974,8 +977,18 @@ impl Metrics {
         }
     }
 
+    /// An endpoint's URL for the usage log, made once per endpoint rather than once per record.
+    fn endpoint_url(&mut self, id: usize) -> Option<Arc<str>> {
+        if let Some(url) = self.record_urls.get(&id) {
+            return Some(url.clone());
+        }
+        let url: Arc<str> = Arc::from(self.view.table().by_id(id)?.url.as_str());
+        self.record_urls.insert(id, url.clone());
+        Some(url)
+    }
+
     /// The usage log's record of an observation (before its model is folded into `other`).
-    fn usage_record(&self, o: &Observe) -> UsageRecord {
+    fn usage_record(&mut self, o: &Observe) -> UsageRecord {
         UsageRecord {
             at_ms: o.request.at_ms,
             request_id: o
@@ -987,12 +1000,7 @@ impl Metrics {
                 .to_string(),
             key: o.key.clone(),
             model: o.model.clone(),
-            endpoint: o.endpoint.and_then(|id| {
-                self.view
-                    .table()
-                    .by_id(id)
-                    .map(|e| Arc::from(e.url.as_str()))
-            }),
+            endpoint: o.endpoint.and_then(|id| self.endpoint_url(id)),
             status: o.status,
             usage: o.usage.unwrap_or_default(),
             ttft_ms: o.ttft.map(|d| d.as_secs_f64() * 1e3),

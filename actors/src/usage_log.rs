@@ -57,7 +57,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a batch was not written.
 enum Failed {
     /// The database is down, slow or unreachable: the batch goes back to the front.
-    Retry(String, Vec<UsageRecord>),
+    Retry(String, Arc<Vec<UsageRecord>>),
     /// The database refused the records (a value it cannot store): dropped and counted.
     Rejected(String, usize),
 }
@@ -115,10 +115,11 @@ impl UsageLog {
             return;
         }
         self.writing = true;
-        let batch: Vec<UsageRecord> = self
-            .buffer
-            .drain(..self.buffer.len().min(self.settings.batch_records.max(1)))
-            .collect();
+        let batch: Arc<Vec<UsageRecord>> = Arc::new(
+            self.buffer
+                .drain(..self.buffer.len().min(self.settings.batch_records.max(1)))
+                .collect(),
+        );
         let (store, migrate) = (self.store.clone(), !self.migrated);
         async move {
             let written = async {
@@ -176,6 +177,8 @@ impl UsageLog {
                 self.write(ctx);
             }
             Err(Failed::Retry(error, batch)) => {
+                // Still shared only when a write that timed out holds it on its thread.
+                let batch = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
                 self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
                 self.backoff = if self.backoff.is_zero() {
                     Duration::from_millis(self.settings.retry_interval_ms.max(1))

@@ -11,6 +11,7 @@ mod report;
 mod schema;
 mod sqlite;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{Metrics, Status, Timeouts};
@@ -213,8 +214,10 @@ impl Store {
         }
     }
 
-    /// Writes one batch of records, all or none.
-    pub async fn insert_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
+    /// Writes one batch of records, all or none. Shared, not borrowed: SQLite writes on a
+    /// blocking thread, which must own what it writes, and the caller keeps the batch to try
+    /// again if the write fails.
+    pub async fn insert_usage(&self, records: &Arc<Vec<UsageRecord>>) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
@@ -521,9 +524,9 @@ pub(crate) mod tests {
     pub(crate) async fn exercise_usage(store: &Store) {
         let records: Vec<UsageRecord> = (0..1000).map(record).collect();
         for batch in records.chunks(250) {
-            store.insert_usage(batch).await.unwrap();
+            store.insert_usage(&Arc::new(batch.to_vec())).await.unwrap();
         }
-        store.insert_usage(&[]).await.unwrap();
+        store.insert_usage(&Arc::new(Vec::new())).await.unwrap();
 
         let all = store.usage_report(&UsageQuery::default()).await.unwrap();
         assert_eq!(all.len(), 1);
@@ -692,7 +695,7 @@ pub(crate) mod tests {
         fn send<T: Send>(_: T) {}
         fn shared<T: Clone + Send + Sync>() {}
         shared::<Store>();
-        let _ = |records: Vec<UsageRecord>, query: UsageQuery, key: StoredKey| {
+        let _ = |records: Arc<Vec<UsageRecord>>, query: UsageQuery, key: StoredKey| {
             send(async move {
                 let store = Store::open(&settings("off")).await?.unwrap();
                 store.migrate().await?;

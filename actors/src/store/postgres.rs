@@ -157,7 +157,6 @@ impl PostgresStore {
         self.pool.retain(|_, metrics| keep(metrics)).removed.len()
     }
 
-    /// One statement for the whole batch, one array per column: a single round trip, and atomic.
     /// One batch by `COPY ... FROM STDIN BINARY`: the cheapest way in for the server (no
     /// statement to plan, no arrays to unpack), which shares the machine with the gateway often
     /// enough.

@@ -202,8 +202,11 @@ impl SqliteStore {
         self.pool.retain(|_, metrics| keep(metrics)).removed.len()
     }
 
-    pub(super) async fn insert_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
-        let records = records.to_vec();
+    pub(super) async fn insert_usage(
+        &self,
+        records: &Arc<Vec<UsageRecord>>,
+    ) -> Result<(), StoreError> {
+        let records = records.clone();
         self.query(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
@@ -213,7 +216,7 @@ impl SqliteStore {
                          latency_ms, cache_hit, retries, error)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                 )?;
-                for record in &records {
+                for record in records.iter() {
                     insert.execute(params![
                         record.at_ms,
                         record.request_id,
