@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
+use bytes::BytesMut;
 use nanogate_actors::error::ForwardError;
 use nanogate_actors::limiter::{RateState, Refusal, Refused};
 use nanogate_actors::metrics::Cause;
@@ -82,6 +83,10 @@ fn rate_limit_message(refused: &Refused) -> String {
 }
 
 /// OpenAI's `x-ratelimit-*` headers: the limit, what is left, and when it is whole again.
+///
+/// They go into every answer under a key, so their six values are written into one buffer
+/// without `fmt` and each header shares it: `HeaderValue::from(u64)` formats through `fmt` into
+/// an allocation of its own, ~600 instructions a value.
 pub fn rate_limit_headers(headers: &mut HeaderMap, state: &RateState) {
     const NAMES: [[HeaderName; 3]; 2] = [
         [
@@ -95,43 +100,67 @@ pub fn rate_limit_headers(headers: &mut HeaderMap, state: &RateState) {
             HeaderName::from_static("x-ratelimit-reset-tokens"),
         ],
     ];
-    for (names, window) in NAMES.iter().zip([state.requests, state.tokens]) {
+    // At most 20 digits for a count; a reset: 20 digits, `m`, 2 digits, 4 of fraction, `s`.
+    let mut text = BytesMut::with_capacity(6 * 28);
+    let mut ends = [[0; 3]; 2];
+    for (ends, window) in ends.iter_mut().zip([state.requests, state.tokens]) {
         if let Some(w) = window {
-            headers.insert(names[0].clone(), HeaderValue::from(w.limit));
-            headers.insert(names[1].clone(), HeaderValue::from(w.remaining));
-            if let Ok(reset) = HeaderValue::try_from(duration_text(w.reset)) {
-                headers.insert(names[2].clone(), reset);
-            }
+            push_number(&mut text, w.limit);
+            ends[0] = text.len();
+            push_number(&mut text, w.remaining);
+            ends[1] = text.len();
+            push_duration(&mut text, w.reset);
+            ends[2] = text.len();
+        }
+    }
+    let text = text.freeze();
+    let mut start = 0;
+    for (names, ends) in NAMES.iter().zip(ends) {
+        if ends[2] == 0 {
+            continue;
+        }
+        for (name, end) in names.iter().zip(ends) {
+            let value = HeaderValue::from_maybe_shared(text.slice(start..end))
+                .expect("digits, '.', 'm' and 's' are valid in a header value");
+            headers.insert(name.clone(), value);
+            start = end;
         }
     }
 }
 
-/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1.5s`, `6m0s`. Integer
-/// arithmetic only: it is written twice into every answer under a key.
-pub fn duration_text(d: Duration) -> String {
-    use std::fmt::Write;
-    let ms = d.as_millis();
-    let mut text = String::with_capacity(12);
+fn push_number(text: &mut BytesMut, n: u64) {
+    text.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// A duration as OpenAI writes it in `x-ratelimit-reset-*`: `20ms`, `1.5s`, `6m0s`.
+fn push_duration(text: &mut BytesMut, d: Duration) {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     if ms < 1000 {
-        let _ = write!(text, "{ms}ms");
-        return text;
+        push_number(text, ms);
+        text.extend_from_slice(b"ms");
+        return;
     }
     let (minutes, rest) = (ms / 60_000, ms % 60_000);
     if minutes > 0 {
-        let _ = write!(text, "{minutes}m");
+        push_number(text, minutes);
+        text.extend_from_slice(b"m");
     }
-    let _ = write!(text, "{}", rest / 1000);
-    let mut fraction = rest % 1000;
+    push_number(text, rest / 1000);
+    let fraction = rest % 1000;
     if fraction > 0 {
-        let mut digits = 3;
-        while fraction % 10 == 0 {
-            fraction /= 10;
-            digits -= 1;
+        let digits = [
+            b'.',
+            b'0' + (fraction / 100) as u8,
+            b'0' + (fraction / 10 % 10) as u8,
+            b'0' + (fraction % 10) as u8,
+        ];
+        let mut len = digits.len();
+        while digits[len - 1] == b'0' {
+            len -= 1;
         }
-        let _ = write!(text, ".{fraction:0digits$}");
+        text.extend_from_slice(&digits[..len]);
     }
-    text.push('s');
-    text
+    text.extend_from_slice(b"s");
 }
 
 #[derive(Serialize)]
@@ -360,9 +389,58 @@ mod tests {
             (2050, "2.05s"),
             (360_000, "6m0s"),
             (61_001, "1m1.001s"),
+            (999, "999ms"),
+            (1_010, "1.01s"),
+            (86_399_999, "1439m59.999s"),
         ] {
-            assert_eq!(duration_text(Duration::from_millis(ms)), text);
+            let mut written = BytesMut::new();
+            push_duration(&mut written, Duration::from_millis(ms));
+            assert_eq!(written, text);
         }
+    }
+
+    #[test]
+    fn rate_limit_headers_carry_each_window_that_is_set() {
+        use nanogate_actors::limiter::Window;
+        let window = |limit, remaining, ms| Window {
+            limit,
+            remaining,
+            reset: Duration::from_millis(ms),
+        };
+        let mut headers = HeaderMap::new();
+        rate_limit_headers(
+            &mut headers,
+            &RateState {
+                requests: Some(window(600, 599, 100)),
+                tokens: Some(window(u64::MAX, 0, 90_500)),
+            },
+        );
+        let read = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(read("x-ratelimit-limit-requests").as_deref(), Some("600"));
+        assert_eq!(
+            read("x-ratelimit-remaining-requests").as_deref(),
+            Some("599")
+        );
+        assert_eq!(read("x-ratelimit-reset-requests").as_deref(), Some("100ms"));
+        assert_eq!(
+            read("x-ratelimit-limit-tokens").as_deref(),
+            Some("18446744073709551615")
+        );
+        assert_eq!(read("x-ratelimit-remaining-tokens").as_deref(), Some("0"));
+        assert_eq!(read("x-ratelimit-reset-tokens").as_deref(), Some("1m30.5s"));
+
+        let mut headers = HeaderMap::new();
+        rate_limit_headers(
+            &mut headers,
+            &RateState {
+                requests: None,
+                tokens: Some(window(1000, 10, 2000)),
+            },
+        );
+        assert_eq!(headers.len(), 3);
+        assert!(headers.get("x-ratelimit-limit-requests").is_none());
+        assert_eq!(headers.get("x-ratelimit-remaining-tokens").unwrap(), "10");
+        assert_eq!(headers.get("x-ratelimit-reset-tokens").unwrap(), "2s");
     }
 
     #[actix_rt::test]

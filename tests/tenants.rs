@@ -524,6 +524,7 @@ async fn the_usage_log_in_postgres_rides_out_a_database_crash() {
     let mut c = with_second_key(keys_config(&urls, &pg.url));
     c.usage.retry_interval_ms = 100;
     c.usage.buffer_records = 600;
+    c.usage.batch_records = 500;
     c.usage.pool_min_connections = 2;
     let gw = gateway(c).await;
     let load = actix_rt::spawn(mixed_load_owned(gw.url(), 1000));

@@ -166,20 +166,25 @@ impl LimitStore for MemoryLimits {
             return Err(self.refuse(Refusal::DailyBudget, wait, None));
         }
         let now = Instant::now();
-        if let Some(bucket) = &self.tokens {
-            let mut bucket = bucket.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(wait) = bucket.debt_for(now) {
-                drop(bucket);
-                undo(self);
-                return Err(self.refuse(Refusal::Tokens, wait, None));
+        // One lock of the bucket: refused while in debt, else its window for the headers.
+        let tokens = match &self.tokens {
+            Some(bucket) => {
+                let mut bucket = bucket.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(wait) = bucket.debt_for(now) {
+                    drop(bucket);
+                    undo(self);
+                    return Err(self.refuse(Refusal::Tokens, wait, None));
+                }
+                Some(bucket.window(now))
             }
-        }
+            None => None,
+        };
         let requests = match (&self.requests, self.limits.rpm) {
             (Some((gcra, clock)), Some(rpm)) => match gcra.check() {
                 Ok(snapshot) => {
                     let remaining = u64::from(snapshot.remaining_burst_capacity());
                     *self.last_requests.lock().unwrap_or_else(|e| e.into_inner()) =
-                        (remaining, Instant::now());
+                        (remaining, now);
                     Some(request_window(rpm, remaining))
                 }
                 Err(not_until) => {
@@ -188,17 +193,14 @@ impl LimitStore for MemoryLimits {
                     // None left, and the next one due in `wait`: as if the last admission (of
                     // the last one) happened an interval before that.
                     *self.last_requests.lock().unwrap_or_else(|e| e.into_inner()) =
-                        (0, Instant::now() + wait - request_interval(rpm).min(wait));
+                        (0, now + wait - request_interval(rpm).min(wait));
                     let window = request_window(rpm, 0);
                     return Err(self.refuse(Refusal::Requests, wait, Some(window)));
                 }
             },
             _ => None,
         };
-        Ok(RateState {
-            requests,
-            tokens: self.token_window(now),
-        })
+        Ok(RateState { requests, tokens })
     }
 
     fn release(&self) {

@@ -864,8 +864,8 @@ pub struct Metrics {
     exposition: Exposition,
     /// Model → (endpoint, answered from cache, status) → its Prometheus series.
     routes: HashMap<String, HashMap<RouteKey, RouteMetrics>>,
-    keys: HashMap<Arc<str>, Series>,
-    key_metrics: HashMap<Arc<str>, KeyMetrics>,
+    /// Per key: its series for `/stats` and its Prometheus counters, found with one lookup.
+    keys: HashMap<Arc<str>, (Series, KeyMetrics)>,
     /// Endpoint URLs as the usage log's records share them.
     record_urls: HashMap<usize, Arc<str>>,
     /// Where each request's record goes, when the usage log is on.
@@ -895,7 +895,6 @@ impl Metrics {
             exposition: Exposition::new(),
             routes: HashMap::new(),
             keys: HashMap::new(),
-            key_metrics: HashMap::new(),
             record_urls: HashMap::new(),
             usage_log: None,
             records: Vec::new(),
@@ -1012,30 +1011,32 @@ impl Metrics {
     }
 
     fn record_key(&mut self, key: &Arc<str>, o: &Observe, now: Instant) {
-        self.keys
-            .entry(key.clone())
-            .or_insert_with(Series::new)
-            .record(o, now);
-        let e = &self.exposition;
-        let metrics = self
-            .key_metrics
-            .entry(key.clone())
-            .or_insert_with(|| KeyMetrics {
-                requests: e
-                    .key_requests
-                    .get_or_create(&KeyRequestLabels {
-                        key: key.to_string(),
-                    })
-                    .clone(),
-                tokens: TOKEN_KINDS.map(|kind| {
-                    e.key_tokens
-                        .get_or_create(&KeyTokenLabels {
+        let (series, metrics) = match self.keys.get_mut(key) {
+            Some(entry) => entry,
+            None => {
+                let e = &self.exposition;
+                let metrics = KeyMetrics {
+                    requests: e
+                        .key_requests
+                        .get_or_create(&KeyRequestLabels {
                             key: key.to_string(),
-                            kind,
                         })
-                        .clone()
-                }),
-            });
+                        .clone(),
+                    tokens: TOKEN_KINDS.map(|kind| {
+                        e.key_tokens
+                            .get_or_create(&KeyTokenLabels {
+                                key: key.to_string(),
+                                kind,
+                            })
+                            .clone()
+                    }),
+                };
+                self.keys
+                    .entry(key.clone())
+                    .or_insert((Series::new(), metrics))
+            }
+        };
+        series.record(o, now);
         metrics.requests.inc();
         if let Some(usage) = &o.usage {
             for (counter, count) in metrics.tokens.iter().zip(token_counts(usage)) {
@@ -1289,7 +1290,7 @@ impl Handler<GetStats> for Metrics {
             keys: self
                 .keys
                 .iter_mut()
-                .map(|(k, s)| (k.to_string(), s.stats(now)))
+                .map(|(k, (s, _))| (k.to_string(), s.stats(now)))
                 .collect(),
             dropped_observations: self.dropped.load(Ordering::Relaxed),
             buffers: self.buffers.stats(),

@@ -2,15 +2,16 @@
 //! opened on demand, so a gateway starts (and serves) while its database is down; each statement
 //! is prepared once per connection.
 
-use deadpool_postgres::tokio_postgres::binary_copy::BinaryCopyInWriter;
+use bytes::{BufMut, Bytes, BytesMut};
 use deadpool_postgres::tokio_postgres::config::SslMode;
 use deadpool_postgres::tokio_postgres::error::SqlState;
-use deadpool_postgres::tokio_postgres::types::{ToSql, Type};
+use deadpool_postgres::tokio_postgres::types::ToSql;
 use deadpool_postgres::tokio_postgres::{self, NoTls, Row};
 use deadpool_postgres::{
     Client, Hook, HookError, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime,
     TimeoutType,
 };
+use futures_util::SinkExt;
 
 use super::report::{self, Param};
 use super::schema::{MIGRATIONS, MIGRATIONS_TABLE};
@@ -161,74 +162,19 @@ impl PostgresStore {
     /// statement to plan, no arrays to unpack), which shares the machine with the gateway often
     /// enough.
     pub(super) async fn insert_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
-        const COLUMNS: [Type; 15] = [
-            Type::INT8,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::INT4,
-            Type::INT8,
-            Type::INT8,
-            Type::INT8,
-            Type::BOOL,
-            Type::FLOAT8,
-            Type::FLOAT8,
-            Type::BOOL,
-            Type::INT4,
-            Type::TEXT,
-        ];
+        let rows = copy_binary(records).freeze();
         let client = self.client().await?;
         async {
             let sink = client
-                .copy_in(
+                .copy_in::<_, Bytes>(
                     "COPY usage_log (at_ms, request_id, api_key, model, endpoint, status,
                          prompt_tokens, completion_tokens, cached_tokens, estimated, ttft_ms,
                          latency_ms, cache_hit, retries, error) FROM STDIN BINARY",
                 )
                 .await?;
-            let writer = BinaryCopyInWriter::new(sink, &COLUMNS);
-            let mut writer = std::pin::pin!(writer);
-            for r in records {
-                let status = i32::from(r.status);
-                let (prompt, completion, cached) = (
-                    to_i64(r.usage.prompt),
-                    to_i64(r.usage.completion),
-                    to_i64(r.usage.cached),
-                );
-                let retries = i32::try_from(r.retries).unwrap_or(i32::MAX);
-                // PostgreSQL's text cannot hold NUL, which a client's model name may (escaped in
-                // its JSON); the one field a client writes freely.
-                let model = r.model.as_deref().map(|m| {
-                    if m.contains('\0') {
-                        std::borrow::Cow::Owned(m.replace('\0', "\u{fffd}"))
-                    } else {
-                        std::borrow::Cow::Borrowed(m)
-                    }
-                });
-                let model = model.as_deref();
-                writer
-                    .as_mut()
-                    .write(&[
-                        &r.at_ms,
-                        &r.request_id.as_str(),
-                        &r.key.as_deref(),
-                        &model,
-                        &r.endpoint.as_deref(),
-                        &status,
-                        &prompt,
-                        &completion,
-                        &cached,
-                        &r.usage.estimated,
-                        &r.ttft_ms,
-                        &r.latency_ms,
-                        &r.cache_hit,
-                        &retries,
-                        &r.error,
-                    ])
-                    .await?;
-            }
-            writer.finish().await
+            let mut sink = std::pin::pin!(sink);
+            sink.as_mut().send(rows).await?;
+            sink.finish().await
         }
         .await
         .map_err(query_error)?;
@@ -446,12 +392,142 @@ fn query_error(error: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// The records as `COPY ... FROM STDIN BINARY` data, in the column order of
+/// [`PostgresStore::insert_usage`]: PostgreSQL's binary copy format (its manual, "COPY", "Binary
+/// Format": a signature, two 32-bit zeros, then per row a 16-bit field count and each field as a
+/// 32-bit length, -1 for NULL, and its bytes in network order; a count of -1 ends the data).
+/// Written here rather than through `BinaryCopyInWriter`, which formats each field through `ToSql`
+/// and awaits each row: ~3,000 instructions a record, a tenth of a JSON request's whole cost in
+/// the gateway, against a few hundred.
+fn copy_binary(records: &[UsageRecord]) -> BytesMut {
+    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+    const FIELDS: i16 = 15;
+    let mut out = BytesMut::with_capacity(SIGNATURE.len() + 10 + records.len() * 192);
+    out.put_slice(SIGNATURE);
+    out.put_i32(0);
+    out.put_i32(0);
+    for r in records {
+        out.put_i16(FIELDS);
+        put_int8(&mut out, r.at_ms);
+        put_text(&mut out, Some(&r.request_id));
+        put_text(&mut out, r.key.as_deref());
+        put_text(&mut out, r.model.as_deref());
+        put_text(&mut out, r.endpoint.as_deref());
+        put_int4(&mut out, i32::from(r.status));
+        put_int8(&mut out, to_i64(r.usage.prompt));
+        put_int8(&mut out, to_i64(r.usage.completion));
+        put_int8(&mut out, to_i64(r.usage.cached));
+        put_bool(&mut out, r.usage.estimated);
+        match r.ttft_ms {
+            Some(ttft) => put_float8(&mut out, ttft),
+            None => out.put_i32(-1),
+        }
+        put_float8(&mut out, r.latency_ms);
+        put_bool(&mut out, r.cache_hit);
+        put_int4(&mut out, i32::try_from(r.retries).unwrap_or(i32::MAX));
+        put_text(&mut out, r.error);
+    }
+    out.put_i16(-1);
+    out
+}
+
+fn put_int8(out: &mut BytesMut, v: i64) {
+    out.put_i32(8);
+    out.put_i64(v);
+}
+
+fn put_int4(out: &mut BytesMut, v: i32) {
+    out.put_i32(4);
+    out.put_i32(v);
+}
+
+fn put_float8(out: &mut BytesMut, v: f64) {
+    out.put_i32(8);
+    out.put_f64(v);
+}
+
+fn put_bool(out: &mut BytesMut, v: bool) {
+    out.put_i32(1);
+    out.put_u8(u8::from(v));
+}
+
+/// PostgreSQL's text cannot hold NUL, which a client's model name may (escaped in its JSON), so
+/// NULs become U+FFFD; a batch PostgreSQL refused would be dropped whole.
+fn put_text(out: &mut BytesMut, v: Option<&str>) {
+    let Some(text) = v else {
+        out.put_i32(-1);
+        return;
+    };
+    if memchr::memchr(0, text.as_bytes()).is_some() {
+        put_text(out, Some(&text.replace('\0', "\u{fffd}")));
+        return;
+    }
+    // A length that does not fit is a batch PostgreSQL refuses (and the log counts), never a
+    // panic; nothing that reaches the log is near 2 GiB.
+    out.put_i32(i32::try_from(text.len()).unwrap_or(i32::MAX));
+    out.put_slice(text.as_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::{exercise_keys, exercise_usage, settings};
     use super::super::Store;
 
     const DATABASE: &str = "nanogate_store_test";
+
+    /// The copy data's layout, field by field, as PostgreSQL reads it.
+    #[test]
+    fn copy_binary_writes_postgres_binary_format() {
+        use crate::usage::{TokenUsage, UsageRecord};
+        use std::sync::Arc;
+        let record = UsageRecord {
+            at_ms: 1_764_300_000_123,
+            request_id: "req-1".into(),
+            key: Some(Arc::from("team-a")),
+            model: Some("m\0x".into()),
+            endpoint: None,
+            status: 429,
+            usage: TokenUsage {
+                prompt: 12,
+                completion: 3,
+                cached: 8,
+                estimated: true,
+            },
+            ttft_ms: None,
+            latency_ms: 1.5,
+            cache_hit: false,
+            retries: 2,
+            error: Some("rate_limited"),
+        };
+        let data = super::copy_binary(&[record]);
+        let mut expected: Vec<u8> = b"PGCOPY\n\xff\r\n\0".to_vec();
+        expected.extend([0; 8]);
+        expected.extend(15i16.to_be_bytes());
+        let mut field = |bytes: Option<&[u8]>| match bytes {
+            Some(b) => {
+                expected.extend(i32::try_from(b.len()).unwrap().to_be_bytes());
+                expected.extend(b);
+            }
+            None => expected.extend((-1i32).to_be_bytes()),
+        };
+        field(Some(&1_764_300_000_123i64.to_be_bytes()));
+        field(Some(b"req-1"));
+        field(Some(b"team-a"));
+        field(Some("m\u{fffd}x".as_bytes()));
+        field(None);
+        field(Some(&429i32.to_be_bytes()));
+        field(Some(&12i64.to_be_bytes()));
+        field(Some(&3i64.to_be_bytes()));
+        field(Some(&8i64.to_be_bytes()));
+        field(Some(&[1]));
+        field(None);
+        field(Some(&1.5f64.to_be_bytes()));
+        field(Some(&[0]));
+        field(Some(&2i32.to_be_bytes()));
+        field(Some(b"rate_limited"));
+        expected.extend((-1i16).to_be_bytes());
+        assert_eq!(&data[..], &expected[..]);
+    }
 
     async fn open(url: &str, max_queries_per_connection: u64) -> Store {
         let mut settings = settings(url);
