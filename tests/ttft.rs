@@ -357,3 +357,49 @@ async fn an_added_backend_ramps_up_its_share_over_slow_start() {
     assert!(late > 0.3, "and ramps to about half of round robin: {late}");
     gw.stop(false).await;
 }
+
+/// Two streams of one long system prompt, the second sent while the backend prefills it for the
+/// first: the second waits for the first's prefill (its first token) and then finds the prompt
+/// cached, instead of computing it beside the first as llama.cpp would in a second slot.
+#[actix_rt::test]
+async fn a_stream_waits_for_the_prefill_of_its_prompt_already_in_progress() {
+    // 7,000 characters, about 1,750 tokens: 350 ms of prefill at 200 µs a token.
+    let system: String = (0..1000).map(|i| format!("w{:05} ", i * 7)).collect();
+    let backends = sims(vec![SimConfig {
+        prefill_us_per_token: 200,
+        ..paced(5)
+    }])
+    .await;
+    let gw = gateway(config(&backends)).await;
+    let client = client();
+    let url = chat_url(&gw);
+    let body = |question: &str| {
+        json!({"model": "sim", "max_tokens": 4, "stream": true, "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": question}]})
+    };
+    let started = Instant::now();
+    let first = async {
+        let answer = post(&client, &url, &body("What is first?")).await;
+        (answer, started.elapsed())
+    };
+    let second = async {
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+        let answer = post(&client, &url, &body("And what comes second?")).await;
+        (answer, started.elapsed())
+    };
+    let ((first, first_done), (second, second_done)) =
+        futures_util::future::join(first, second).await;
+    assert!(
+        failures(&[(first, first_done), (second, second_done)]).is_empty(),
+        "both streams complete"
+    );
+    let endpoint = stats(&client, &gw).await["balancer"]["endpoints"][0].clone();
+    assert_eq!(endpoint["prefill_holds"], 1, "{endpoint}");
+    // The second request's prefill found the whole system prompt cached (109 full blocks).
+    let sim = backends[0].control.snapshot();
+    assert!(sim.prefix_hit_tokens >= 1_700, "{sim:?}");
+    // It could not have its first token before the first's prefill ended.
+    assert!(second_done >= Duration::from_millis(350), "{second_done:?}");
+    gw.stop(false).await;
+}

@@ -659,6 +659,8 @@ struct EndpointStats {
     ttft_p95_ms: f64,
     full_p95_ms: f64,
     prefix_index: PrefixIndexStats,
+    /// Requests that waited for a prefill of their prompt's prefix here (see `crate::prefills`).
+    prefill_holds: u64,
     models: Option<Vec<String>>,
 }
 
@@ -728,6 +730,7 @@ impl Handler<GetStats> for Balancer {
                             bytes: e.prefix.bytes(),
                             misses: e.prefix.misses(),
                         },
+                        prefill_holds: e.prefills.holds(),
                         models: entry.models.clone(),
                     }
                 })

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
+use crate::prefills::Prefills;
 use crate::prefix_index::PrefixIndex;
 
 use rand::RngCore;
@@ -144,6 +145,8 @@ pub struct Endpoint {
     verdicts: Notify,
     /// The prompt blocks it was recently sent (cache-aware routing only).
     pub prefix: PrefixIndex,
+    /// The streams' prompts it is prefilling now, which requests sharing them wait for.
+    pub prefills: Prefills,
 }
 
 /// The balancer's published estimates of one endpoint, as atomics.
@@ -234,6 +237,7 @@ impl Endpoint {
             probe_pending: AtomicBool::new(false),
             verdicts: Notify::new(),
             prefix: PrefixIndex::new(0),
+            prefills: Prefills::default(),
         }
     }
 
@@ -407,6 +411,7 @@ impl Endpoint {
         InFlight {
             endpoint: self.clone(),
             prefill: blocks,
+            registered: None,
         }
     }
 
@@ -435,11 +440,19 @@ pub struct InFlight {
     endpoint: Arc<Endpoint>,
     /// Its prefill blocks still counted on the endpoint.
     prefill: u32,
+    /// Its prefill as registered in the endpoint's [`Prefills`], for others to wait for.
+    registered: Option<u64>,
 }
 
 impl InFlight {
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.endpoint
+    }
+
+    /// Registers its prompt's prefill of `blocks[cached..]` for requests sharing the prompt to
+    /// wait for (see [`crate::prefills`]), until its first token or its end.
+    pub fn share_prefill(&mut self, blocks: &[u64], cached: usize) {
+        self.registered = self.endpoint.prefills.begin(blocks, cached);
     }
 
     /// Its first token arrived: its prefill no longer delays anyone.
@@ -448,6 +461,9 @@ impl InFlight {
         self.endpoint
             .prefill_blocks
             .fetch_sub(blocks, Ordering::Relaxed);
+        if let Some(id) = self.registered.take() {
+            self.endpoint.prefills.end(id);
+        }
     }
 }
 

@@ -131,6 +131,15 @@ pub(crate) async fn connect(
             break;
         };
         pick.exclude.insert(picked.slot);
+        // A long prefix of its prompt being prefilled there for another stream: wait for that
+        // prefill to end rather than compute the same tokens beside it (see `crate::prefills`).
+        let hold = Duration::from_millis(shared.settings.prefill_hold_ms)
+            .min(request.deadline.saturating_duration_since(Instant::now()));
+        picked
+            .endpoint
+            .prefills
+            .wait_for(&request.blocks, hold)
+            .await;
         let left = request.deadline.saturating_duration_since(Instant::now());
         let clients = request.read_timeout.map_or(left, |read| read.min(left));
         let first_byte = own_first_byte.min(clients);
@@ -323,8 +332,12 @@ fn start(endpoint: &Arc<Endpoint>, cached: usize, request: &UpstreamRequest) -> 
     } else {
         0
     };
+    let mut in_flight = endpoint.begin_prefill(prefill);
+    if request.stream {
+        in_flight.share_prefill(&request.blocks, cached);
+    }
     Attempt {
-        in_flight: endpoint.begin_prefill(prefill),
+        in_flight,
         endpoint: endpoint.clone(),
         dispatch: Dispatch {
             blocks: request.blocks.len() as u32,

@@ -46,6 +46,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod policy;
 pub mod pool_supervisor;
+pub mod prefills;
 pub mod prefix_index;
 pub mod report;
 pub mod retry_budget;

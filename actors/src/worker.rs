@@ -63,6 +63,9 @@ pub struct UpstreamSettings {
     /// its endpoint is then probed at once.
     pub overdue_multiple: f64,
     pub overdue_floor_ms: u64,
+    /// Longest a request waits for the prefill of its prompt's prefix that its endpoint is
+    /// computing for another stream (see [`crate::prefills`]); 0: never waits.
+    pub prefill_hold_ms: u64,
 }
 
 /// Hedged first tokens; defaults documented in `config/default.toml`.
@@ -102,6 +105,7 @@ impl Default for UpstreamSettings {
             retry_min_concurrency: 10,
             overdue_multiple: 3.0,
             overdue_floor_ms: 3000,
+            prefill_hold_ms: 10_000,
         }
     }
 }

@@ -44,6 +44,17 @@ pub fn decode_step(cfg: &SimConfig, running: usize) -> Duration {
 #[error("simulated GPU server went down")]
 pub struct Cut;
 
+/// What a request found in the prefix cache and took.
+struct Acquired {
+    /// Prompt tokens served from the cache.
+    cached: u32,
+    /// Leading blocks found, and pinned (found plus new), as [`super::prefix::Acquired`].
+    hits: usize,
+    held: usize,
+    /// When the found blocks are all computed, if another request's prefill still computes some.
+    computed_at: Option<Instant>,
+}
+
 /// Shared by all requests of one simulator: its knobs, its batch slots, its prefix cache and its
 /// control.
 pub struct Engine {
@@ -74,10 +85,16 @@ impl Engine {
     }
 
     /// Prompt tokens already cached for a prompt with these blocks, which stay pinned in the cache
-    /// until [`Engine::release`] (`held` of them). Like vLLM, a fully cached prompt still computes
-    /// its last token, and queries and hits are counted in tokens.
-    fn acquire_prefix(&self, blocks: &[u64], prompt_tokens: u32) -> (u32, usize) {
-        let got = self.prefix_cache().acquire(blocks);
+    /// until [`Engine::release`] (`held` of them), and when they are all computed if another
+    /// request's prefill still computes some. Like vLLM, a fully cached prompt still computes its
+    /// last token, and queries and hits are counted in tokens.
+    fn acquire_prefix(&self, blocks: &[u64], prompt_tokens: u32) -> Acquired {
+        let mut cache = self.prefix_cache();
+        let got = cache.acquire(blocks);
+        let computed_at = cache
+            .computed_at(&blocks[..got.hits])
+            .map(Instant::from_std);
+        drop(cache);
         let cached = u32::try_from(got.hits)
             .unwrap_or(u32::MAX)
             .saturating_mul(BLOCK_TOKENS)
@@ -87,7 +104,12 @@ impl Engine {
             .prefix_queries
             .fetch_add(u64::from(prompt_tokens), Relaxed);
         counters.prefix_hits.fetch_add(u64::from(cached), Relaxed);
-        (cached, got.held)
+        Acquired {
+            cached,
+            hits: got.hits,
+            held: got.held,
+            computed_at,
+        }
     }
 
     fn release_prefix(&self, held: &[u64]) {
@@ -305,14 +327,21 @@ impl Sequence {
             counters
                 .prompt_tokens
                 .fetch_add(u64::from(self.plan.prompt_tokens), Relaxed);
-            let (cached, held) = self
+            let got = self
                 .engine
                 .acquire_prefix(&self.plan.prefix_blocks, self.plan.prompt_tokens);
-            self.held = held;
-            self.cached = cached;
-            let prefill = time_to_first_token(cfg, self.plan.prompt_tokens - cached);
-            self.deadline =
-                Instant::now() + prefill.mul_f64(self.engine.slowdown()) + self.plan.spike;
+            self.held = got.held;
+            self.cached = got.cached;
+            let prefill = time_to_first_token(cfg, self.plan.prompt_tokens - got.cached)
+                .mul_f64(self.engine.slowdown());
+            // Cached blocks another prefill still computes are there once its step ends.
+            let now = Instant::now();
+            let start = got.computed_at.map_or(now, |at| at.max(now));
+            self.engine.prefix_cache().computing(
+                &self.plan.prefix_blocks[got.hits..got.held],
+                (start + prefill).into_std(),
+            );
+            self.deadline = start + prefill + self.plan.spike;
         } else if self.produced >= self.plan.completion_tokens {
             return Ok(Step::Done);
         } else {
@@ -382,7 +411,7 @@ mod tests {
 
     /// The cached tokens of a request that runs and finishes at once.
     fn cached_tokens(engine: &Engine, blocks: &[u64], tokens: u32) -> u32 {
-        let (cached, held) = engine.acquire_prefix(blocks, tokens);
+        let Acquired { cached, held, .. } = engine.acquire_prefix(blocks, tokens);
         engine.release_prefix(&blocks[..held]);
         cached
     }

@@ -13,6 +13,10 @@
 //!   blocks are evicted, least recently freed first. A finished request frees its blocks last
 //!   block first, so under pressure a prompt loses its tail before its head and the surviving
 //!   head still matches.
+//! - A block is in the cache from the moment a request takes it, but its KV exists only when that
+//!   request's prefill ends: a request that finds blocks another is still computing starts its own
+//!   prefill then (vLLM caches a block's hash when it schedules the block, and a request arriving
+//!   during the step that computes it is scheduled after that step).
 //!
 //! Where it differs: capacity never blocks admission (vLLM would preempt or queue a request that
 //! finds no free block; here the batch limit alone bounds concurrency), so a request that finds
@@ -23,6 +27,7 @@
 use std::{
     collections::{hash_map::DefaultHasher, HashMap, VecDeque},
     hash::Hasher,
+    time::Instant,
 };
 
 /// Characters per cache block: 16 tokens at the simulator's four characters per token.
@@ -71,11 +76,13 @@ impl BlockHasher {
     }
 }
 
-/// One cached block: how many running requests hold it, and when it was last freed.
+/// One cached block: how many running requests hold it, when it was last freed, and when the
+/// prefill that computes it ends (`None`: computed).
 #[derive(Clone, Copy)]
 struct Block {
     refs: u32,
     freed: u64,
+    computed_at: Option<Instant>,
 }
 
 /// A fixed number of block places (0 = caching off); see the module doc for the policy.
@@ -122,13 +129,38 @@ impl PrefixCache {
             if let Some(block) = self.blocks.get_mut(&key) {
                 block.refs += 1;
             } else if self.blocks.len() < self.capacity || self.evict_one() {
-                self.blocks.insert(key, Block { refs: 1, freed: 0 });
+                self.blocks.insert(
+                    key,
+                    Block {
+                        refs: 1,
+                        freed: 0,
+                        computed_at: None,
+                    },
+                );
             } else {
                 break;
             }
             held += 1;
         }
         Acquired { hits, held }
+    }
+
+    /// When the last of these cached blocks is computed, if a prefill still computes one: a
+    /// request that finds them in the cache while another request's prefill computes them can
+    /// use them only once that prefill's step ends (vLLM), so its own prefill starts then.
+    pub fn computed_at(&self, keys: &[u64]) -> Option<Instant> {
+        keys.iter()
+            .filter_map(|key| self.blocks.get(key)?.computed_at)
+            .max()
+    }
+
+    /// Marks `keys` (blocks a request just took) as computed when its prefill ends, at `at`.
+    pub fn computing(&mut self, keys: &[u64], at: Instant) {
+        for key in keys {
+            if let Some(block) = self.blocks.get_mut(key) {
+                block.computed_at = Some(at);
+            }
+        }
     }
 
     /// Unpins `keys` (the `held` leading keys of an [`acquire`](Self::acquire)), last first, so
@@ -180,6 +212,7 @@ impl PrefixCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn keys(text: &str) -> Vec<u64> {
         let mut hasher = BlockHasher::default();
@@ -265,6 +298,27 @@ mod tests {
         assert_eq!(cache.acquire(&b), Acquired { hits: 0, held: 4 });
         cache.release(&b);
         assert_eq!(run(&mut cache, &a), 0);
+    }
+
+    #[test]
+    fn blocks_a_prefill_still_computes_are_there_when_it_ends() {
+        let mut cache = PrefixCache::new(16);
+        let a = keys(&text("a", 4));
+        let now = Instant::now();
+        let first = cache.acquire(&a);
+        assert_eq!(cache.computed_at(&a[..first.hits]), None);
+        cache.computing(&a[first.hits..first.held], now + Duration::from_millis(100));
+        // A second request of the prompt finds every block, usable when the first's prefill ends.
+        let second = cache.acquire(&a);
+        assert_eq!(second.hits, 4);
+        assert_eq!(
+            cache.computed_at(&a[..second.hits]),
+            Some(now + Duration::from_millis(100))
+        );
+        // A prompt that shares none of them waits for nothing.
+        let b = keys(&text("b", 4));
+        let third = cache.acquire(&b);
+        assert_eq!(cache.computed_at(&b[..third.hits]), None);
     }
 
     #[test]

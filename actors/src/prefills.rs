@@ -1,0 +1,247 @@
+//! The prompts an endpoint is prefilling right now, so that a request whose prompt shares a long
+//! prefix with one of them waits for that prefill to end instead of computing the same tokens
+//! beside it.
+//!
+//! No inference server shares a prefill in progress. llama.cpp runs two requests of one prompt in
+//! two slots, each computing the whole prompt (on a CPU, each at half the speed: both finish when
+//! one prefill after the other would have, and the prompt's cache is paid twice). vLLM computes a
+//! block for each request scheduled in the same step, and a request that arrives during another's
+//! prefill step finds that prompt's blocks only when the step has ended. So a request routed to an
+//! endpoint that is prefilling its prefix waits for that stream's first token (the end of its
+//! prefill), then goes, and finds the prefix cached: it starts about when it would have on a GPU,
+//! far sooner on a CPU server, and the fleet prefills the prompt once.
+//!
+//! Only streams are registered (a non-streamed answer shows no end of prefill), and only when the
+//! part still to compute is at least [`MIN_HOLD_BLOCKS`]. A request waits only for the blocks
+//! another is computing now (beyond what was cached when that one started), at most
+//! `upstream.prefill_hold_ms` and never past its deadline; a prefill that ends in failure wakes its
+//! waiters as well, and they go on as they would have.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+/// Blocks (64 prompt bytes each, about 16 tokens) a prefill must compute, and a waiting request
+/// share with it, for a hold to be worth it: ~256 tokens, a few ms on a GPU, a second on a CPU.
+pub const MIN_HOLD_BLOCKS: usize = 16;
+
+/// The prefills in progress on one endpoint.
+#[derive(Debug, Default)]
+pub struct Prefills {
+    entries: Mutex<Vec<Entry>>,
+    next_id: AtomicU64,
+    /// Woken whenever a prefill ends; a waiter checks whether it was the one it waits for.
+    ended: Notify,
+    /// Requests that waited for a prefill here, ever.
+    holds: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    blocks: Arc<[u64]>,
+    /// The blocks before this were cached when it started: it computes `blocks[from..]`.
+    from: usize,
+}
+
+impl Prefills {
+    /// Registers a stream's prefill of `blocks[from..]`; `None` when that is too short to hold
+    /// anyone for. End it with [`Prefills::end`].
+    pub fn begin(&self, blocks: &[u64], from: usize) -> Option<u64> {
+        if blocks.len().saturating_sub(from) < MIN_HOLD_BLOCKS {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().push(Entry {
+            id,
+            blocks: blocks.into(),
+            from,
+        });
+        Some(id)
+    }
+
+    /// The prefill `id` ended (its first token, or its request ended or failed).
+    pub fn end(&self, id: u64) {
+        let mut entries = self.lock();
+        if let Some(i) = entries.iter().position(|e| e.id == id) {
+            entries.swap_remove(i);
+        }
+        drop(entries);
+        self.ended.notify_waiters();
+    }
+
+    /// The prefill in progress that computes the most of `blocks`' prefix that was not cached,
+    /// if that is at least [`MIN_HOLD_BLOCKS`].
+    fn computing(&self, blocks: &[u64]) -> Option<u64> {
+        self.lock()
+            .iter()
+            .map(|e| {
+                (
+                    e.id,
+                    shared_prefix(&e.blocks, blocks).saturating_sub(e.from),
+                )
+            })
+            .filter(|&(_, computing)| computing >= MIN_HOLD_BLOCKS)
+            .max_by_key(|&(_, computing)| computing)
+            .map(|(id, _)| id)
+    }
+
+    /// Waits, at most `limit`, while this endpoint computes a long part of `blocks`' prefix for
+    /// another request. Returns whether it waited.
+    pub async fn wait_for(&self, blocks: &[u64], limit: Duration) -> bool {
+        if limit.is_zero() || blocks.len() < MIN_HOLD_BLOCKS {
+            return false;
+        }
+        let Some(id) = self.computing(blocks) else {
+            return false;
+        };
+        self.holds.fetch_add(1, Ordering::Relaxed);
+        let ended = async {
+            loop {
+                let notified = self.ended.notified();
+                tokio::pin!(notified);
+                // Registered before looking, so an end between the look and the wait wakes it.
+                notified.as_mut().enable();
+                if !self.lock().iter().any(|e| e.id == id) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, ended).await;
+        true
+    }
+
+    /// Requests that waited for a prefill on this endpoint, ever.
+    pub fn holds(&self) -> u64 {
+        self.holds.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// How many leading blocks two prompts share. Block keys chain (each hashes the one before), so
+/// two prompts agree on every block before the last one they agree on: a binary search finds it.
+fn shared_prefix(a: &[u64], b: &[u64]) -> usize {
+    let (mut agree, mut differ) = (0, a.len().min(b.len()) + 1);
+    while differ - agree > 1 {
+        let mid = (agree + differ) / 2;
+        if a[mid - 1] == b[mid - 1] {
+            agree = mid;
+        } else {
+            differ = mid;
+        }
+    }
+    agree
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chained keys like the prefix index's: a prompt of `n` blocks whose first `shared` are
+    /// those of prompt 0.
+    fn prompt(seed: u64, shared: usize, n: usize) -> Vec<u64> {
+        let mut key = 0u64;
+        (0..n)
+            .map(|i| {
+                let block = if i < shared { 0 } else { seed };
+                key = key
+                    .wrapping_mul(31)
+                    .wrapping_add(block * 1000 + i as u64 + 1);
+                key
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shared_prefix_finds_the_last_common_block() {
+        let a = prompt(1, 40, 60);
+        assert_eq!(shared_prefix(&a, &prompt(2, 40, 50)), 40);
+        assert_eq!(shared_prefix(&a, &a), 60);
+        assert_eq!(shared_prefix(&a, &prompt(3, 0, 60)), 0);
+        assert_eq!(shared_prefix(&a, &a[..7]), 7);
+        assert_eq!(shared_prefix(&a, &[]), 0);
+    }
+
+    #[test]
+    fn only_long_uncached_prefills_are_registered_and_waited_for() {
+        let p = Prefills::default();
+        let long = prompt(1, 40, 60);
+        // 60 blocks, 50 of them cached: 10 to compute is too short to hold anyone for.
+        assert_eq!(p.begin(&long, 50), None);
+        let id = p.begin(&long, 10).unwrap();
+        // Shares 40 blocks, 30 of them being computed: waits.
+        assert_eq!(p.computing(&prompt(2, 40, 50)), Some(id));
+        // Shares 20, of which 10 are being computed: goes.
+        assert_eq!(p.computing(&prompt(2, 20, 50)), None);
+        // Shares nothing.
+        assert_eq!(p.computing(&prompt(3, 0, 50)), None);
+        p.end(id);
+        assert_eq!(p.computing(&prompt(2, 40, 50)), None);
+    }
+
+    #[actix_rt::test]
+    async fn a_waiter_goes_when_the_prefill_ends_or_at_its_limit() {
+        let p = Arc::new(Prefills::default());
+        let long = prompt(1, 40, 60);
+        let id = p.begin(&long, 0).unwrap();
+        let ender = {
+            let p = p.clone();
+            actix_rt::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                p.end(id);
+            })
+        };
+        let start = std::time::Instant::now();
+        assert!(
+            p.wait_for(&prompt(2, 40, 50), Duration::from_secs(30))
+                .await
+        );
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        assert!(
+            waited < Duration::from_secs(30),
+            "woken by the end: {waited:?}"
+        );
+        ender.await.unwrap();
+        assert_eq!(p.holds(), 1);
+
+        // A prefill that never ends holds a request no longer than the limit.
+        let _stuck = p.begin(&long, 0).unwrap();
+        let start = std::time::Instant::now();
+        assert!(p.wait_for(&long, Duration::from_millis(200)).await);
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        // A zero limit turns holding off.
+        assert!(!p.wait_for(&long, Duration::ZERO).await);
+    }
+
+    #[actix_rt::test]
+    async fn an_end_wakes_every_waiter() {
+        let p = Arc::new(Prefills::default());
+        let long = prompt(1, 40, 60);
+        let id = p.begin(&long, 0).unwrap();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let p = p.clone();
+                let long = long.clone();
+                actix_rt::spawn(async move { p.wait_for(&long, Duration::from_secs(60)).await })
+            })
+            .collect();
+        while p.holds() < 3 {
+            tokio::task::yield_now().await;
+        }
+        p.end(id);
+        for waiter in waiters {
+            let waited = tokio::time::timeout(Duration::from_secs(20), waiter)
+                .await
+                .expect("woken by the end, not by its limit")
+                .unwrap();
+            assert!(waited);
+        }
+    }
+}
