@@ -359,8 +359,9 @@ async fn an_added_backend_ramps_up_its_share_over_slow_start() {
 }
 
 /// Two streams of one long system prompt, the second sent while the backend prefills it for the
-/// first: the second waits for the first's prefill (its first token) and then finds the prompt
-/// cached, instead of computing it beside the first as llama.cpp would in a second slot.
+/// first: the second waits for the first's prefill (its first token, or its due time: here the
+/// gateway has learned nothing yet and expects it sooner) and then finds the prompt cached,
+/// instead of computing it beside the first as llama.cpp would in a second slot.
 #[actix_rt::test]
 async fn a_stream_waits_for_the_prefill_of_its_prompt_already_in_progress() {
     // 7,000 characters, about 1,750 tokens: 350 ms of prefill at 200 µs a token.

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -449,10 +450,11 @@ impl InFlight {
         &self.endpoint
     }
 
-    /// Registers its prompt's prefill of `blocks[cached..]` for requests sharing the prompt to
-    /// wait for (see [`crate::prefills`]), until its first token or its end.
-    pub fn share_prefill(&mut self, blocks: &[u64], cached: usize) {
-        self.registered = self.endpoint.prefills.begin(blocks, cached);
+    /// Registers its prompt's prefill of `blocks[cached..]`, expected to take `expected`, for
+    /// requests sharing the prompt to wait for (see [`crate::prefills`]), until its first token or
+    /// its end.
+    pub fn share_prefill(&mut self, blocks: &[u64], cached: usize, expected: Duration) {
+        self.registered = self.endpoint.prefills.begin(blocks, cached, expected);
     }
 
     /// Its first token arrived: its prefill no longer delays anyone.

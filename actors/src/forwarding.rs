@@ -36,6 +36,7 @@ use crate::exchange::{
 };
 use crate::health_checker::ProbeNow;
 use crate::metrics::RequestFacts;
+use crate::policy::cache_aware::{PRIOR_BLOCK_MS, PRIOR_WARM_MS};
 use crate::pool_supervisor::Permit;
 use crate::worker::{UpstreamRequest, WorkerShared};
 
@@ -317,8 +318,9 @@ fn probe(shared: &WorkerShared, endpoint: &Endpoint, urgent: bool) {
 }
 
 fn start(endpoint: &Arc<Endpoint>, cached: usize, request: &UpstreamRequest) -> Attempt {
+    let estimate = endpoint.estimate();
     // How full the batch it joins is: a late answer to a loaded backend may be queueing.
-    let capacity = endpoint.estimate().capacity.max(1);
+    let capacity = estimate.capacity.max(1);
     let (_, waiting, _) = endpoint.reported_load();
     let load = if waiting > 0.0 {
         1.0
@@ -334,7 +336,14 @@ fn start(endpoint: &Arc<Endpoint>, cached: usize, request: &UpstreamRequest) -> 
     };
     let mut in_flight = endpoint.begin_prefill(prefill);
     if request.stream {
-        in_flight.share_prefill(&request.blocks, cached);
+        let known = |learned: f64, prior: f64| if learned > 0.0 { learned } else { prior };
+        let expected_ms = known(estimate.warm_ms, PRIOR_WARM_MS)
+            + known(estimate.block_ms, PRIOR_BLOCK_MS) * f64::from(prefill);
+        in_flight.share_prefill(
+            &request.blocks,
+            cached,
+            Duration::from_secs_f64(expected_ms / 1000.0),
+        );
     }
     Attempt {
         in_flight,

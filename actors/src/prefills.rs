@@ -13,8 +13,11 @@
 //!
 //! Only streams are registered (a non-streamed answer shows no end of prefill), and only when the
 //! part still to compute is at least [`MIN_HOLD_BLOCKS`]. A request waits only for the blocks
-//! another is computing now (beyond what was cached when that one started), at most
-//! `upstream.prefill_hold_ms` and never past its deadline; a prefill that ends in failure wakes its
+//! another is computing now (beyond what was cached when that one started), and only until the
+//! first of: that stream's first token, the time its prefill should take (half as long again as
+//! the endpoint's learned prefill of those blocks: a first token later than that is late for
+//! another reason, a queue or a latency spike, and the blocks are probably computed),
+//! `upstream.prefill_hold_ms`, the request's deadline. A prefill that ends in failure wakes its
 //! waiters as well, and they go on as they would have.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// Blocks (64 prompt bytes each, about 16 tokens) a prefill must compute, and a waiting request
 /// share with it, for a hold to be worth it: ~256 tokens, a few ms on a GPU, a second on a CPU.
@@ -44,12 +48,14 @@ struct Entry {
     blocks: Arc<[u64]>,
     /// The blocks before this were cached when it started: it computes `blocks[from..]`.
     from: usize,
+    /// When its prefill should have ended.
+    due: Instant,
 }
 
 impl Prefills {
-    /// Registers a stream's prefill of `blocks[from..]`; `None` when that is too short to hold
-    /// anyone for. End it with [`Prefills::end`].
-    pub fn begin(&self, blocks: &[u64], from: usize) -> Option<u64> {
+    /// Registers a stream's prefill of `blocks[from..]`, expected to take `expected`; `None` when
+    /// that is too short to hold anyone for. End it with [`Prefills::end`].
+    pub fn begin(&self, blocks: &[u64], from: usize, expected: Duration) -> Option<u64> {
         if blocks.len().saturating_sub(from) < MIN_HOLD_BLOCKS {
             return None;
         }
@@ -58,6 +64,7 @@ impl Prefills {
             id,
             blocks: blocks.into(),
             from,
+            due: Instant::now() + expected.mul_f64(1.5),
         });
         Some(id)
     }
@@ -72,31 +79,33 @@ impl Prefills {
         self.ended.notify_waiters();
     }
 
-    /// The prefill in progress that computes the most of `blocks`' prefix that was not cached,
-    /// if that is at least [`MIN_HOLD_BLOCKS`].
-    fn computing(&self, blocks: &[u64]) -> Option<u64> {
+    /// The prefill in progress (its id and when it is due) that computes the most of `blocks`'
+    /// prefix that was not cached, if that is at least [`MIN_HOLD_BLOCKS`].
+    fn computing(&self, blocks: &[u64]) -> Option<(u64, Instant)> {
         self.lock()
             .iter()
             .map(|e| {
-                (
-                    e.id,
-                    shared_prefix(&e.blocks, blocks).saturating_sub(e.from),
-                )
+                let computing = shared_prefix(&e.blocks, blocks).saturating_sub(e.from);
+                (e.id, e.due, computing)
             })
-            .filter(|&(_, computing)| computing >= MIN_HOLD_BLOCKS)
-            .max_by_key(|&(_, computing)| computing)
-            .map(|(id, _)| id)
+            .filter(|&(_, _, computing)| computing >= MIN_HOLD_BLOCKS)
+            .max_by_key(|&(_, _, computing)| computing)
+            .map(|(id, due, _)| (id, due))
     }
 
-    /// Waits, at most `limit`, while this endpoint computes a long part of `blocks`' prefix for
-    /// another request. Returns whether it waited.
+    /// Waits, at most `limit` and not past the other prefill's due time, while this endpoint
+    /// computes a long part of `blocks`' prefix for another request. Returns whether it waited.
     pub async fn wait_for(&self, blocks: &[u64], limit: Duration) -> bool {
         if limit.is_zero() || blocks.len() < MIN_HOLD_BLOCKS {
             return false;
         }
-        let Some(id) = self.computing(blocks) else {
+        let Some((id, due)) = self.computing(blocks) else {
             return false;
         };
+        let until = due.min(Instant::now() + limit);
+        if until <= Instant::now() {
+            return false;
+        }
         self.holds.fetch_add(1, Ordering::Relaxed);
         let ended = async {
             loop {
@@ -110,7 +119,7 @@ impl Prefills {
                 notified.await;
             }
         };
-        let _ = tokio::time::timeout(limit, ended).await;
+        let _ = tokio::time::timeout_at(until, ended).await;
         true
     }
 
@@ -158,6 +167,8 @@ mod tests {
             .collect()
     }
 
+    const MINUTE: Duration = Duration::from_secs(60);
+
     #[test]
     fn shared_prefix_finds_the_last_common_block() {
         let a = prompt(1, 40, 60);
@@ -173,10 +184,10 @@ mod tests {
         let p = Prefills::default();
         let long = prompt(1, 40, 60);
         // 60 blocks, 50 of them cached: 10 to compute is too short to hold anyone for.
-        assert_eq!(p.begin(&long, 50), None);
-        let id = p.begin(&long, 10).unwrap();
+        assert_eq!(p.begin(&long, 50, MINUTE), None);
+        let id = p.begin(&long, 10, MINUTE).unwrap();
         // Shares 40 blocks, 30 of them being computed: waits.
-        assert_eq!(p.computing(&prompt(2, 40, 50)), Some(id));
+        assert_eq!(p.computing(&prompt(2, 40, 50)).map(|(id, _)| id), Some(id));
         // Shares 20, of which 10 are being computed: goes.
         assert_eq!(p.computing(&prompt(2, 20, 50)), None);
         // Shares nothing.
@@ -189,7 +200,7 @@ mod tests {
     async fn a_waiter_goes_when_the_prefill_ends_or_at_its_limit() {
         let p = Arc::new(Prefills::default());
         let long = prompt(1, 40, 60);
-        let id = p.begin(&long, 0).unwrap();
+        let id = p.begin(&long, 0, MINUTE).unwrap();
         let ender = {
             let p = p.clone();
             actix_rt::spawn(async move {
@@ -211,20 +222,30 @@ mod tests {
         ender.await.unwrap();
         assert_eq!(p.holds(), 1);
 
-        // A prefill that never ends holds a request no longer than the limit.
-        let _stuck = p.begin(&long, 0).unwrap();
+        // A prefill that never ends holds a request no longer than the limit...
+        let stuck = p.begin(&long, 0, MINUTE).unwrap();
         let start = std::time::Instant::now();
         assert!(p.wait_for(&long, Duration::from_millis(200)).await);
         assert!(start.elapsed() >= Duration::from_millis(200));
-        // A zero limit turns holding off.
+        // ...and a zero limit turns holding off.
         assert!(!p.wait_for(&long, Duration::ZERO).await);
+        p.end(stuck);
+
+        // A first token later than half as long again as the expected prefill (100 ms) is late
+        // for another reason: the waiter goes at 150 ms.
+        let _late = p.begin(&long, 0, Duration::from_millis(100)).unwrap();
+        let start = std::time::Instant::now();
+        assert!(p.wait_for(&long, MINUTE).await);
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(140), "{waited:?}");
+        assert!(waited < Duration::from_secs(30), "{waited:?}");
     }
 
     #[actix_rt::test]
     async fn an_end_wakes_every_waiter() {
         let p = Arc::new(Prefills::default());
         let long = prompt(1, 40, 60);
-        let id = p.begin(&long, 0).unwrap();
+        let id = p.begin(&long, 0, MINUTE).unwrap();
         let waiters: Vec<_> = (0..3)
             .map(|_| {
                 let p = p.clone();

@@ -58,8 +58,8 @@ pub struct CacheAware;
 pub const DEFAULT_CAPACITY: u32 = 8;
 /// Priors until the fleet has measured anything: a cached prompt's first token, the prefill of a
 /// 64-byte block (16 tokens at about 20,000 tokens a second), and a request's slot time.
-const PRIOR_WARM_MS: f64 = 20.0;
-const PRIOR_BLOCK_MS: f64 = 0.8;
+pub(crate) const PRIOR_WARM_MS: f64 = 20.0;
+pub(crate) const PRIOR_BLOCK_MS: f64 = 0.8;
 const PRIOR_SERVICE_MS: f64 = 1000.0;
 /// What each request a backend already runs adds to a new one's start, in slot times over the
 /// batch capacity: a batch step grows with the batch, so a new request starts sooner where fewer
