@@ -384,8 +384,10 @@ async fn a_stream_waits_for_the_prefill_of_its_prompt_already_in_progress() {
         let answer = post(&client, &url, &body("What is first?")).await;
         (answer, started.elapsed())
     };
+    // Sent 30 ms after the first: well inside the first's prefill, and inside the ~160 ms the
+    // gateway expects it to take before it has measured anything.
     let second = async {
-        actix_rt::time::sleep(Duration::from_millis(100)).await;
+        actix_rt::time::sleep(Duration::from_millis(30)).await;
         let answer = post(&client, &url, &body("And what comes second?")).await;
         (answer, started.elapsed())
     };
