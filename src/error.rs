@@ -102,24 +102,21 @@ pub fn rate_limit_headers(headers: &mut HeaderMap, state: &RateState) {
     ];
     // At most 20 digits for a count; a reset: 20 digits, `m`, 2 digits, 4 of fraction, `s`.
     let mut text = BytesMut::with_capacity(6 * 28);
-    let mut ends = [[0; 3]; 2];
-    for (ends, window) in ends.iter_mut().zip([state.requests, state.tokens]) {
-        if let Some(w) = window {
+    // Where each window's three values end in `text`, for the windows that are set.
+    let ends = [state.requests, state.tokens].map(|window| {
+        window.map(|w| {
             push_number(&mut text, w.limit);
-            ends[0] = text.len();
+            let limit = text.len();
             push_number(&mut text, w.remaining);
-            ends[1] = text.len();
+            let remaining = text.len();
             push_duration(&mut text, w.reset);
-            ends[2] = text.len();
-        }
-    }
+            [limit, remaining, text.len()]
+        })
+    });
     let text = text.freeze();
     let mut start = 0;
     for (names, ends) in NAMES.iter().zip(ends) {
-        if ends[2] == 0 {
-            continue;
-        }
-        for (name, end) in names.iter().zip(ends) {
+        for (name, end) in names.iter().zip(ends.into_iter().flatten()) {
             let value = HeaderValue::from_maybe_shared(text.slice(start..end))
                 .expect("digits, '.', 'm' and 's' are valid in a header value");
             headers.insert(name.clone(), value);

@@ -26,10 +26,10 @@ use nanogate_actors::retry_budget::RetryBudget;
 use nanogate_actors::worker::{WorkerPool, WorkerPoolConfig};
 
 use crate::config::{AuthMode, Config, ConfigError, CorsSettings};
-use crate::ingress::auth::now_ms;
 use crate::ingress::connections::ConnectionLimit;
 use crate::ingress::request::BodyLimits;
 use crate::ingress::{self, AppState};
+use nanogate_actors::clock::unix_ms;
 use nanogate_actors::keys::{digest, ApiKey, KeyRegistry, KeySource};
 use nanogate_actors::store::{Store, StoreError};
 use nanogate_actors::usage_log::{Flush, UsageLog, UsageLogCounters};
@@ -361,7 +361,7 @@ async fn key_registry(
     let registry = Arc::new(KeyRegistry::default());
     for (i, spec) in config.keys.iter().enumerate() {
         let mut stored = spec.resolve(i)?;
-        stored.created_ms = now_ms();
+        stored.created_ms = unix_ms();
         registry
             .insert(ApiKey::new(stored, KeySource::Config))
             .map_err(|e| ConfigError::Invalid {

@@ -6,19 +6,37 @@ use serde_json::Value;
 
 /// Fetches `{url}/stats` and renders it.
 pub async fn fetch(url: &str) -> Result<String, String> {
-    let client = awc::Client::default();
-    let target = format!("{}/stats", url.trim_end_matches('/'));
-    let mut response = client
-        .get(&target)
+    let (_, stats) = get_json(url, "/stats", &[], None, 16 * 1024 * 1024).await?;
+    Ok(render(&stats))
+}
+
+/// `GET {url}{path}` with `query` (and the admin token, if given): its status and JSON body, read
+/// up to `limit` bytes; every failure as a message naming the target.
+async fn get_json(
+    url: &str,
+    path: &str,
+    query: &[(&str, &str)],
+    token: Option<&str>,
+    limit: usize,
+) -> Result<(awc::http::StatusCode, Value), String> {
+    let target = format!("{}{path}", url.trim_end_matches('/'));
+    let mut request = awc::Client::default().get(&target);
+    if !query.is_empty() {
+        request = request.query(&query).map_err(|e| e.to_string())?;
+    }
+    if let Some(token) = token {
+        request = request.insert_header(("authorization", format!("Bearer {token}")));
+    }
+    let mut response = request
         .send()
         .await
         .map_err(|e| format!("cannot reach {target}: {e}"))?;
-    let stats: Value = response
+    let body = response
         .json()
-        .limit(16 * 1024 * 1024)
+        .limit(limit)
         .await
         .map_err(|e| format!("{target} did not answer JSON: {e}"))?;
-    Ok(render(&stats))
+    Ok((response.status(), body))
 }
 
 fn num(v: &Value) -> String {
@@ -223,29 +241,16 @@ pub async fn usage(
     token: &str,
     query: &[(&str, Option<String>)],
 ) -> Result<String, String> {
-    let client = awc::Client::default();
     let params: Vec<(&str, &str)> = query
         .iter()
         .filter_map(|(k, v)| Some((*k, v.as_deref()?)))
         .collect();
-    let target = format!("{}/admin/usage", url.trim_end_matches('/'));
-    let mut response = client
-        .get(&target)
-        .query(&params)
-        .map_err(|e| e.to_string())?
-        .insert_header(("authorization", format!("Bearer {token}")))
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {target}: {e}"))?;
-    let body: Value = response
-        .json()
-        .limit(64 * 1024 * 1024)
-        .await
-        .map_err(|e| format!("{target} did not answer JSON: {e}"))?;
-    if !response.status().is_success() {
+    let (status, body) =
+        get_json(url, "/admin/usage", &params, Some(token), 64 * 1024 * 1024).await?;
+    if !status.is_success() {
         return Err(format!(
-            "{target}: {} {}",
-            response.status(),
+            "{}/admin/usage: {status} {}",
+            url.trim_end_matches('/'),
             body["error"]["message"]
         ));
     }

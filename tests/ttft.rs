@@ -391,12 +391,18 @@ async fn a_stream_waits_for_the_prefill_of_its_prompt_already_in_progress() {
         let answer = post(&client, &url, &body("And what comes second?")).await;
         (answer, started.elapsed())
     };
-    let ((first, first_done), (second, second_done)) =
-        futures_util::future::join(first, second).await;
+    // While the second waits, the backend has been sent the first alone.
+    let waiting = async {
+        actix_rt::time::sleep(Duration::from_millis(90)).await;
+        backends[0].control.snapshot().requests
+    };
+    let ((first, first_done), (second, second_done), sent_at_90ms) =
+        futures_util::future::join3(first, second, waiting).await;
     assert!(
         failures(&[(first, first_done), (second, second_done)]).is_empty(),
         "both streams complete"
     );
+    assert_eq!(sent_at_90ms, 1, "the second waited at the gateway");
     let endpoint = stats(&client, &gw).await["balancer"]["endpoints"][0].clone();
     assert_eq!(endpoint["prefill_holds"], 1, "{endpoint}");
     // The second request's prefill found the whole system prompt cached (109 full blocks).

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A source of monotonic time.
 pub trait Clock: Send + Sync + 'static {
@@ -55,4 +55,14 @@ pub type SharedClock = Arc<dyn Clock>;
 /// The real clock as a shared handle.
 pub fn system() -> SharedClock {
     Arc::new(SystemClock)
+}
+
+/// Wall-clock time in milliseconds since the Unix epoch, as the usage log, the keys' records and
+/// the daily budget's UTC day count it (0 before 1970, saturating far after).
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+        })
 }

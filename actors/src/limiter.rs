@@ -12,7 +12,7 @@
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, MonotonicClock};
 use governor::middleware::StateInformationMiddleware;
@@ -318,10 +318,9 @@ impl DailyBudget {
     }
 }
 
+/// Milliseconds since the Unix epoch, unsigned as the day arithmetic wants them.
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    u64::try_from(crate::clock::unix_ms()).unwrap_or(0)
 }
 
 /// A key's limits, shared by every request of the key.

@@ -12,10 +12,10 @@ use serde::{Deserialize, Deserializer};
 use serde_json::json;
 
 use super::admin::{authorize, read_admin_body};
-use super::auth::now_ms;
 use super::AppState;
 use crate::config::{key_limits, valid_key_name};
 use crate::error::GatewayError;
+use nanogate_actors::clock::unix_ms;
 
 pub fn routes(scope: actix_web::Scope) -> actix_web::Scope {
     scope
@@ -156,7 +156,7 @@ async fn create(
         secret_sha256: nanogate_actors::keys::digest(secret.as_bytes()),
         models: new.models,
         limits,
-        created_ms: now_ms(),
+        created_ms: unix_ms(),
         revoked_ms: None,
     };
     store.insert_key(&stored).await.map_err(store_error)?;
@@ -225,7 +225,7 @@ async fn revoke(
     if key.source == KeySource::Config {
         return Err(key_error(KeyError::FromConfig(name.to_string())));
     }
-    let at = now_ms();
+    let at = unix_ms();
     // The database first, so that a revocation it did not take is not undone by a restart (the
     // caller gets a 503 and may try again); then refused from this moment on.
     if let Some(store) = &state.store {

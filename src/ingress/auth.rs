@@ -4,7 +4,6 @@
 //! actor round trip.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::http::header::{self, HeaderMap, HeaderName};
 use actix_web::HttpRequest;
@@ -61,12 +60,6 @@ pub fn admit(key: Arc<ApiKey>, model: &str) -> Result<(Arc<Admitted>, RateState)
     }
     let state = key.limiter.admit().map_err(GatewayError::RateLimited)?;
     Ok((Arc::new(Admitted { key }), state))
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

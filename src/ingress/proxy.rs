@@ -22,7 +22,7 @@ use nanogate_actors::metrics::{Cause, Observe, RequestFacts};
 use nanogate_actors::worker::{UpstreamRequest, WorkerPool};
 use sha2::{Digest, Sha256};
 
-use super::auth::{self, authenticate, now_ms, KEY_HEADERS};
+use super::auth::{self, authenticate, KEY_HEADERS};
 use super::connections::{admit, ConnectionSlot, PeerHeaders};
 use super::path::normalize_v1;
 use super::request::{
@@ -31,6 +31,7 @@ use super::request::{
 };
 use super::AppState;
 use crate::error::{rate_limit_headers, GatewayError};
+use nanogate_actors::clock::unix_ms;
 
 /// Response header saying whether the cache answered (`hit`) or was filled (`miss`).
 pub const CACHE_HEADER: &str = "x-nanogate-cache";
@@ -139,7 +140,7 @@ impl Answered {
     fn new(request_id: HeaderValue) -> Self {
         Self {
             started: Instant::now(),
-            at_ms: now_ms(),
+            at_ms: unix_ms(),
             request_id,
             key: None,
             rate: None,

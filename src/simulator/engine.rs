@@ -21,7 +21,7 @@ use tokio::{
 
 use super::{
     control::{GaugeGuard, SimControl, Switches, Ticket},
-    prefix::{PrefixCache, BLOCK_TOKENS},
+    prefix::{self, PrefixCache, BLOCK_TOKENS},
     SimConfig,
 };
 
@@ -48,9 +48,7 @@ pub struct Cut;
 struct Acquired {
     /// Prompt tokens served from the cache.
     cached: u32,
-    /// Leading blocks found, and pinned (found plus new), as [`super::prefix::Acquired`].
-    hits: usize,
-    held: usize,
+    blocks: prefix::Acquired,
     /// When the found blocks are all computed, if another request's prefill still computes some.
     computed_at: Option<Instant>,
 }
@@ -106,8 +104,7 @@ impl Engine {
         counters.prefix_hits.fetch_add(u64::from(cached), Relaxed);
         Acquired {
             cached,
-            hits: got.hits,
-            held: got.held,
+            blocks: got,
             computed_at,
         }
     }
@@ -330,7 +327,7 @@ impl Sequence {
             let got = self
                 .engine
                 .acquire_prefix(&self.plan.prefix_blocks, self.plan.prompt_tokens);
-            self.held = got.held;
+            self.held = got.blocks.held;
             self.cached = got.cached;
             let prefill = time_to_first_token(cfg, self.plan.prompt_tokens - got.cached)
                 .mul_f64(self.engine.slowdown());
@@ -338,7 +335,7 @@ impl Sequence {
             let now = Instant::now();
             let start = got.computed_at.map_or(now, |at| at.max(now));
             self.engine.prefix_cache().computing(
-                &self.plan.prefix_blocks[got.hits..got.held],
+                &self.plan.prefix_blocks[got.blocks.hits..got.blocks.held],
                 (start + prefill).into_std(),
             );
             self.deadline = start + prefill + self.plan.spike;
@@ -411,7 +408,11 @@ mod tests {
 
     /// The cached tokens of a request that runs and finishes at once.
     fn cached_tokens(engine: &Engine, blocks: &[u64], tokens: u32) -> u32 {
-        let Acquired { cached, held, .. } = engine.acquire_prefix(blocks, tokens);
+        let Acquired {
+            cached,
+            blocks: prefix::Acquired { held, .. },
+            ..
+        } = engine.acquire_prefix(blocks, tokens);
         engine.release_prefix(&blocks[..held]);
         cached
     }

@@ -12,7 +12,7 @@ mod schema;
 mod sqlite;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use deadpool_postgres::{Metrics, Status, Timeouts};
 use serde::{Deserialize, Serialize};
@@ -360,14 +360,6 @@ fn to_i64(value: u64) -> i64 {
 
 fn to_u64(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
-        })
 }
 
 /// The models column: a JSON array, so one text column holds any list in both dialects.

@@ -16,9 +16,10 @@ use futures_util::SinkExt;
 use super::report::{self, Param};
 use super::schema::{MIGRATIONS, MIGRATIONS_TABLE};
 use super::{
-    key_name_taken, key_secret_taken, limit_columns, models_json, now_ms, to_i64, to_u64, GroupBy,
-    KeyRow, PoolSettings, PoolStats, StoreError, UsageQuery, UsageRow,
+    key_name_taken, key_secret_taken, limit_columns, models_json, to_i64, to_u64, GroupBy, KeyRow,
+    PoolSettings, PoolStats, StoreError, UsageQuery, UsageRow,
 };
+use crate::clock::unix_ms;
 use crate::keys::{KeyLimits, StoredKey};
 use crate::usage::UsageRecord;
 
@@ -124,7 +125,7 @@ impl PostgresStore {
                     tx.batch_execute(migration.postgres).await?;
                     tx.execute(
                         "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
-                        &[&migration.version, &now_ms()],
+                        &[&migration.version, &unix_ms()],
                     )
                     .await?;
                 }

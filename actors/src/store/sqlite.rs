@@ -14,9 +14,10 @@ use deadpool_sqlite::{Config, Hook, HookError, Manager, Pool, PoolError, Runtime
 use super::report::{self, Param};
 use super::schema::{MIGRATIONS, MIGRATIONS_TABLE};
 use super::{
-    key_name_taken, key_secret_taken, limit_columns, models_json, now_ms, to_i64, to_u64, GroupBy,
-    KeyRow, PoolSettings, PoolStats, StoreError, UsageQuery, UsageRow,
+    key_name_taken, key_secret_taken, limit_columns, models_json, to_i64, to_u64, GroupBy, KeyRow,
+    PoolSettings, PoolStats, StoreError, UsageQuery, UsageRow,
 };
+use crate::clock::unix_ms;
 use crate::keys::{KeyLimits, StoredKey};
 use crate::usage::UsageRecord;
 
@@ -170,7 +171,7 @@ impl SqliteStore {
                     tx.execute_batch(migration.sqlite)?;
                     tx.execute(
                         "INSERT INTO schema_migrations (version, applied_ms) VALUES (?1, ?2)",
-                        [migration.version, now_ms()],
+                        [migration.version, unix_ms()],
                     )?;
                 }
                 tx.commit()?;
@@ -425,7 +426,7 @@ mod tests {
             let file = std::env::temp_dir().join(format!(
                 "nanogate-store-{name}-{}-{}.db",
                 std::process::id(),
-                super::now_ms()
+                crate::clock::unix_ms()
             ));
             Self(file.display().to_string())
         }
@@ -501,7 +502,7 @@ mod tests {
     #[actix_rt::test]
     async fn a_path_that_cannot_be_written_is_named() {
         let missing_dir =
-            std::env::temp_dir().join(format!("nanogate-missing-{}", super::now_ms()));
+            std::env::temp_dir().join(format!("nanogate-missing-{}", crate::clock::unix_ms()));
         let in_missing_dir = missing_dir.join("nanogate.db");
         for path in [Path::new("/proc/nanogate.db"), in_missing_dir.as_path()] {
             let url = format!("sqlite:{}", path.display());
