@@ -93,16 +93,27 @@ impl Breaker {
     }
 
     /// Counts one live outcome; returns the new circuit when it changed.
+    ///
+    /// A success while the circuit is open changes nothing: nothing is sent to an open endpoint,
+    /// so it is the answer of a request sent before the ejection (outcomes reach the balancer in
+    /// batches, after the verdict that ejected it), and says nothing about the endpoint now. Only
+    /// the half-open trial closes the circuit.
     pub fn record(&mut self, success: bool, now: Instant, s: &BreakerSettings) -> Option<Circuit> {
         if success {
-            self.consecutive_failures = 0;
-            if self.circuit != Circuit::Closed {
-                self.ejections = 0;
-                self.reopen_at = None;
-                return self.set(Circuit::Closed);
+            match self.circuit {
+                Circuit::Open => return None,
+                Circuit::HalfOpen => {
+                    self.consecutive_failures = 0;
+                    self.ejections = 0;
+                    self.reopen_at = None;
+                    return self.set(Circuit::Closed);
+                }
+                Circuit::Closed => {
+                    self.consecutive_failures = 0;
+                    self.ejections = 0;
+                    return None;
+                }
             }
-            self.ejections = 0;
-            return None;
         }
         self.consecutive_failures += 1;
         let trip = match self.circuit {
@@ -195,6 +206,21 @@ mod tests {
         assert_eq!(b.tick(clock.now()), Some(Circuit::HalfOpen));
         assert_eq!(b.record(true, clock.now(), &s), Some(Circuit::Closed));
         assert_eq!(b.ejections(), 0);
+    }
+
+    #[test]
+    fn a_late_success_does_not_close_an_open_circuit() {
+        let s = BreakerSettings::default();
+        let clock = ManualClock::default();
+        let mut b = Breaker::default();
+        assert_eq!(b.eject(clock.now(), &s), Some(Circuit::Open));
+        // The answer of a request sent before the ejection arrives after it.
+        assert_eq!(b.record(true, clock.now(), &s), None);
+        assert_eq!(b.circuit(), Circuit::Open);
+        assert_eq!(b.reopens_in(clock.now()), Some(Duration::from_secs(2)));
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(b.tick(clock.now()), Some(Circuit::HalfOpen));
+        assert_eq!(b.record(true, clock.now(), &s), Some(Circuit::Closed));
     }
 
     #[test]
