@@ -136,6 +136,7 @@ pub struct Endpoint {
     latency_ms_bits: AtomicU64,
     reported_running_bits: AtomicU64,
     reported_waiting_bits: AtomicU64,
+    others_bits: AtomicU64,
     kv_cache_bits: AtomicU64,
     /// What the balancer estimates of it (time to first token warm and per uncached block,
     /// whole-request time, recent 95th percentiles, batch capacity, slow-start share).
@@ -219,6 +220,7 @@ impl Endpoint {
             latency_ms_bits: AtomicU64::new(0f64.to_bits()),
             reported_running_bits: AtomicU64::new(0f64.to_bits()),
             reported_waiting_bits: AtomicU64::new(0f64.to_bits()),
+            others_bits: AtomicU64::new(0f64.to_bits()),
             kv_cache_bits: AtomicU64::new(0f64.to_bits()),
             estimates: Estimates {
                 warm_ms: AtomicU64::new(0f64.to_bits()),
@@ -376,9 +378,20 @@ impl Endpoint {
         )
     }
 
+    /// Requests the backend ran or queued at its last scrape beyond the gateway's own in flight
+    /// at that moment: other clients' (another replica, direct callers). The live in-flight count
+    /// plus these is its load now; the scrape's own counts are up to a scrape interval old, and
+    /// pricing a backend by a queue it reported a second ago (drained since, as it got nothing
+    /// more) kept it out until the next scrape while the others took every request.
+    pub fn others(&self) -> f64 {
+        load_f64(&self.others_bits)
+    }
+
     pub(crate) fn set_reported_load(&self, running: f64, waiting: f64, kv_cache: f64) {
         store_f64(&self.reported_running_bits, running);
         store_f64(&self.reported_waiting_bits, waiting);
+        let ours = f64::from(self.in_flight());
+        store_f64(&self.others_bits, (running + waiting - ours).max(0.0));
         store_f64(&self.kv_cache_bits, kv_cache);
     }
 
