@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::fake::{Fake, FakeBody, FakeResponse};
 use common::*;
 use nanogate::config::Config;
 use nanogate::gateway::Gateway;
@@ -411,4 +412,83 @@ async fn a_stream_waits_for_the_prefill_of_its_prompt_already_in_progress() {
     // It could not have its first token before the first's prefill ended.
     assert!(second_done >= Duration::from_millis(350), "{second_done:?}");
     gw.stop(false).await;
+}
+
+/// llama.cpp keeps a prompt in the slot of the request using it until that request ends: a
+/// second request of the prompt before then gets the other slot and computes it again, cached or
+/// not. A backend that answers like llama-server (its `/metrics` gauges named `llamacpp:`) gets
+/// the second request only when the first has ended, so the prompt is never in two slots at
+/// once; the same backend without those names (vLLM's) gets them together.
+#[actix_rt::test]
+async fn on_llama_cpp_a_request_waits_for_the_end_of_the_one_holding_its_prompt() {
+    for llama in [true, false] {
+        let metrics = if llama {
+            "llamacpp:requests_processing 0\nllamacpp:requests_deferred 0\n"
+        } else {
+            "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
+        };
+        // Each answer: its first token at 100 ms, its end 300 ms later.
+        let backend = Fake::start(move |request| match request.path.as_str() {
+            "/metrics" => FakeResponse::new(200, "text/plain", metrics),
+            "/v1/chat/completions" => {
+                let chunk = |content: &str| {
+                    format!(
+                        "data: {}\n\n",
+                        json!({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                        "model": "sim", "choices": [{"index": 0,
+                        "delta": {"content": content}, "finish_reason": null}]})
+                    )
+                };
+                let mut answer = FakeResponse::sse(
+                    vec![chunk("a"), chunk("b"), "data: [DONE]\n\n".into()],
+                    true,
+                );
+                if let FakeBody::Chunked { pieces, .. } = &mut answer.body {
+                    pieces[0].0 = Duration::from_millis(100);
+                    pieces[1].0 = Duration::from_millis(300);
+                }
+                answer
+            }
+            _ => FakeResponse::empty(200),
+        });
+        let mut config = config_for(&backend.url);
+        config.health.load_interval_ms = 50;
+        let gw = gateway(config).await;
+        let client = client();
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                stats(&client, &gw).await["balancer"]["endpoints"][0]["reported"]["binds_slots"]
+                    == json!(llama)
+            })
+            .await,
+            "the gateway reads the server kind from /metrics"
+        );
+        let system: String = (0..400).map(|i| format!("w{:05} ", i * 7)).collect();
+        let body = |question: &str| {
+            json!({"model": "sim", "max_tokens": 2, "stream": true, "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": question}]})
+        };
+        let url = chat_url(&gw);
+        let started = Instant::now();
+        let (first_body, second_body) = (body("first?"), body("second?"));
+        let first = post(&client, &url, &first_body);
+        let second = async {
+            actix_rt::time::sleep(Duration::from_millis(150)).await;
+            post(&client, &url, &second_body).await
+        };
+        let (first, second) = futures_util::future::join(first, second).await;
+        assert_eq!((first.status.as_u16(), second.status.as_u16()), (200, 200));
+        let elapsed = started.elapsed();
+        let endpoint = stats(&client, &gw).await["balancer"]["endpoints"][0].clone();
+        if llama {
+            // The second went when the first had ended (400 ms), after its first token (100 ms).
+            assert_eq!(endpoint["prefill_holds"], 1, "{endpoint}");
+            assert!(elapsed >= Duration::from_millis(800), "{elapsed:?}");
+        } else {
+            assert_eq!(endpoint["prefill_holds"], 0, "{endpoint}");
+        }
+        assert_eq!(backend.on("/v1/chat/completions").len(), 2);
+        gw.stop(false).await;
+    }
 }

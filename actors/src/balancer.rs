@@ -206,6 +206,7 @@ pub struct BackendLoad {
     pub waiting: f64,
     pub kv_cache: f64,
     pub cache_tokens: Option<f64>,
+    pub binds_slots: bool,
 }
 
 /// Adds an endpoint; answers its id.
@@ -523,6 +524,7 @@ impl Handler<BackendLoad> for Balancer {
             entry
                 .endpoint
                 .set_reported_load(msg.running, msg.waiting, msg.kv_cache);
+            entry.endpoint.set_binds_slots(msg.binds_slots);
             entry.estimator.reported(msg.running, msg.waiting);
             let configured = entry.spec.cache_blocks.is_some();
             if let Some(tokens) = msg.cache_tokens.filter(|_| !configured) {
@@ -677,6 +679,8 @@ struct ReportedLoad {
     running: f64,
     waiting: f64,
     kv_cache: f64,
+    /// A llama.cpp server: a prompt stays in its request's slot until that request ends.
+    binds_slots: bool,
 }
 
 #[derive(Serialize)]
@@ -719,6 +723,7 @@ impl Handler<GetStats> for Balancer {
                                 running,
                                 waiting,
                                 kv_cache,
+                                binds_slots: e.binds_slots(),
                             }
                         },
                         estimate: e.estimate(),

@@ -129,6 +129,8 @@ pub struct Endpoint {
     weight_bits: AtomicU64,
     healthy: AtomicBool,
     draining: AtomicBool,
+    /// Keeps a prompt's KV in the slot that computed it until that request ends (llama.cpp).
+    binds_slots: AtomicBool,
     circuit: AtomicU8,
     consecutive_failures: AtomicU32,
     /// Times live failures ejected it, since it was added.
@@ -214,6 +216,7 @@ impl Endpoint {
             weight_bits: AtomicU64::new(spec.weight.to_bits()),
             healthy: AtomicBool::new(healthy),
             draining: AtomicBool::new(false),
+            binds_slots: AtomicBool::new(false),
             circuit: AtomicU8::new(Circuit::Closed.as_u8()),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU64::new(0),
@@ -395,6 +398,17 @@ impl Endpoint {
         store_f64(&self.kv_cache_bits, kv_cache);
     }
 
+    /// Whether a prompt's KV stays in the slot that computed it until that request ends, as in
+    /// llama.cpp's server (known from its `/metrics` names): another request of the prompt finds
+    /// it only then, so a prefill registered here is waited for until its request ends.
+    pub fn binds_slots(&self) -> bool {
+        self.binds_slots.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_binds_slots(&self, binds: bool) {
+        self.binds_slots.store(binds, Ordering::Relaxed);
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -465,17 +479,24 @@ impl InFlight {
 
     /// Registers its prompt's prefill of `blocks[cached..]`, expected to take `expected`, for
     /// requests sharing the prompt to wait for (see [`crate::prefills`]), until its first token or
-    /// its end.
-    pub fn share_prefill(&mut self, blocks: &[u64], cached: usize, expected: Duration) {
+    /// its end (on an endpoint that binds slots, until its end).
+    pub fn share_prefill(&mut self, blocks: &[u64], cached: usize, expected: Option<Duration>) {
         self.registered = self.endpoint.prefills.begin(blocks, cached, expected);
     }
 
-    /// Its first token arrived: its prefill no longer delays anyone.
+    /// Its first token arrived: its prefill no longer delays anyone (but for an endpoint that
+    /// binds slots, where its prompt is free for others only once it ends).
     pub fn first_token(&mut self) {
         let blocks = std::mem::take(&mut self.prefill);
         self.endpoint
             .prefill_blocks
             .fetch_sub(blocks, Ordering::Relaxed);
+        if !self.endpoint.binds_slots() {
+            self.end_shared_prefill();
+        }
+    }
+
+    fn end_shared_prefill(&mut self) {
         if let Some(id) = self.registered.take() {
             self.endpoint.prefills.end(id);
         }
@@ -485,6 +506,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.first_token();
+        self.end_shared_prefill();
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -864,5 +886,32 @@ pub(crate) mod tests {
         drop(abandoned);
         drop(started);
         assert_eq!((e.prefill_blocks(), e.in_flight()), (0, 0));
+    }
+
+    #[test]
+    fn a_shared_prefill_ends_at_the_first_token_or_where_slots_bind_at_the_end() {
+        let t = table_with(PolicyKind::CacheAware, &[1.0], &[None]);
+        let e = &t.endpoints[0];
+        let prompt: Vec<u64> = (1..=40).collect();
+        let held = |e: &Endpoint| e.prefills.computing(&prompt).is_some();
+        let mut request = e.begin_prefill(40);
+        request.share_prefill(&prompt, 0, Some(Duration::from_secs(60)));
+        assert!(held(e));
+        request.first_token();
+        assert!(
+            !held(e),
+            "a vLLM-like backend has the prompt's blocks once prefilled"
+        );
+
+        e.set_binds_slots(true);
+        let mut request = e.begin_prefill(40);
+        request.share_prefill(&prompt, 0, Some(Duration::from_secs(60)));
+        request.first_token();
+        assert!(
+            held(e),
+            "llama.cpp keeps them in the request's slot until it ends"
+        );
+        drop(request);
+        assert!(!held(e));
     }
 }

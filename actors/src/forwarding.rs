@@ -335,14 +335,20 @@ fn start(endpoint: &Arc<Endpoint>, cached: usize, request: &UpstreamRequest) -> 
         0
     };
     let mut in_flight = endpoint.begin_prefill(prefill);
-    if request.stream {
+    if endpoint.binds_slots() {
+        // llama.cpp: the whole prompt, cached or not, streamed or not, is bound to this
+        // request's slot until it ends; another request of it before then gets another slot and
+        // computes it again. That end comes for sure: no due time, the waiters' own limits bound
+        // the wait (the first requests on a server have only priors, ~50 ms for a 5 s prefill).
+        in_flight.share_prefill(&request.blocks, 0, None);
+    } else if request.stream {
         let known = |learned: f64, prior: f64| if learned > 0.0 { learned } else { prior };
         let expected_ms = known(estimate.warm_ms, PRIOR_WARM_MS)
             + known(estimate.block_ms, PRIOR_BLOCK_MS) * f64::from(prefill);
         in_flight.share_prefill(
             &request.blocks,
             cached,
-            Duration::from_secs_f64(expected_ms / 1000.0),
+            Some(Duration::from_secs_f64(expected_ms / 1000.0)),
         );
     }
     Attempt {

@@ -68,6 +68,9 @@ pub struct ScrapedLoad {
     /// Tokens its KV cache holds: vLLM's `num_gpu_blocks` x `block_size` from
     /// `vllm:cache_config_info`, SGLang's `max_total_num_tokens`.
     pub cache_tokens: Option<f64>,
+    /// It is llama.cpp's server (its gauges are named `llamacpp:`), which keeps a prompt's KV in
+    /// the slot that computed it until that request ends: see [`crate::prefills`].
+    pub binds_slots: bool,
 }
 
 /// Gauge names per server: (running, waiting, kv-cache use).
@@ -130,6 +133,7 @@ impl ScrapedLoad {
                 load.cache_tokens = Some(value);
                 continue;
             } else if RUNNING.contains(&name) {
+                load.binds_slots |= name.starts_with("llamacpp:");
                 load.running += value;
             } else if WAITING.contains(&name) {
                 load.waiting += value;
@@ -373,6 +377,7 @@ impl HealthChecker {
                     waiting: load.waiting,
                     kv_cache: load.kv_cache_usage.unwrap_or(0.0),
                     cache_tokens: load.cache_tokens,
+                    binds_slots: load.binds_slots,
                 });
                 if let Some(state) = this.states.get_mut(&id) {
                     state.load = Some(load);
@@ -754,6 +759,7 @@ mod tests {
                 waiting: 7.0,
                 kv_cache_usage: Some(0.42),
                 cache_tokens: None,
+                binds_slots: false,
             })
         );
         let info = "vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"2048\"} 1.0\n\
@@ -777,5 +783,14 @@ mod tests {
             4.0
         );
         assert_eq!(ScrapedLoad::parse("process_cpu_seconds_total 1\n"), None);
+        let llama = "llamacpp:requests_processing 2\nllamacpp:requests_deferred 1\n";
+        let llama = ScrapedLoad::parse(llama).unwrap();
+        assert!(llama.binds_slots);
+        assert_eq!((llama.running, llama.waiting), (2.0, 1.0));
+        assert!(
+            !ScrapedLoad::parse("vllm:num_requests_running 0\n")
+                .unwrap()
+                .binds_slots
+        );
     }
 }

@@ -19,6 +19,15 @@
 //! another reason, a queue or a latency spike, and the blocks are probably computed),
 //! `upstream.prefill_hold_ms`, the request's deadline. A prefill that ends in failure wakes its
 //! waiters as well, and they go on as they would have.
+//!
+//! llama.cpp's server keeps a prompt's KV in the slot that computed it until that request ends:
+//! a request of the same prompt that starts before then gets another slot and computes the
+//! prompt again, first token or not (on two servers with two slots each, this was most of the
+//! cold prefills left above the ideal one per prompt). On an endpoint known to bind slots that
+//! way ([`crate::endpoint::Endpoint::binds_slots`], from its `/metrics` names), every request
+//! registers its whole prompt (cached or not, streamed or not: a warm request binds the prompt's
+//! KV to its slot as well) until it ends, with no due time of its own: that end comes for sure,
+//! and the waiter's limits (`upstream.prefill_hold_ms`, its deadline) bound the wait.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -48,14 +57,16 @@ struct Entry {
     blocks: Arc<[u64]>,
     /// The blocks before this were cached when it started: it computes `blocks[from..]`.
     from: usize,
-    /// When its prefill should have ended.
-    due: Instant,
+    /// When its prefill should have ended; `None` on an endpoint that binds slots, where it ends
+    /// exactly with its request and only the waiter's own limits bound the wait.
+    due: Option<Instant>,
 }
 
 impl Prefills {
-    /// Registers a stream's prefill of `blocks[from..]`, expected to take `expected`; `None` when
-    /// that is too short to hold anyone for. End it with [`Prefills::end`].
-    pub fn begin(&self, blocks: &[u64], from: usize, expected: Duration) -> Option<u64> {
+    /// Registers a stream's prefill of `blocks[from..]`, expected to take `expected` (`None`:
+    /// until it is ended, however long); `None` when that is too short to hold anyone for. End it
+    /// with [`Prefills::end`].
+    pub fn begin(&self, blocks: &[u64], from: usize, expected: Option<Duration>) -> Option<u64> {
         if blocks.len().saturating_sub(from) < MIN_HOLD_BLOCKS {
             return None;
         }
@@ -64,7 +75,7 @@ impl Prefills {
             id,
             blocks: blocks.into(),
             from,
-            due: Instant::now() + expected.mul_f64(1.5),
+            due: expected.map(|expected| Instant::now() + expected.mul_f64(1.5)),
         });
         Some(id)
     }
@@ -81,7 +92,7 @@ impl Prefills {
 
     /// The prefill in progress (its id and when it is due) that computes the most of `blocks`'
     /// prefix that was not cached, if that is at least [`MIN_HOLD_BLOCKS`].
-    fn computing(&self, blocks: &[u64]) -> Option<(u64, Instant)> {
+    pub(crate) fn computing(&self, blocks: &[u64]) -> Option<(u64, Option<Instant>)> {
         self.lock()
             .iter()
             .map(|e| {
@@ -102,7 +113,8 @@ impl Prefills {
         let Some((id, due)) = self.computing(blocks) else {
             return false;
         };
-        let until = due.min(Instant::now() + limit);
+        let limit = Instant::now() + limit;
+        let until = due.map_or(limit, |due| due.min(limit));
         if until <= Instant::now() {
             return false;
         }
@@ -184,8 +196,8 @@ mod tests {
         let p = Prefills::default();
         let long = prompt(1, 40, 60);
         // 60 blocks, 50 of them cached: 10 to compute is too short to hold anyone for.
-        assert_eq!(p.begin(&long, 50, MINUTE), None);
-        let id = p.begin(&long, 10, MINUTE).unwrap();
+        assert_eq!(p.begin(&long, 50, Some(MINUTE)), None);
+        let id = p.begin(&long, 10, Some(MINUTE)).unwrap();
         // Shares 40 blocks, 30 of them being computed: waits.
         assert_eq!(p.computing(&prompt(2, 40, 50)).map(|(id, _)| id), Some(id));
         // Shares 20, of which 10 are being computed: goes.
@@ -200,7 +212,7 @@ mod tests {
     async fn a_waiter_goes_when_the_prefill_ends_or_at_its_limit() {
         let p = Arc::new(Prefills::default());
         let long = prompt(1, 40, 60);
-        let id = p.begin(&long, 0, MINUTE).unwrap();
+        let id = p.begin(&long, 0, Some(MINUTE)).unwrap();
         let ender = {
             let p = p.clone();
             actix_rt::spawn(async move {
@@ -223,7 +235,7 @@ mod tests {
         assert_eq!(p.holds(), 1);
 
         // A prefill that never ends holds a request no longer than the limit...
-        let stuck = p.begin(&long, 0, MINUTE).unwrap();
+        let stuck = p.begin(&long, 0, Some(MINUTE)).unwrap();
         let start = std::time::Instant::now();
         assert!(p.wait_for(&long, Duration::from_millis(200)).await);
         assert!(start.elapsed() >= Duration::from_millis(200));
@@ -233,7 +245,7 @@ mod tests {
 
         // A first token later than half as long again as the expected prefill (100 ms) is late
         // for another reason: the waiter goes at 150 ms.
-        let _late = p.begin(&long, 0, Duration::from_millis(100)).unwrap();
+        let _late = p.begin(&long, 0, Some(Duration::from_millis(100))).unwrap();
         let start = std::time::Instant::now();
         assert!(p.wait_for(&long, MINUTE).await);
         let waited = start.elapsed();
@@ -245,7 +257,7 @@ mod tests {
     async fn an_end_wakes_every_waiter() {
         let p = Arc::new(Prefills::default());
         let long = prompt(1, 40, 60);
-        let id = p.begin(&long, 0, MINUTE).unwrap();
+        let id = p.begin(&long, 0, Some(MINUTE)).unwrap();
         let waiters: Vec<_> = (0..3)
             .map(|_| {
                 let p = p.clone();
