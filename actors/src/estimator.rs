@@ -73,7 +73,7 @@ impl Learned {
     /// A sample weighs at least as much as in a plain average of the samples so far, so the first
     /// few are averaged rather than the first one standing for the whole time constant (a 10 ms
     /// probe through the gateway, then 175 answers of 400 ms in 13 s, left one of four equal
-    /// backends' slot time at 227 ms, 60 % of the first sample: it looked cheaper and queued).
+    /// backends' slot time at 227 ms, the probe still weighing 44 %: it looked cheaper and queued).
     fn observe(&mut self, sample_ms: f64, now: Instant, tau: Duration, peak: bool) {
         self.samples += 1;
         self.update(sample_ms, now, tau, peak, 1.0 / self.samples as f64);

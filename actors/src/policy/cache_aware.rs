@@ -144,24 +144,20 @@ impl Priors {
 }
 
 /// The wait before a new request gets going on `e`, ms: requests ahead of it (the gateway's in
-/// flight and other clients', [`Endpoint::others`]) beyond the batch capacity, each freeing a slot every `service / capacity` on average, counted twice (slots free
-/// in bursts: requests that arrived together finish together, so the average is the best case of
-/// a queue, and a queue also delays every later request); plus a small share of a slot time for
-/// each request it already runs ([`OCCUPANCY_SHARE`]).
+/// flight and other clients', [`Endpoint::others`]) beyond the batch capacity, each freeing a
+/// slot every `service / capacity` on average, counted twice (slots free in bursts: requests that
+/// arrived together finish together, so the average is the best case of a queue, and a queue
+/// also delays every later request); plus a small share of a slot time for each request it
+/// already runs ([`OCCUPANCY_SHARE`]).
 pub fn queue_ms(e: &Endpoint, estimate: &Estimate, service_ms: f64) -> f64 {
-    let (ahead, capacity) = queue(e, estimate);
-    (2.0 * ahead + OCCUPANCY_SHARE * f64::from(e.in_flight())) * service_ms / capacity
-}
-
-/// Requests ahead of a new one on `e` beyond its batch capacity, and that capacity.
-fn queue(e: &Endpoint, estimate: &Estimate) -> (f64, f64) {
     let capacity = f64::from(if estimate.capacity > 0 {
         estimate.capacity
     } else {
         DEFAULT_CAPACITY
     });
-    let ahead = (f64::from(e.in_flight()) + e.others() + 1.0 - capacity).max(0.0);
-    (ahead, capacity)
+    let in_flight = f64::from(e.in_flight());
+    let ahead = (in_flight + e.others() + 1.0 - capacity).max(0.0);
+    (2.0 * ahead + OCCUPANCY_SHARE * in_flight) * service_ms / capacity
 }
 
 /// The cost of sending `e` a request of `blocks` prompt blocks of which `cached` are in its
