@@ -468,8 +468,9 @@ pub struct InFlight {
     endpoint: Arc<Endpoint>,
     /// Its prefill blocks still counted on the endpoint.
     prefill: u32,
-    /// Its prefill as registered in the endpoint's [`Prefills`], for others to wait for.
-    registered: Option<u64>,
+    /// Its prefill as registered in the endpoint's [`Prefills`], for others to wait for, and
+    /// whether the registration lasts until the request ends rather than its first token.
+    registered: Option<(u64, bool)>,
 }
 
 impl InFlight {
@@ -479,25 +480,33 @@ impl InFlight {
 
     /// Registers its prompt's prefill of `blocks[cached..]`, expected to take `expected`, for
     /// requests sharing the prompt to wait for (see [`crate::prefills`]), until its first token or
-    /// its end (on an endpoint that binds slots, until its end).
-    pub fn share_prefill(&mut self, blocks: &[u64], cached: usize, expected: Option<Duration>) {
-        self.registered = self.endpoint.prefills.begin(blocks, cached, expected);
+    /// its end. On an endpoint that binds slots (llama.cpp) the whole prompt, cached or not, is
+    /// bound to this request's slot until it ends: registered whole, until then, with no due
+    /// time (that end comes for sure; the first requests on a server have only priors, ~50 ms
+    /// for a 5 s prefill), the waiters' own limits bounding the wait.
+    pub fn share_prefill(&mut self, blocks: &[u64], cached: usize, expected: Duration) {
+        let until_end = self.endpoint.binds_slots();
+        let (from, due) = if until_end {
+            (0, None)
+        } else {
+            (cached, Some(expected))
+        };
+        self.registered = self
+            .endpoint
+            .prefills
+            .begin(blocks, from, due)
+            .map(|id| (id, until_end));
     }
 
-    /// Its first token arrived: its prefill no longer delays anyone (but for an endpoint that
-    /// binds slots, where its prompt is free for others only once it ends).
+    /// Its first token arrived: its prefill no longer delays anyone (unless registered until its
+    /// end: where slots bind, its prompt is free for others only then).
     pub fn first_token(&mut self) {
         let blocks = std::mem::take(&mut self.prefill);
         self.endpoint
             .prefill_blocks
             .fetch_sub(blocks, Ordering::Relaxed);
-        if !self.endpoint.binds_slots() {
-            self.end_shared_prefill();
-        }
-    }
-
-    fn end_shared_prefill(&mut self) {
-        if let Some(id) = self.registered.take() {
+        if let Some((id, false)) = self.registered {
+            self.registered = None;
             self.endpoint.prefills.end(id);
         }
     }
@@ -506,7 +515,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.first_token();
-        self.end_shared_prefill();
+        if let Some((id, _)) = self.registered.take() {
+            self.endpoint.prefills.end(id);
+        }
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -895,7 +906,7 @@ pub(crate) mod tests {
         let prompt: Vec<u64> = (1..=40).collect();
         let held = |e: &Endpoint| e.prefills.computing(&prompt).is_some();
         let mut request = e.begin_prefill(40);
-        request.share_prefill(&prompt, 0, Some(Duration::from_secs(60)));
+        request.share_prefill(&prompt, 0, Duration::from_secs(60));
         assert!(held(e));
         request.first_token();
         assert!(
@@ -905,7 +916,7 @@ pub(crate) mod tests {
 
         e.set_binds_slots(true);
         let mut request = e.begin_prefill(40);
-        request.share_prefill(&prompt, 0, Some(Duration::from_secs(60)));
+        request.share_prefill(&prompt, 0, Duration::from_secs(60));
         request.first_token();
         assert!(
             held(e),

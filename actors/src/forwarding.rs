@@ -36,7 +36,7 @@ use crate::exchange::{
 };
 use crate::health_checker::ProbeNow;
 use crate::metrics::RequestFacts;
-use crate::policy::cache_aware::{PRIOR_BLOCK_MS, PRIOR_WARM_MS};
+use crate::policy::cache_aware::expected_prefill;
 use crate::pool_supervisor::Permit;
 use crate::worker::{UpstreamRequest, WorkerShared};
 
@@ -335,20 +335,13 @@ fn start(endpoint: &Arc<Endpoint>, cached: usize, request: &UpstreamRequest) -> 
         0
     };
     let mut in_flight = endpoint.begin_prefill(prefill);
-    if endpoint.binds_slots() {
-        // llama.cpp: the whole prompt, cached or not, streamed or not, is bound to this
-        // request's slot until it ends; another request of it before then gets another slot and
-        // computes it again. That end comes for sure: no due time, the waiters' own limits bound
-        // the wait (the first requests on a server have only priors, ~50 ms for a 5 s prefill).
-        in_flight.share_prefill(&request.blocks, 0, None);
-    } else if request.stream {
-        let known = |learned: f64, prior: f64| if learned > 0.0 { learned } else { prior };
-        let expected_ms = known(estimate.warm_ms, PRIOR_WARM_MS)
-            + known(estimate.block_ms, PRIOR_BLOCK_MS) * f64::from(prefill);
+    // A stream's prefill ends at its first token, which others may wait for; where slots bind
+    // (llama.cpp), any request holds its prompt until it ends.
+    if request.stream || endpoint.binds_slots() {
         in_flight.share_prefill(
             &request.blocks,
             cached,
-            Some(Duration::from_secs_f64(expected_ms / 1000.0)),
+            expected_prefill(&estimate, prefill),
         );
     }
     Attempt {

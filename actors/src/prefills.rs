@@ -29,7 +29,7 @@
 //! KV to its slot as well) until it ends, with no due time of its own: that end comes for sure,
 //! and the waiter's limits (`upstream.prefill_hold_ms`, its deadline) bound the wait.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -44,6 +44,8 @@ pub const MIN_HOLD_BLOCKS: usize = 16;
 #[derive(Debug, Default)]
 pub struct Prefills {
     entries: Mutex<Vec<Entry>>,
+    /// `entries.len()`, read without the lock: most requests find nothing to wait for.
+    len: AtomicUsize,
     next_id: AtomicU64,
     /// Woken whenever a prefill ends; a waiter checks whether it was the one it waits for.
     ended: Notify,
@@ -71,12 +73,15 @@ impl Prefills {
             return None;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock().push(Entry {
+        let blocks = blocks.into();
+        let mut entries = self.lock();
+        entries.push(Entry {
             id,
-            blocks: blocks.into(),
+            blocks,
             from,
             due: expected.map(|expected| Instant::now() + expected.mul_f64(1.5)),
         });
+        self.len.store(entries.len(), Ordering::Relaxed);
         Some(id)
     }
 
@@ -86,6 +91,7 @@ impl Prefills {
         if let Some(i) = entries.iter().position(|e| e.id == id) {
             entries.swap_remove(i);
         }
+        self.len.store(entries.len(), Ordering::Relaxed);
         drop(entries);
         self.ended.notify_waiters();
     }
@@ -107,7 +113,10 @@ impl Prefills {
     /// Waits, at most `limit` and not past the other prefill's due time, while this endpoint
     /// computes a long part of `blocks`' prefix for another request. Returns whether it waited.
     pub async fn wait_for(&self, blocks: &[u64], limit: Duration) -> bool {
-        if limit.is_zero() || blocks.len() < MIN_HOLD_BLOCKS {
+        if limit.is_zero()
+            || blocks.len() < MIN_HOLD_BLOCKS
+            || self.len.load(Ordering::Relaxed) == 0
+        {
             return false;
         }
         let Some((id, due)) = self.computing(blocks) else {

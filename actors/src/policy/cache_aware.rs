@@ -49,6 +49,8 @@
 //! out. sglang-router's `cache_aware` keeps a radix tree of the text it sent to each worker
 //! instead, and balances by a load threshold rather than by cost.
 
+use std::time::Duration;
+
 use rand::RngCore;
 
 use super::affinity::stable_hash_seeded;
@@ -65,8 +67,8 @@ pub struct CacheAware;
 pub const DEFAULT_CAPACITY: u32 = 8;
 /// Priors until the fleet has measured anything: a cached prompt's first token, the prefill of a
 /// 64-byte block (16 tokens at about 20,000 tokens a second), and a request's slot time.
-pub(crate) const PRIOR_WARM_MS: f64 = 20.0;
-pub(crate) const PRIOR_BLOCK_MS: f64 = 0.8;
+const PRIOR_WARM_MS: f64 = 20.0;
+const PRIOR_BLOCK_MS: f64 = 0.8;
 const PRIOR_SERVICE_MS: f64 = 1000.0;
 /// What each request a backend already runs adds to a new one's start, in slot times over the
 /// batch capacity: a batch step grows with the batch, so a new request starts sooner where fewer
@@ -141,6 +143,15 @@ impl Priors {
             reuse: reuse / f64::from(endpoints.max(1)),
         }
     }
+}
+
+/// How long `e` should take to its first token when it must prefill `blocks` blocks: its learned
+/// warm time and prefill per block, or the priors until it has learned them.
+pub fn expected_prefill(estimate: &Estimate, blocks: u32) -> Duration {
+    let known = |learned: f64, prior: f64| if learned > 0.0 { learned } else { prior };
+    let ms = known(estimate.warm_ms, PRIOR_WARM_MS)
+        + known(estimate.block_ms, PRIOR_BLOCK_MS) * f64::from(blocks);
+    Duration::from_secs_f64(ms / 1000.0)
 }
 
 /// The wait before a new request gets going on `e`, ms: requests ahead of it (the gateway's in
@@ -306,6 +317,15 @@ mod tests {
         table_with(PolicyKind::CacheAware, &vec![1.0; n], &vec![None; n])
     }
 
+    /// `n` endpoints measured alike: 10 ms warm, 1 ms a block, a batch of `capacity`.
+    fn measured_fleet(n: usize, capacity: u32) -> crate::endpoint::RoutingTable {
+        let t = fleet(n);
+        for e in &t.endpoints {
+            measured(e, 10.0, 1.0, capacity);
+        }
+        t
+    }
+
     fn measured(e: &Endpoint, warm_ms: f64, block_ms: f64, capacity: u32) {
         e.publish_estimate(Estimate {
             warm_ms,
@@ -334,10 +354,7 @@ mod tests {
 
     #[test]
     fn a_prompt_stays_home_while_home_has_room_and_spills_when_the_queue_costs_more() {
-        let t = fleet(2);
-        for e in &t.endpoints {
-            measured(e, 10.0, 1.0, 4);
-        }
+        let t = measured_fleet(2, 4);
         let mut rng = SmallRng::seed_from_u64(1);
         let prompt = keys(&"system prompt ".repeat(1000));
         let home = pick(&t, &prompt, &mut rng);
@@ -361,10 +378,7 @@ mod tests {
 
     #[test]
     fn a_new_prompt_does_not_queue_behind_another_prefill() {
-        let t = fleet(2);
-        for e in &t.endpoints {
-            measured(e, 10.0, 1.0, 16);
-        }
+        let t = measured_fleet(2, 16);
         let mut rng = SmallRng::seed_from_u64(3);
         // Both run three requests; one of endpoint 0's is still prefilling 200 blocks, so only the
         // prefill ahead tells them apart.
@@ -385,10 +399,7 @@ mod tests {
 
     #[test]
     fn a_cached_prompt_does_not_leave_home_for_another_prompts_prefill_there() {
-        let t = fleet(2);
-        for e in &t.endpoints {
-            measured(e, 10.0, 1.0, 16);
-        }
+        let t = measured_fleet(2, 16);
         let prompt = keys(&"the cached system prompt ".repeat(300));
         t.endpoints[0].prefix.insert(&prompt);
         // A cold prompt of 200 blocks prefills on 0: a new prompt would wait behind it, a cached
@@ -402,10 +413,7 @@ mod tests {
 
     #[test]
     fn a_prompt_cached_on_several_endpoints_keeps_to_one_of_them() {
-        let t = fleet(4);
-        for e in &t.endpoints {
-            measured(e, 10.0, 1.0, 16);
-        }
+        let t = measured_fleet(4, 16);
         let mut rng = SmallRng::seed_from_u64(4);
         for i in 0..8 {
             let prompt = keys(&format!("prompt {i} cached twice ").repeat(200));
@@ -425,10 +433,7 @@ mod tests {
 
     #[test]
     fn a_queue_the_last_scrape_saw_of_the_gateways_own_requests_ends_with_them() {
-        let t = fleet(2);
-        for e in &t.endpoints {
-            measured(e, 10.0, 1.0, 16);
-        }
+        let t = measured_fleet(2, 16);
         let busy = &t.endpoints[0];
         let running: Vec<_> = (0..26).map(|_| busy.begin()).collect();
         busy.set_reported_load(16.0, 10.0, 1.0);
@@ -470,10 +475,7 @@ mod tests {
 
     #[test]
     fn a_multi_turn_conversation_sticks_to_the_endpoint_that_holds_it() {
-        let t = fleet(4);
-        for e in &t.endpoints {
-            measured(e, 10.0, 1.0, 32);
-        }
+        let t = measured_fleet(4, 32);
         let mut rng = SmallRng::seed_from_u64(3);
         let mut conversation = String::from("You are a helpful assistant. ").repeat(40);
         let first = pick(&t, &keys(&conversation), &mut rng);
@@ -503,10 +505,7 @@ mod tests {
 
     #[test]
     fn a_cold_prompt_goes_home_if_it_has_one_else_where_the_cache_lasts() {
-        let t = fleet(3);
-        for e in &t.endpoints {
-            measured(e, 10.0, 1.0, 32);
-        }
+        let t = measured_fleet(3, 32);
         let prompt = keys(&"the prompt with a home ".repeat(400));
         t.endpoints[1].prefix.insert(&prompt);
         // More misses than endpoint 1's cache holds: the prompt is evicted there, still known.
@@ -540,10 +539,7 @@ mod tests {
 
     #[test]
     fn a_backend_with_latency_spikes_costs_its_tail() {
-        let t = fleet(2);
-        for e in &t.endpoints {
-            measured(e, 10.0, 1.0, 32);
-        }
+        let t = measured_fleet(2, 32);
         t.endpoints[1].publish_estimate(Estimate {
             jitter_ms: 220.0,
             tail_ms: 220.0,
