@@ -43,10 +43,11 @@
 //! it), as sglang-router sends an unmatched prompt to its smallest tree. New prompts then fill the
 //! caches evenly instead of crowding the fastest backend's, and each prompt's home is where it
 //! will last. After the pick, the routing table records the request's blocks in
-//! the chosen endpoint's index. A prompt several endpoints cache keeps to one of them (rendezvous
-//! hashing of its first block) unless another is cheaper by more than a copy costs the caches:
-//! taking the cheapest copy each time kept every copy warm, and the copies crowded other prompts
-//! out. sglang-router's `cache_aware` keeps a radix tree of the text it sent to each worker
+//! the chosen endpoint's index. A prompt an endpoint caches keeps to it (to one of them,
+//! by rendezvous hashing of its first block, when several do) unless another endpoint, warm or
+//! cold, is cheaper by more than the copy it would make costs the caches: taking the cheapest
+//! copy each time kept every copy warm, and spilling whenever a cold endpoint was a little
+//! cheaper made new copies; either way the copies crowded other prompts out. sglang-router's `cache_aware` keeps a radix tree of the text it sent to each worker
 //! instead, and balances by a load threshold rather than by cost.
 
 use std::time::Duration;
@@ -200,7 +201,7 @@ impl Policy for CacheAware {
         let mut best: Option<(usize, f64, usize)> = None;
         let mut ties = 0usize;
         let half = PLACE_BELOW * blocks.len() as f64;
-        let mut primary: Option<(u64, usize, f64)> = None;
+        let mut primary: Option<(u64, usize, f64, usize)> = None;
         for slot in eligible.slots.iter() {
             let e = eligible.endpoint(slot);
             let cached = e.prefix.matched(blocks).cached;
@@ -208,7 +209,7 @@ impl Policy for CacheAware {
             if cached as f64 >= half && !blocks.is_empty() {
                 let rank = stable_hash_seeded(blocks[0], &slot.to_le_bytes());
                 if primary.is_none_or(|(best_rank, ..)| rank > best_rank) {
-                    primary = Some((rank, slot, cost));
+                    primary = Some((rank, slot, cost, cached));
                 }
             }
             match best {
@@ -226,14 +227,21 @@ impl Policy for CacheAware {
             }
         }
         let (slot, best_cost, cached) = best?;
+        if let Some((_, primary, cost, primary_cached)) = primary {
+            // What going elsewhere costs the caches: the blocks the primary holds that the other
+            // endpoint lacks and would take in, a second copy of each, evicting a block that
+            // comes back with the fleet's reuse. A cold endpoint makes such a copy as much as a
+            // warm one does, so the margin holds whichever is cheaper. Only the blocks the other
+            // lacks: a system prompt every endpoint caches is no new copy, and priced whole, the
+            // first turns of every conversation over it kept to one endpoint.
+            let copied = primary_cached.saturating_sub(cached) as f64;
+            let margin = copied * priors.block_ms * priors.reuse;
+            if cost <= best_cost + margin {
+                return Some(primary);
+            }
+        }
         if blocks.is_empty() || cached as f64 >= half {
-            // What a second copy costs: the blocks it holds in another cache, each evicting one
-            // that comes back with the fleet's reuse.
-            let margin = blocks.len() as f64 * priors.block_ms * priors.reuse;
-            return Some(match primary {
-                Some((_, primary, cost)) if cost <= best_cost + margin => primary,
-                _ => slot,
-            });
+            return Some(slot);
         }
         Some(place(eligible, &priors, best_cost, rng).unwrap_or(slot))
     }
@@ -374,6 +382,31 @@ mod tests {
         // Home is full: one ahead costs 2 x 400 / 4 = 200 ms of queue, plus 100 ms for the four it
         // runs, against 218 ms of prefill: it spills.
         assert_ne!(pick(&t, &prompt, &mut rng), home);
+    }
+
+    #[test]
+    fn a_cached_prompt_spills_to_a_cold_endpoint_only_when_that_saves_more_than_a_copy_costs() {
+        let t = measured_fleet(2, 8);
+        for e in &t.endpoints {
+            e.publish_estimate(Estimate {
+                reuse: 0.5,
+                ..e.estimate()
+            });
+        }
+        let prompt = keys(&"a cached system prompt ".repeat(600));
+        let n = prompt.len() as f64;
+        t.endpoints[0].prefix.insert(&prompt);
+        let mut rng = SmallRng::seed_from_u64(8);
+        // Cold on 1: 10 + n x 1.5 ms. On 0, ten in flight in a batch of 8: three ahead and ten
+        // running cost (2 x 3 + 0.25 x 10) x 400 / 8 = 425 ms. More than the cold prefill, less
+        // than it and the copy's cost (n x 0.5): it stays.
+        let mut running: Vec<_> = (0..10).map(|_| t.endpoints[0].begin()).collect();
+        assert!(425.0 > 1.5 * n && 425.0 <= 1.5 * n + 0.5 * n);
+        assert_eq!(pick(&t, &prompt, &mut rng), 0);
+        // Eleven: 537.5 ms of queue is more than both.
+        running.push(t.endpoints[0].begin());
+        assert!(537.5 > 1.5 * n + 0.5 * n);
+        assert_eq!(pick(&t, &prompt, &mut rng), 1);
     }
 
     #[test]
