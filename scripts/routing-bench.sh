@@ -10,7 +10,8 @@
 # Environment: FLEETS ("unequal equal"), WORKLOADS ("p16 p40 z128 turns unique"), POLICIES (nanogate, default
 #   "cache_aware round_robin p2c least_load affinity weighted"), SG_POLICIES (sglang-router, "round_robin power_of_two
 #   cache_aware"), REQUESTS per run (900), ROUNDS (2), CAL_REQUESTS per calibration step (450), CACHE_BLOCKS per
-#   simulator (768), RATE_<fleet>_<workload> (skip that cell's calibration), NANOGATE_BIN, PEERS_VENV, OUT.
+#   simulator (768), RATE_<fleet>_<workload> (skip that cell's calibration), ARRIVALS (fixed: one start every 1/rate;
+#   poisson: exponential gaps), NANOGATE_BIN, PEERS_VENV, OUT.
 #
 # Fleets (4 simulators, --max-batch 16, --prefix-cache-blocks CACHE_BLOCKS):
 #   unequal  fast (speed 1), fast, half speed, fast with latency spikes (5 % of requests wait 1 s before the first token)
@@ -43,6 +44,7 @@ CAL_REQUESTS=${CAL_REQUESTS:-450}
 ROUNDS=${ROUNDS:-2}
 FLEETS=${FLEETS:-unequal equal}
 WORKLOADS=${WORKLOADS:-p16 p40 z128 turns unique}
+ARRIVALS=${ARRIVALS:-fixed}
 POLICIES=${POLICIES:-cache_aware round_robin p2c least_load affinity weighted}
 SG_POLICIES=${SG_POLICIES:-round_robin power_of_two cache_aware}
 CACHE_BLOCKS=${CACHE_BLOCKS:-768}
@@ -82,8 +84,8 @@ if [ ! -x "$BIN" ]; then
   log "no $BIN: building it (cargo build --release)"
   (cd "$root" && cargo build --release) || exit 1
 fi
-if ! "$BIN" loadtest --help | grep -q -- --turns || ! "$BIN" simulate --help | grep -q -- --prefix-cache-blocks; then
-  echo "$BIN predates the --turns/--zipf/--unique workloads: rebuild it (cargo build --release)" >&2; exit 1
+if ! "$BIN" loadtest --help | grep -q -- --arrivals || ! "$BIN" simulate --help | grep -q -- --prefix-cache-blocks; then
+  echo "$BIN predates the --arrivals option of loadtest: rebuild it (cargo build --release)" >&2; exit 1
 fi
 command -v curl >/dev/null && command -v python3 >/dev/null || { echo "needs curl and python3" >&2; exit 1; }
 # Run a private copy: a rebuild of target/release during the run must not change what is measured half-way.
@@ -142,7 +144,7 @@ run_load() { # cell kind policy round rate requests -> raw JSON file, one summar
   # shellcheck disable=SC2046 # workload_args is a flag list
   timeout $((n / ${rate%.*} + 120)) "$BIN" loadtest --url "http://127.0.0.1:$ROUTER_PORT/v1/chat/completions" --stream \
     --rate "$rate" --requests "$n" --concurrency 5000 $(workload_args "${cell#*-}") --max-tokens "$MAX_TOKENS" \
-    --seed "$SEED" --timeout 30 --json --quiet > "$out/logs/load.json" 2>> "$out/logs/load.err"
+    --seed "$SEED" --arrivals "$ARRIVALS" --timeout 30 --json --quiet > "$out/logs/load.json" 2>> "$out/logs/load.err"
   stop router
   local sims=() p
   for p in "${SIM_PORTS[@]}"; do sims+=("$(curl -fsS -m 5 "http://127.0.0.1:$p/sim/stats" || echo null)"); done

@@ -22,6 +22,8 @@ use std::future;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use rand::rngs::SmallRng;
+use rand::{Rng as _, SeedableRng as _};
 use tokio::time::{Instant, MissedTickBehavior};
 
 pub use summary::{Percentiles, Summary};
@@ -44,6 +46,10 @@ pub struct LoadtestArgs {
     /// Open loop: start requests at this rate per second instead of closed loop (concurrency then caps in-flight).
     #[arg(long, value_parser = positive)]
     pub rate: Option<f64>,
+    /// How open-loop starts are spaced: `fixed` (one every 1/rate) or `poisson` (exponential
+    /// gaps of mean 1/rate drawn from --seed: what many independent clients add up to).
+    #[arg(long, value_enum, default_value_t = Arrivals::Fixed)]
+    pub arrivals: Arrivals,
     /// Ask for SSE streams and measure time to first token.
     #[arg(long)]
     pub stream: bool,
@@ -129,6 +135,51 @@ fn clamp_secs(secs: f64) -> Duration {
     Duration::try_from_secs_f64(secs).map_or(FAR, |d| d.min(FAR))
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrivals {
+    Fixed,
+    Poisson,
+}
+
+/// When each open-loop request starts, in seconds from the run's start.
+struct Schedule {
+    arrivals: Arrivals,
+    rate: f64,
+    rng: SmallRng,
+    /// The next start.
+    next: f64,
+    started: u64,
+}
+
+impl Schedule {
+    fn new(arrivals: Arrivals, rate: f64, seed: u64) -> Self {
+        let mut schedule = Self {
+            arrivals,
+            rate,
+            rng: SmallRng::seed_from_u64(seed),
+            next: 0.0,
+            started: 0,
+        };
+        if arrivals == Arrivals::Poisson {
+            schedule.next = schedule.exponential_gap();
+        }
+        schedule
+    }
+
+    fn exponential_gap(&mut self) -> f64 {
+        -(1.0 - self.rng.gen::<f64>()).ln() / self.rate
+    }
+
+    fn advance(&mut self) {
+        self.started += 1;
+        self.next = match self.arrivals {
+            // Not a running sum, so a long run's starts do not drift by rounding.
+            Arrivals::Fixed => self.started as f64 / self.rate,
+            Arrivals::Poisson => self.next + self.exponential_gap(),
+        };
+    }
+}
+
 /// Runs the load (on the current actix/tokio runtime) and returns the summary. Shows a live indicatif progress line unless quiet.
 pub async fn run(args: &LoadtestArgs) -> Summary {
     let target = Target::new(args, clamp_secs(args.timeout));
@@ -136,7 +187,10 @@ pub async fn run(args: &LoadtestArgs) -> Summary {
     // Library callers bypass the CLI parsers: zero concurrency would never
     // start anything, and a non-positive rate can only mean closed loop.
     let concurrency = args.concurrency.max(1);
-    let rate = args.rate.filter(|r| r.is_finite() && *r > 0.0);
+    let mut schedule = args
+        .rate
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .map(|rate| Schedule::new(args.arrivals, rate, args.seed));
 
     let mut rec = Recorder::new();
     let progress = Progress::new(total, args.quiet);
@@ -151,9 +205,9 @@ pub async fn run(args: &LoadtestArgs) -> Summary {
         // the next one is due if it is not yet.
         let mut next_due = None;
         while started < total && in_flight.len() < concurrency {
-            let due = match rate {
+            let due = match &schedule {
                 None => Instant::now(),
-                Some(rate) => start + clamp_secs(started as f64 / rate),
+                Some(schedule) => start + clamp_secs(schedule.next),
             };
             if due > Instant::now() {
                 next_due = Some(due);
@@ -161,6 +215,9 @@ pub async fn run(args: &LoadtestArgs) -> Summary {
             }
             in_flight.push(target.send(started, due));
             started += 1;
+            if let Some(schedule) = &mut schedule {
+                schedule.advance();
+            }
         }
         if in_flight.is_empty() && started >= total {
             break;
@@ -182,6 +239,43 @@ async fn sleep_until(due: Option<Instant>) {
     match due {
         Some(due) => tokio::time::sleep_until(due).await,
         None => future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod schedule {
+    use super::{Arrivals, Schedule};
+
+    fn starts(arrivals: Arrivals, n: usize) -> Vec<f64> {
+        let mut schedule = Schedule::new(arrivals, 100.0, 7);
+        (0..n)
+            .map(|_| {
+                let at = schedule.next;
+                schedule.advance();
+                at
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fixed_starts_are_evenly_spaced() {
+        let at = starts(Arrivals::Fixed, 1001);
+        assert_eq!(at[0], 0.0);
+        assert!(at.windows(2).all(|w| (w[1] - w[0] - 0.01).abs() < 1e-9));
+        assert_eq!(at[1000], 10.0);
+    }
+
+    #[test]
+    fn poisson_gaps_are_exponential_with_the_rate_as_mean_and_repeat_with_the_seed() {
+        let at = starts(Arrivals::Poisson, 20_001);
+        let gaps: Vec<f64> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|&g| g >= 0.0));
+        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+        assert!((mean - 0.01).abs() < 0.0005, "mean gap {mean}");
+        // An exponential's share of gaps under its mean is 1 - 1/e (63 %); evenly spaced: none.
+        let short = gaps.iter().filter(|&&g| g < 0.01).count() as f64 / gaps.len() as f64;
+        assert!((short - 0.632).abs() < 0.02, "{short}");
+        assert_eq!(at, starts(Arrivals::Poisson, 20_001));
     }
 }
 

@@ -161,6 +161,7 @@ fn args(url: String, stream: bool) -> LoadtestArgs {
         sessions: 64,
         unique: false,
         seed: 1,
+        arrivals: super::Arrivals::Fixed,
     }
 }
 

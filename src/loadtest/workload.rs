@@ -307,6 +307,7 @@ mod tests {
             requests: 1,
             concurrency: 1,
             rate: None,
+            arrivals: crate::loadtest::Arrivals::Fixed,
             stream: true,
             model: "m".into(),
             max_tokens: 3,
