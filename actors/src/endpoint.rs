@@ -147,6 +147,8 @@ pub struct Endpoint {
     probe_pending: AtomicBool,
     /// Woken when a probe's verdict on it arrives, for requests waiting on it.
     verdicts: Notify,
+    /// When a pick last chose it, on [`PICK_CLOCK`].
+    last_pick: AtomicU64,
     /// The prompt blocks it was recently sent (cache-aware routing only).
     pub prefix: PrefixIndex,
     /// The streams' prompts it is prefilling now, which requests sharing them wait for.
@@ -242,6 +244,7 @@ impl Endpoint {
             },
             probe_pending: AtomicBool::new(false),
             verdicts: Notify::new(),
+            last_pick: AtomicU64::new(0),
             prefix: PrefixIndex::new(0),
             prefills: Prefills::default(),
         }
@@ -407,6 +410,11 @@ impl Endpoint {
 
     pub(crate) fn set_binds_slots(&self, binds: bool) {
         self.binds_slots.store(binds, Ordering::Relaxed);
+    }
+
+    /// When a pick last chose it: comparable between endpoints, larger is later; 0 never.
+    pub fn last_pick(&self) -> u64 {
+        self.last_pick.load(Ordering::Relaxed)
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -606,6 +614,10 @@ impl Eligible<'_> {
 
 /// The immutable snapshot the request path routes with. Rebuilt by the balancer only when the set
 /// of endpoints or the models they serve change; everything else changes through atomics.
+/// Counts picks, process-wide (so the order of endpoints' last picks survives a table rebuilt
+/// on a configuration change): which of several endpoints a pick chose longest ago.
+static PICK_CLOCK: AtomicU64 = AtomicU64::new(0);
+
 #[derive(Debug)]
 pub struct RoutingTable {
     pub endpoints: Vec<Arc<Endpoint>>,
@@ -738,6 +750,8 @@ impl RoutingTable {
                 continue;
             }
             let picked = self.picked(slot, request.blocks);
+            let now = PICK_CLOCK.fetch_add(1, Ordering::Relaxed) + 1;
+            picked.endpoint.last_pick.store(now, Ordering::Relaxed);
             // What the endpoint will hold once it has this request's prompt.
             picked.endpoint.prefix.insert(request.blocks);
             return Some(picked);

@@ -35,8 +35,8 @@
 //! nothing is starved or flooded before it is known.
 //!
 //! A prompt that no endpoint caches much of is *placed*, among the endpoints within up to twice
-//! the best expected time to first token (as much more as the fleet's prompts recur: nothing
-//! more when every prompt is new): at its home if it has one there (the endpoint the index
+//! the best expected time to first token (as much more as the fleet's prompts recur; when they
+//! hardly recur, up to twice, taking turns like round robin, since no cache gains): at its home if it has one there (the endpoint the index
 //! knows it was sent to, though its cache has let it go since), so a prompt that comes and goes
 //! from the caches keeps one home instead of evicting a different backend's prompts each time;
 //! else at the endpoint whose cache keeps blocks longest (its size over the rate new blocks reach
@@ -99,6 +99,13 @@ const TIE_MS: f64 = 1.0;
 const PLACE_BELOW: f64 = 0.5;
 const HOME_SLACK: f64 = 1.0;
 const PLACE_SLACK: f64 = 1.0;
+/// Below this reuse (the share of what the fleet is sent that it was sent before), where a new
+/// prompt lands matters to no cache, and new prompts rotate, as round robin does, over the
+/// endpoints within `1 + PLACE_SLACK` times the best cost: the one a pick chose longest ago takes
+/// it. Each backend then gets its arrivals evenly spaced; the cheapest by a few ms of noise in
+/// the estimates took bursts instead, and queued them (equal fleet, unique prompts, fixed arrival
+/// intervals, one run each: p99 time to first token 115 ms, with rotation 84, round robin 84).
+const ROTATE_BELOW_REUSE: f64 = 0.1;
 /// Tail cost at which a backend gets half the share of new prompts its cache residence earns.
 const TAIL_HALF_MS: f64 = 100.0;
 /// Residence counted for a cache nothing new reaches (an idle backend), ms.
@@ -250,7 +257,8 @@ impl Policy for CacheAware {
 /// Where a prompt no endpoint caches much of goes: of the endpoints that cache little of it, the
 /// one within the home slack of `best_cost` that knows the longest prefix of it (its home; ties at
 /// random); if none knows half of it, of those within the placement slack, one drawn with
-/// chances in proportion to how long each one's cache keeps blocks. Drawn rather than the
+/// chances in proportion to how long each one's cache keeps blocks (or, when the fleet's prompts
+/// do not recur, the one picked longest ago: [`ROTATE_BELOW_REUSE`]). Drawn rather than the
 /// longest, because residence is measured once a second and every prompt of that second would
 /// otherwise crowd one endpoint.
 fn place(
@@ -262,11 +270,14 @@ fn place(
     let blocks = eligible.blocks;
     let half = PLACE_BELOW * blocks.len() as f64;
     let home_limit = best_cost * (1.0 + HOME_SLACK) + TIE_MS;
-    let limit = best_cost * (1.0 + PLACE_SLACK * priors.reuse) + TIE_MS;
+    let rotate = priors.reuse < ROTATE_BELOW_REUSE;
+    let slack = PLACE_SLACK * if rotate { 1.0 } else { priors.reuse };
+    let limit = best_cost * (1.0 + slack) + TIE_MS;
     let mut home: Option<(usize, usize)> = None;
     let mut home_ties = 0usize;
     let mut drawn: Option<usize> = None;
     let mut total = 0.0;
+    let mut oldest = u64::MAX;
     for slot in eligible.slots.iter() {
         let e = eligible.endpoint(slot);
         let found = e.prefix.matched(blocks);
@@ -294,6 +305,13 @@ fn place(
                 }
             }
         } else if home.is_none() && cost <= limit {
+            if rotate {
+                if e.last_pick() < oldest {
+                    oldest = e.last_pick();
+                    drawn = Some(slot);
+                }
+                continue;
+            }
             let estimate = e.estimate();
             let weight = estimate.residence_ms.min(MAX_RESIDENCE_MS)
                 / (1.0 + estimate.tail_ms / TAIL_HALF_MS);
@@ -552,10 +570,12 @@ mod tests {
         assert!(found.known * 2 >= prompt.len(), "{found:?}");
         let mut rng = SmallRng::seed_from_u64(5);
         assert_eq!(pick(&t, &prompt, &mut rng), 1, "it goes back to its home");
-        // New prompts: endpoint 2's cache keeps blocks ten times longer than the others'.
+        // New prompts of a fleet whose prompts recur: endpoint 2's cache keeps blocks ten times
+        // longer than the others'.
         for (e, residence_ms) in t.endpoints.iter().zip([1_000.0, 1_000.0, 10_000.0]) {
             e.publish_estimate(Estimate {
                 residence_ms,
+                reuse: 0.5,
                 ..e.estimate()
             });
         }
@@ -568,6 +588,24 @@ mod tests {
             counts[0] > 0 && counts[1] > 0,
             "drawn, not all to one: {counts:?}"
         );
+    }
+
+    #[test]
+    fn prompts_that_do_not_recur_take_turns_over_endpoints_that_cost_about_the_same() {
+        let t = measured_fleet(4, 16);
+        // Endpoint 3 prefills three times as slowly: more than twice the best cost.
+        measured(&t.endpoints[3], 10.0, 3.0, 16);
+        let mut rng = SmallRng::seed_from_u64(9);
+        let mut order = Vec::new();
+        for i in 0..30 {
+            let prompt = keys(&format!("unique prompt {i} ").repeat(200));
+            order.push(pick(&t, &prompt, &mut rng));
+        }
+        for turn in order.chunks(3) {
+            let mut turn = turn.to_vec();
+            turn.sort_unstable();
+            assert_eq!(turn, [0, 1, 2], "{order:?}");
+        }
     }
 
     #[test]
