@@ -612,12 +612,12 @@ impl Eligible<'_> {
     }
 }
 
-/// The immutable snapshot the request path routes with. Rebuilt by the balancer only when the set
-/// of endpoints or the models they serve change; everything else changes through atomics.
 /// Counts picks, process-wide (so the order of endpoints' last picks survives a table rebuilt
 /// on a configuration change): which of several endpoints a pick chose longest ago.
 static PICK_CLOCK: AtomicU64 = AtomicU64::new(0);
 
+/// The immutable snapshot the request path routes with. Rebuilt by the balancer only when the set
+/// of endpoints or the models they serve change; everything else changes through atomics.
 #[derive(Debug)]
 pub struct RoutingTable {
     pub endpoints: Vec<Arc<Endpoint>>,

@@ -36,7 +36,8 @@
 //!
 //! A prompt that no endpoint caches much of is *placed*, among the endpoints within up to twice
 //! the best expected time to first token (as much more as the fleet's prompts recur; when they
-//! hardly recur, up to twice, taking turns like round robin, since no cache gains): at its home if it has one there (the endpoint the index
+//! hardly recur, up to twice, taking turns like round robin, since no cache gains): at its home
+//! if it has one there (the endpoint the index
 //! knows it was sent to, though its cache has let it go since), so a prompt that comes and goes
 //! from the caches keeps one home instead of evicting a different backend's prompts each time;
 //! else at the endpoint whose cache keeps blocks longest (its size over the rate new blocks reach
@@ -47,8 +48,9 @@
 //! by rendezvous hashing of its first block, when several do) unless another endpoint, warm or
 //! cold, is cheaper by more than the copy it would make costs the caches: taking the cheapest
 //! copy each time kept every copy warm, and spilling whenever a cold endpoint was a little
-//! cheaper made new copies; either way the copies crowded other prompts out. sglang-router's `cache_aware` keeps a radix tree of the text it sent to each worker
-//! instead, and balances by a load threshold rather than by cost.
+//! cheaper made new copies; either way the copies crowded other prompts out. sglang-router's
+//! `cache_aware` keeps a radix tree of the text it sent to each worker instead, and balances by
+//! a load threshold rather than by cost.
 
 use std::time::Duration;
 
