@@ -750,8 +750,11 @@ impl RoutingTable {
                 continue;
             }
             let picked = self.picked(slot, request.blocks);
-            let now = PICK_CLOCK.fetch_add(1, Ordering::Relaxed) + 1;
-            picked.endpoint.last_pick.store(now, Ordering::Relaxed);
+            // Only `cache_aware` reads it: the other policies' picks skip the shared counter.
+            if self.policy.kind() == PolicyKind::CacheAware {
+                let now = PICK_CLOCK.fetch_add(1, Ordering::Relaxed) + 1;
+                picked.endpoint.last_pick.store(now, Ordering::Relaxed);
+            }
             // What the endpoint will hold once it has this request's prompt.
             picked.endpoint.prefix.insert(request.blocks);
             return Some(picked);

@@ -148,7 +148,6 @@ struct Schedule {
     rng: SmallRng,
     /// The next start.
     next: f64,
-    started: u64,
 }
 
 impl Schedule {
@@ -158,7 +157,6 @@ impl Schedule {
             rate,
             rng: SmallRng::seed_from_u64(seed),
             next: 0.0,
-            started: 0,
         };
         if arrivals == Arrivals::Poisson {
             schedule.next = schedule.exponential_gap();
@@ -170,11 +168,11 @@ impl Schedule {
         -(1.0 - self.rng.gen::<f64>()).ln() / self.rate
     }
 
-    fn advance(&mut self) {
-        self.started += 1;
+    /// Moves on to the start after the `started`-th.
+    fn advance(&mut self, started: u64) {
         self.next = match self.arrivals {
             // Not a running sum, so a long run's starts do not drift by rounding.
-            Arrivals::Fixed => self.started as f64 / self.rate,
+            Arrivals::Fixed => started as f64 / self.rate,
             Arrivals::Poisson => self.next + self.exponential_gap(),
         };
     }
@@ -216,7 +214,7 @@ pub async fn run(args: &LoadtestArgs) -> Summary {
             in_flight.push(target.send(started, due));
             started += 1;
             if let Some(schedule) = &mut schedule {
-                schedule.advance();
+                schedule.advance(started);
             }
         }
         if in_flight.is_empty() && started >= total {
@@ -248,10 +246,10 @@ mod schedule {
 
     fn starts(arrivals: Arrivals, n: usize) -> Vec<f64> {
         let mut schedule = Schedule::new(arrivals, 100.0, 7);
-        (0..n)
-            .map(|_| {
+        (1..=n as u64)
+            .map(|started| {
                 let at = schedule.next;
-                schedule.advance();
+                schedule.advance(started);
                 at
             })
             .collect()
