@@ -17,6 +17,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::breaker::Circuit;
+use crate::estimator::TAIL_BUDGET;
 use crate::policy::{self, Policy, PolicyKind};
 
 /// Most endpoints a routing table holds; [`Bits`] has one bit per table slot.
@@ -200,6 +201,14 @@ pub struct Estimate {
     pub residence_ms: f64,
     /// Its share of traffic while it ramps up after coming back (1: full).
     pub ramp: f64,
+}
+
+impl Estimate {
+    /// How much of the fleet's tail budget its spikes use (1: all it may): its share of spikes
+    /// times its share of the fleet's answers, over [`TAIL_BUDGET`].
+    pub fn tail_budget_used(&self) -> f64 {
+        self.spikes * self.share / TAIL_BUDGET
+    }
 }
 
 impl Endpoint {

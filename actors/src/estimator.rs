@@ -33,12 +33,12 @@ const WINDOW: usize = 256;
 /// A first token later than twice the prompt's cold prefill plus this is a spike: it counts as
 /// lateness, not as what warm or cold prefills take.
 const OUTLIER_MS: f64 = 250.0;
-/// Samples sent into a batch this full teach nothing of prefill, lateness or spikes (they may
-/// have queued): queueing shows in the queue term, not as a tail. Not lower, because a busy
-/// spiky backend must still be seen to spike.
+/// Samples sent into a batch this full teach nothing of prefill or lateness (they may have
+/// queued): queueing shows in the queue term, not as a tail. They count as spikes only when later
+/// than a slot's time on top of a spike.
 const LEARN_BELOW_LOAD: f64 = 0.75;
 /// The share of the fleet's first tokens that may be spikes: under a 99th percentile, with room.
-const TAIL_BUDGET: f64 = 0.005;
+pub const TAIL_BUDGET: f64 = 0.005;
 
 /// How a successful request went, as far as learning is concerned.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,11 +76,7 @@ impl Learned {
     /// backends' slot time at 227 ms, the probe still weighing 44 %: it looked cheaper and queued).
     fn observe(&mut self, sample_ms: f64, now: Instant, tau: Duration, peak: bool) {
         self.samples += 1;
-        self.update(sample_ms, now, tau, peak, 1.0 / self.samples as f64);
-    }
-
-    /// `weight`: the least a sample weighs.
-    fn update(&mut self, sample_ms: f64, now: Instant, tau: Duration, peak: bool, weight: f64) {
+        let weight = 1.0 / self.samples as f64;
         match self.at {
             None => {
                 self.fast = sample_ms;
@@ -98,17 +94,6 @@ impl Learned {
             }
         }
         self.at = Some(now);
-    }
-
-    /// Like [`observe`](Self::observe), for a value whose default is zero (a share of spikes, a
-    /// lateness): the first sample weighs as one sample a time constant after a zero instead of
-    /// becoming the long-run value, so one late answer from a backend that then gets no traffic
-    /// does not price it out for good.
-    fn observe_from_zero(&mut self, sample: f64, now: Instant, tau: Duration) {
-        if self.at.is_none() {
-            self.at = Some(now.checked_sub(tau).unwrap_or(now));
-        }
-        self.update(sample, now, tau, false, 0.0);
     }
 
     /// Moves `fast` back toward `slow` for the time since it last moved.
@@ -132,6 +117,44 @@ impl Learned {
 /// The weight an old value keeps after `elapsed`, with time constant `tau`.
 fn keep(elapsed: Duration, tau: Duration) -> f64 {
     (-elapsed.as_secs_f64() / tau.as_secs_f64().max(1e-9)).exp()
+}
+
+/// A mean of samples whose default is zero (a share of spikes, a lateness), over sums that fade
+/// with time constant `tau`, counted as if [`ZERO_PRIOR`] samples of zero came first. A share of
+/// spikes is then learned from the first few dozen answers (a time-decaying average that gave a
+/// sample a few tenths of a percent of weight took a whole time constant to see a backend that
+/// spikes one time in twenty, and by then it had taken its full share and put its spikes at the
+/// fleet's 99th percentile), while one late answer weighs as one in [`ZERO_PRIOR`], and, as the
+/// sums fade, the mean of a backend that gets no more traffic returns to zero.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mean {
+    sum: f64,
+    n: f64,
+    at: Option<Instant>,
+}
+
+/// Samples of zero a [`Mean`] starts from.
+const ZERO_PRIOR: f64 = 20.0;
+
+impl Mean {
+    fn decay(&mut self, now: Instant, tau: Duration) {
+        if let Some(at) = self.at {
+            let k = keep(now.saturating_duration_since(at), tau);
+            self.sum *= k;
+            self.n *= k;
+        }
+        self.at = Some(now);
+    }
+
+    fn observe(&mut self, sample: f64, now: Instant, tau: Duration) {
+        self.decay(now, tau);
+        self.sum += sample;
+        self.n += 1.0;
+    }
+
+    fn value(&self) -> f64 {
+        self.sum / (self.n + ZERO_PRIOR)
+    }
 }
 
 /// A least-squares line through (uncached blocks, time to first token) whose samples fade with
@@ -258,9 +281,9 @@ pub struct Estimator {
     first_byte: Learned,
     prefill: Fit,
     /// Mean square of how much later than predicted first tokens came, ms².
-    lateness: Learned,
+    lateness: Mean,
     /// The share of its streams that were spikes (0..1).
-    spikes: Learned,
+    spikes: Mean,
     /// Requests per second it answered, and how many since the last tick.
     rate: Learned,
     answered: u32,
@@ -300,9 +323,11 @@ impl Estimator {
             return;
         }
         self.ttft.push(ms(s.first));
-        if s.load >= LEARN_BELOW_LOAD {
-            return;
-        }
+        // A loaded request may also have waited for a slot: it tells whether it spiked (later
+        // than a slot's turn could explain), and nothing of lateness or prefill. Left out
+        // altogether, a backend taking its full share while its capacity was unknown hid its
+        // spikes for the first seconds, while they were doing the most harm.
+        let loaded = s.load >= LEARN_BELOW_LOAD;
         let uncached = f64::from(s.blocks.saturating_sub(s.cached));
         let first = ms(s.first);
         // Lateness is what the prompt's cold prefill does not explain: the index may have taken
@@ -316,13 +341,18 @@ impl Estimator {
                 .predict(f64::from(s.blocks))
                 .map_or(predicted, |cold| cold.max(predicted));
             let late = (first - cold).max(0.0);
-            self.lateness.observe_from_zero(late * late, now, tau);
-            let spike = late > cold + OUTLIER_MS;
-            self.spikes
-                .observe_from_zero(if spike { 1.0 } else { 0.0 }, now, tau);
+            let queue = if loaded { self.service.value() } else { 0.0 };
+            let spike = late > cold + OUTLIER_MS + queue;
+            self.spikes.observe(if spike { 1.0 } else { 0.0 }, now, tau);
+            if loaded {
+                return;
+            }
+            self.lateness.observe(late * late, now, tau);
             if spike {
                 return;
             }
+        } else if loaded {
+            return;
         }
         self.prefill.add(uncached, first, now, tau);
     }
@@ -383,14 +413,11 @@ impl Estimator {
 
     /// Decays every estimate toward its long-run value for the time since it last moved.
     pub fn decay(&mut self, now: Instant, tau: Duration) {
-        for learned in [
-            &mut self.first_byte,
-            &mut self.lateness,
-            &mut self.spikes,
-            &mut self.service,
-        ] {
+        for learned in [&mut self.first_byte, &mut self.service] {
             learned.decay(now, tau);
         }
+        self.lateness.decay(now, tau);
+        self.spikes.decay(now, tau);
         self.prefill.decay(now, tau);
     }
 
@@ -405,10 +432,6 @@ impl Estimator {
     pub fn published(&self, ramp: f64, cache_blocks: usize, share: f64) -> Estimate {
         let jitter_ms = self.lateness.value().sqrt();
         let spikes = self.spikes.value();
-        // The share of the fleet's answers that are its spikes, against the budget: a quarter of
-        // its lateness while well within, rising steeply past it.
-        let used = spikes * share / TAIL_BUDGET;
-        let tail_ms = jitter_ms * (0.25 + used * used).min(2.0);
         let churn = self.churn.value();
         let residence_ms = if churn > 1e-6 {
             cache_blocks as f64 / churn * 1000.0
@@ -416,13 +439,13 @@ impl Estimator {
             f64::INFINITY
         };
         let (warm_ms, block_ms) = self.prefill.line();
-        Estimate {
+        let mut estimate = Estimate {
             warm_ms,
             block_ms,
             jitter_ms,
             spikes,
             share,
-            tail_ms,
+            tail_ms: 0.0,
             reuse: self.reuse.value(),
             service_ms: self.service.value(),
             // Unknown: a quarter more than it has been seen to run, so the gateway feeds it more
@@ -434,7 +457,12 @@ impl Estimator {
             },
             residence_ms,
             ramp,
-        }
+        };
+        // A quarter of its lateness while its spikes are well within the fleet's tail budget, rising
+        // steeply past it.
+        let used = estimate.tail_budget_used();
+        estimate.tail_ms = jitter_ms * (0.25 + used * used).min(2.0);
+        estimate
     }
 
     pub fn p95_ms(&self) -> (f64, f64) {
@@ -564,6 +592,47 @@ mod tests {
         assert!((150.0..300.0).contains(&spiky.jitter_ms), "{spiky:?}");
     }
 
+    /// Within seconds, not a time constant: by then a backend that spikes one time in twenty
+    /// has taken its full share and put its spikes at the fleet's 99th percentile.
+    #[test]
+    fn spikes_are_learned_from_the_first_few_dozen_answers() {
+        let clock = ManualClock::default();
+        let mut e = Estimator::default();
+        for i in 0..60 {
+            let first = if i % 20 == 19 { 1010 } else { 10 };
+            e.observe(stream(first, 100, 100), clock.now(), TAU);
+            clock.advance(Duration::from_millis(50));
+        }
+        let learned = e.published(1.0, 0, 0.25);
+        assert!((0.03..0.06).contains(&learned.spikes), "{learned:?}");
+        assert!(learned.tail_ms > 100.0, "{learned:?}");
+    }
+
+    #[test]
+    fn a_loaded_backend_still_shows_its_spikes_but_not_its_queue_as_lateness() {
+        let clock = ManualClock::default();
+        let mut e = Estimator::default();
+        for _ in 0..20 {
+            e.observe(stream(10, 100, 100), clock.now(), TAU);
+            clock.advance(Duration::from_millis(50));
+        }
+        // Then at a full batch: most wait about a slot's time (queueing, not lateness), and one
+        // in twenty spikes by 1.5 s on top.
+        for i in 0..60 {
+            let first = if i % 20 == 19 { 1810 } else { 310 };
+            let sample = Sample {
+                load: 1.0,
+                ..stream(first, 100, 100)
+            };
+            e.observe(sample, clock.now(), TAU);
+            clock.advance(Duration::from_millis(50));
+        }
+        let learned = e.published(1.0, 0, 0.25);
+        assert!((0.02..0.06).contains(&learned.spikes), "{learned:?}");
+        assert!(learned.jitter_ms < 1.0, "{learned:?}");
+        assert!((learned.warm_ms - 10.0).abs() < 1e-6, "{learned:?}");
+    }
+
     #[test]
     fn a_prompt_still_prefilling_elsewhere_is_a_miss_not_a_spike_and_one_spike_fades() {
         let clock = ManualClock::default();
@@ -579,10 +648,12 @@ mod tests {
         e.observe(stream(9800, 45, 44), clock.now(), TAU);
         let after = e.published(1.0, 0, 0.5);
         assert_eq!(after.spikes, 0.0, "{after:?}");
-        // A real spike on a backend that then gets nothing: it fades to a small long-run value.
+        // A real spike on a backend that then gets nothing: it weighs as one answer among the
+        // prior's, and fades.
         clock.advance(Duration::from_secs(10));
         e.observe(stream(20000, 45, 44), clock.now(), TAU);
-        assert!(e.published(1.0, 0, 0.5).spikes > 0.3);
+        let spiked = e.published(1.0, 0, 0.5);
+        assert!((0.02..0.06).contains(&spiked.spikes), "{spiked:?}");
         clock.advance(Duration::from_secs(120));
         e.decay(clock.now(), TAU);
         let faded = e.published(1.0, 0, 0.01);
