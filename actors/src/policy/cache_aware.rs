@@ -32,8 +32,8 @@
 //! that keeps its spikes out of the fleet's slowest percent at a small cost (a quarter of its
 //! lateness), and past that share it costs steeply more, so it serves what the steady ones cannot
 //! take soon ([`crate::estimator`]); where new prompts take turns, it sits out turns instead.
-//! Unmeasured endpoints take the measured ones' average, so
-//! nothing is starved or flooded before it is known.
+//! Unmeasured endpoints take the measured ones' average, so nothing is starved or flooded before
+//! it is known.
 //!
 //! A prompt that no endpoint caches much of is *placed*, among the endpoints within up to twice
 //! the best expected time to first token (as much more as the fleet's prompts recur; when they
@@ -330,9 +330,10 @@ fn place(
     home.map(|(slot, _)| slot).or(drawn)
 }
 
-/// Picks an endpoint over its tail budget waits in the rotation of new prompts beyond its turn:
-/// at `used` times its budget it takes one turn in `used²` rounds (as its tail's price grows), so
-/// its share falls until its spikes fit the fleet's budget. Its price alone did not keep it out:
+/// How many picks past its turn an endpoint over its tail budget waits in the rotation of new
+/// prompts: at `used` times its budget it takes one turn in `used²` rounds (as its tail's price
+/// grows), at most one in 65, so it still gets some traffic and its estimates stay current; its
+/// share falls until its spikes fit the fleet's budget. Its price alone did not keep it out:
 /// where nothing recurs, every endpoint's cost is mostly the prefills it has under way, which a
 /// spiky backend's tail only matched (one of four backends with 5 % 1 s spikes kept a fifth of
 /// unique prompts, and its spikes made the 99th percentile in every run).
