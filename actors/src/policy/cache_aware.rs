@@ -105,9 +105,10 @@ const PLACE_SLACK: f64 = 1.0;
 /// Below this reuse (the share of what the fleet is sent that it was sent before), where a new
 /// prompt lands matters to no cache, and new prompts rotate, as round robin does, over the
 /// endpoints within `1 + PLACE_SLACK` times the best cost: the one a pick chose longest ago takes
-/// it, a slower one sitting out rounds ([`rounds_per_turn`]). Each backend then gets its arrivals evenly spaced; the cheapest by a few ms of noise in
-/// the estimates took bursts instead, and queued them (equal fleet, unique prompts, fixed arrival
-/// intervals, one run each: p99 time to first token 115 ms, with rotation 84, round robin 84).
+/// it, a slower one sitting out rounds ([`rounds_per_turn`]). Each backend then gets its arrivals
+/// evenly spaced; the cheapest by a few ms of noise in the estimates took bursts instead, and
+/// queued them (equal fleet, unique prompts, fixed arrival intervals, one run each: p99 time to
+/// first token 115 ms, with rotation 84, round robin 84).
 const ROTATE_BELOW_REUSE: f64 = 0.1;
 /// Tail cost at which a backend gets half the share of new prompts its cache residence earns.
 const TAIL_HALF_MS: f64 = 100.0;
