@@ -458,8 +458,8 @@ impl Estimator {
             residence_ms,
             ramp,
         };
-        // A quarter of its lateness while its spikes are well within the fleet's tail budget, rising
-        // steeply past it.
+        // A quarter of its lateness while its spikes are well within the fleet's tail budget,
+        // rising steeply past it.
         let used = estimate.tail_budget_used();
         estimate.tail_ms = jitter_ms * (0.25 + used * used).min(2.0);
         estimate
