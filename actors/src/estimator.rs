@@ -119,6 +119,14 @@ fn keep(elapsed: Duration, tau: Duration) -> f64 {
     (-elapsed.as_secs_f64() / tau.as_secs_f64().max(1e-9)).exp()
 }
 
+/// The weight sums that fade with time constant `tau` keep from `at` to `now` (1 if they have
+/// none yet); `at` moves to `now`.
+fn fade(at: &mut Option<Instant>, now: Instant, tau: Duration) -> f64 {
+    let k = at.map_or(1.0, |at| keep(now.saturating_duration_since(at), tau));
+    *at = Some(now);
+    k
+}
+
 /// A mean of samples whose default is zero (a share of spikes, a lateness), over sums that fade
 /// with time constant `tau`, counted as if [`ZERO_PRIOR`] samples of zero came first. A share of
 /// spikes is then learned from the first few dozen answers (a time-decaying average that gave a
@@ -138,12 +146,9 @@ const ZERO_PRIOR: f64 = 20.0;
 
 impl Mean {
     fn decay(&mut self, now: Instant, tau: Duration) {
-        if let Some(at) = self.at {
-            let k = keep(now.saturating_duration_since(at), tau);
-            self.sum *= k;
-            self.n *= k;
-        }
-        self.at = Some(now);
+        let k = fade(&mut self.at, now, tau);
+        self.sum *= k;
+        self.n *= k;
     }
 
     fn observe(&mut self, sample: f64, now: Instant, tau: Duration) {
@@ -175,18 +180,15 @@ const MIN_FIT_WEIGHT: f64 = 1.0;
 
 impl Fit {
     fn decay(&mut self, now: Instant, tau: Duration) {
-        if let Some(at) = self.at {
-            let k = keep(now.saturating_duration_since(at), tau);
-            for sum in [
-                &mut self.n,
-                &mut self.x,
-                &mut self.y,
-                &mut self.xx,
-                &mut self.xy,
-            ] {
-                *sum *= k;
-            }
-            self.at = Some(now);
+        let k = fade(&mut self.at, now, tau);
+        for sum in [
+            &mut self.n,
+            &mut self.x,
+            &mut self.y,
+            &mut self.xx,
+            &mut self.xy,
+        ] {
+            *sum *= k;
         }
     }
 
@@ -197,7 +199,6 @@ impl Fit {
         self.y += y;
         self.xx += x * x;
         self.xy += x * y;
-        self.at = Some(now);
     }
 
     /// (time with nothing to prefill, time per block), ms; 0 for what the samples cannot tell.

@@ -123,6 +123,8 @@ pub struct Priors {
     pub service_ms: f64,
     /// How much of what the fleet is sent recurs (0: nothing, every prompt is new).
     pub reuse: f64,
+    /// The least prefill time per block an endpoint has measured (`block_ms` if none has).
+    pub fastest_block_ms: f64,
 }
 
 impl Priors {
@@ -130,10 +132,14 @@ impl Priors {
     pub fn of(eligible: &Eligible<'_>) -> Self {
         let mut sums = [(0.0, 0u32); 3];
         let (mut reuse, mut endpoints) = (0.0, 0u32);
+        let mut fastest = f64::INFINITY;
         for slot in eligible.slots.iter() {
             let e = eligible.endpoint(slot).estimate();
             reuse += e.reuse;
             endpoints += 1;
+            if e.block_ms > 0.0 {
+                fastest = fastest.min(e.block_ms);
+            }
             for (sum, value) in sums.iter_mut().zip([e.warm_ms, e.block_ms, e.service_ms]) {
                 if value > 0.0 {
                     sum.0 += value;
@@ -148,11 +154,22 @@ impl Priors {
                 sum / f64::from(n)
             }
         };
+        let block_ms = mean(sums[1], PRIOR_BLOCK_MS);
         Self {
             warm_ms: mean(sums[0], PRIOR_WARM_MS),
-            block_ms: mean(sums[1], PRIOR_BLOCK_MS),
+            block_ms,
             service_ms: mean(sums[2], PRIOR_SERVICE_MS),
             reuse: reuse / f64::from(endpoints.max(1)),
+            fastest_block_ms: fastest.min(block_ms),
+        }
+    }
+
+    /// The prefill time per block of an endpoint with `estimate`: learned, or the fleet's average.
+    pub fn block_ms_of(&self, estimate: &Estimate) -> f64 {
+        if estimate.block_ms > 0.0 {
+            estimate.block_ms
+        } else {
+            self.block_ms
         }
     }
 }
@@ -191,7 +208,7 @@ pub fn expected_ttft_ms(e: &Endpoint, blocks: usize, cached: usize, priors: &Pri
     let estimate = e.estimate();
     let or = |value: f64, prior: f64| if value > 0.0 { value } else { prior };
     let service = or(estimate.service_ms, priors.service_ms);
-    let block_ms = or(estimate.block_ms, priors.block_ms);
+    let block_ms = priors.block_ms_of(&estimate);
     let uncached = (blocks - cached) as f64;
     or(estimate.warm_ms, priors.warm_ms)
         + uncached * block_ms * (1.0 + estimate.reuse)
@@ -282,15 +299,6 @@ fn place(
     let mut drawn: Option<usize> = None;
     let mut total = 0.0;
     let mut oldest = u64::MAX;
-    let fastest = if rotate {
-        eligible
-            .slots
-            .iter()
-            .map(|slot| block_ms(&eligible.endpoint(slot).estimate(), priors))
-            .fold(f64::INFINITY, f64::min)
-    } else {
-        0.0
-    };
     for slot in eligible.slots.iter() {
         let e = eligible.endpoint(slot);
         let found = e.prefix.matched(blocks);
@@ -320,7 +328,8 @@ fn place(
         } else if home.is_none() && cost <= limit {
             let estimate = e.estimate();
             if rotate {
-                let rounds = rounds_per_turn(&estimate, block_ms(&estimate, priors) / fastest);
+                let slower = priors.block_ms_of(&estimate) / priors.fastest_block_ms;
+                let rounds = rounds_per_turn(&estimate, slower);
                 let waits = ((rounds - 1.0) * eligible.slots.len() as f64) as u64;
                 let turn = e.last_pick().saturating_add(waits);
                 if turn < oldest {
@@ -338,15 +347,6 @@ fn place(
         }
     }
     home.map(|(slot, _)| slot).or(drawn)
-}
-
-/// Its prefill time per block, learned or the fleet's average.
-fn block_ms(estimate: &Estimate, priors: &Priors) -> f64 {
-    if estimate.block_ms > 0.0 {
-        estimate.block_ms
-    } else {
-        priors.block_ms
-    }
 }
 
 /// How many rounds of the rotation of new prompts an endpoint takes one turn in: one in `slower`
@@ -594,6 +594,7 @@ mod tests {
             block_ms: 1.0,
             service_ms: 400.0,
             reuse: 0.5,
+            fastest_block_ms: 1.0,
         };
         let cost = |e: &Endpoint| expected_ttft_ms(e, 100, 0, &priors);
         assert_eq!(cost(&t.endpoints[0]), cost(&t.endpoints[1]));
