@@ -40,6 +40,13 @@ const LEARN_BELOW_LOAD: f64 = 0.75;
 /// The share of the fleet's first tokens that may be spikes: under a 99th percentile, with room.
 pub const TAIL_BUDGET: f64 = 0.005;
 
+/// What latency spikes of `jitter_ms` cost a request on a backend at `used` times its tail budget
+/// ([`crate::endpoint::Estimate::tail_budget_used`]), ms: a quarter of its lateness while its
+/// spikes are well within the fleet's tail budget, rising steeply past it, to twice the lateness.
+pub fn tail_price_ms(jitter_ms: f64, used: f64) -> f64 {
+    jitter_ms * (0.25 + used * used).min(2.0)
+}
+
 /// How a successful request went, as far as learning is concerned.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
@@ -459,10 +466,7 @@ impl Estimator {
             residence_ms,
             ramp,
         };
-        // A quarter of its lateness while its spikes are well within the fleet's tail budget,
-        // rising steeply past it.
-        let used = estimate.tail_budget_used();
-        estimate.tail_ms = jitter_ms * (0.25 + used * used).min(2.0);
+        estimate.tail_ms = tail_price_ms(jitter_ms, estimate.tail_budget_used());
         estimate
     }
 

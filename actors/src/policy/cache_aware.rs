@@ -31,7 +31,8 @@
 //! prompts. `tail` prices latency spikes: a backend that spikes may take the share of traffic
 //! that keeps its spikes out of the fleet's slowest percent at a small cost (a quarter of its
 //! lateness), and past that share it costs steeply more, so it serves what the steady ones cannot
-//! take soon ([`crate::estimator`]); where new prompts take turns, it sits out rounds instead.
+//! take soon ([`crate::estimator`]): more for some prompts than for others, by a rank hashed from
+//! the prompt, so it sheds whole prompts; where new prompts take turns, it sits out rounds instead.
 //! Unmeasured endpoints take the measured ones' average, so nothing is starved or flooded before
 //! it is known.
 //!
@@ -61,6 +62,7 @@ use super::affinity::stable_hash_seeded;
 use super::{below, Policy, PolicyKind};
 use crate::endpoint::rng_unit;
 use crate::endpoint::{Eligible, Endpoint, Estimate};
+use crate::estimator::tail_price_ms;
 
 #[derive(Debug)]
 pub struct CacheAware;
@@ -204,7 +206,8 @@ pub fn queue_ms(e: &Endpoint, estimate: &Estimate, service_ms: f64) -> f64 {
 /// prefix cache, ms: its expected time to first token, plus the prefill its cold blocks will cost
 /// others later (each evicts a block of the backend's cache, which comes back with probability
 /// `reuse`).
-pub fn expected_ttft_ms(e: &Endpoint, blocks: usize, cached: usize, priors: &Priors) -> f64 {
+pub fn expected_ttft_ms(e: &Endpoint, prompt: &[u64], cached: usize, priors: &Priors) -> f64 {
+    let blocks = prompt.len();
     let estimate = e.estimate();
     let or = |value: f64, prior: f64| if value > 0.0 { value } else { prior };
     let service = or(estimate.service_ms, priors.service_ms);
@@ -215,7 +218,29 @@ pub fn expected_ttft_ms(e: &Endpoint, blocks: usize, cached: usize, priors: &Pri
         + f64::from(e.prefill_blocks()) * block_ms * PREFILL_AHEAD_WEIGHT * uncached
             / blocks.max(1) as f64
         + queue_ms(e, &estimate, service)
-        + estimate.tail_ms
+        + tail_ms(e, &estimate, prompt, priors)
+}
+
+/// What `e`'s latency spikes cost a request for `prompt` there, ms: the tail price of
+/// [`crate::estimator`], for the prompt's own use of the tail budget, its endpoint's use scaled by
+/// a rank drawn from 0 to 2 by hashing its first block with the endpoint. So a backend past its
+/// budget sheds whole prompts, the same ones each time, and keeps the rest at a lower price:
+/// priced alike, each of its prompts went elsewhere whenever the price peaked and came back as it
+/// fell, which left copies of them over the fleet's caches and its own cache half empty (40
+/// shared prompts, more than the caches hold, on the unequal fleet: 18–25 of the prompts on two
+/// or three backends, 47–51 % of prompt tokens cached; with the rank, 54–57 %). Where prompts do
+/// not recur there is no cache to keep whole, and such a backend sits out turns of the rotation
+/// instead ([`rounds_per_turn`]).
+fn tail_ms(e: &Endpoint, estimate: &Estimate, prompt: &[u64], priors: &Priors) -> f64 {
+    let used = estimate.tail_budget_used();
+    match prompt.first() {
+        Some(&first) if used > 0.0 && priors.reuse >= ROTATE_BELOW_REUSE => {
+            let rank =
+                2.0 * stable_hash_seeded(first, &e.id.to_le_bytes()) as f64 / u64::MAX as f64;
+            tail_price_ms(estimate.jitter_ms, used * rank)
+        }
+        _ => estimate.tail_ms,
+    }
 }
 
 impl Policy for CacheAware {
@@ -233,7 +258,7 @@ impl Policy for CacheAware {
         for slot in eligible.slots.iter() {
             let e = eligible.endpoint(slot);
             let cached = e.prefix.matched(blocks).cached;
-            let cost = expected_ttft_ms(e, blocks.len(), cached, &priors);
+            let cost = expected_ttft_ms(e, blocks, cached, &priors);
             if cached as f64 >= half && !blocks.is_empty() {
                 let rank = stable_hash_seeded(blocks[0], &slot.to_le_bytes());
                 if primary.is_none_or(|(best_rank, ..)| rank > best_rank) {
@@ -302,7 +327,7 @@ fn place(
     for slot in eligible.slots.iter() {
         let e = eligible.endpoint(slot);
         let found = e.prefix.matched(blocks);
-        let cost = expected_ttft_ms(e, blocks.len(), found.cached, priors);
+        let cost = expected_ttft_ms(e, blocks, found.cached, priors);
         // An endpoint that caches the prompt but costs more is one whose queue outweighs its
         // cache: the cost said no, so it is no place to put the prompt either.
         if found.cached as f64 >= half {
@@ -339,7 +364,7 @@ fn place(
                 continue;
             }
             let weight = estimate.residence_ms.min(MAX_RESIDENCE_MS)
-                / (1.0 + estimate.tail_ms / TAIL_HALF_MS);
+                / (1.0 + tail_ms(e, &estimate, blocks, priors) / TAIL_HALF_MS);
             total += weight;
             if drawn.is_none() || rng_unit(rng) * total < weight {
                 drawn = Some(slot);
@@ -596,7 +621,7 @@ mod tests {
             reuse: 0.5,
             fastest_block_ms: 1.0,
         };
-        let cost = |e: &Endpoint| expected_ttft_ms(e, 100, 0, &priors);
+        let cost = |e: &Endpoint| expected_ttft_ms(e, &[7; 100], 0, &priors);
         assert_eq!(cost(&t.endpoints[0]), cost(&t.endpoints[1]));
     }
 
@@ -699,6 +724,46 @@ mod tests {
             over[..3].iter().all(|&n| (120..135).contains(&n)),
             "{over:?}"
         );
+    }
+
+    #[test]
+    fn a_backend_over_its_tail_budget_sheds_whole_prompts_the_same_ones_each_time() {
+        // Each of 60 prompts of about 190 blocks (a cold prefill of about 200 ms) cached on the
+        // spiky endpoint only, asked for once on a fresh fleet whose prompts recur: which of them
+        // it keeps.
+        let kept = |spikes: f64| -> Vec<bool> {
+            (0..60)
+                .map(|i| {
+                    let t = measured_fleet(4, 32);
+                    for e in &t.endpoints {
+                        e.publish_estimate(Estimate {
+                            reuse: 0.5,
+                            ..e.estimate()
+                        });
+                    }
+                    t.endpoints[3].publish_estimate(Estimate {
+                        spikes,
+                        jitter_ms: 200.0,
+                        ..t.endpoints[3].estimate()
+                    });
+                    let prompt = keys(&format!("system prompt {i} ").repeat(700));
+                    t.endpoints[3].prefix.insert(&prompt);
+                    let mut rng = SmallRng::seed_from_u64(i);
+                    pick(&t, &prompt, &mut rng) == 3
+                })
+                .collect()
+        };
+        // Twice its budget (spikes 0.04 at a share of 0.25): priced alike, all of them would
+        // leave (twice the lateness, 400 ms, against a cold prefill of about 200); by rank, some
+        // stay.
+        let over = kept(0.04);
+        let stay = over.iter().filter(|&&k| k).count();
+        assert!((10..40).contains(&stay), "{stay} of 60 stay");
+        // The same prompts each time, and the ones it keeps past its budget it keeps within it.
+        assert_eq!(kept(0.04), over);
+        let within = kept(0.01);
+        assert!(over.iter().zip(&within).all(|(&o, &w)| !o || w));
+        assert!(within.iter().filter(|&&k| k).count() > stay);
     }
 
     #[test]
