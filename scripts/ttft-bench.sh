@@ -10,8 +10,10 @@
 #           p99 and worst latency. BINARIES="before:/path/to/old/nanogate after:target/release/nanogate" compares builds.
 #   hedge   the unequal fleet of routing-bench.sh (fast, fast, half speed, fast with 5 % 1 s spikes), streamed 16-prompt
 #           shared-prefix load at RATE req/s, hedging off and on ([hedge] enabled), ROUNDS rounds interleaved, medians:
-#           p50/p99 TTFT and requests the backends received per client request (the hedges' cost).
-# Environment: BINARIES, REQUESTS (frozen: 6000; hedge: 1200), FREEZE_AT (3), RATE (70), ROUNDS (2), OUT.
+#           p50/p99 TTFT and requests the backends received per client request (the hedges' cost). POLICY picks the
+#           routing policy (default cache_aware, which itself keeps most spikes out of the tail; round_robin shows
+#           what the hedge alone saves).
+# Environment: BINARIES, REQUESTS (frozen: 6000; hedge: 1200), FREEZE_AT (3), RATE (70), ROUNDS (2), POLICY, OUT.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 mode=${1:-all}
@@ -69,7 +71,7 @@ hedge_run() { # label enabled round -> appends a JSON line
   local label=$1 enabled=$2 r=$3 bin=$out/nanogate i
   local args=("--speed 1.0" "--speed 1.0" "--speed 0.5" "--speed 1.0 --spike-rate 0.05 --spike-ms 1000")
   for i in 0 1 2 3; do curl -fsS -m 5 -o /dev/null -XPOST "http://127.0.0.1:${SIM_PORTS[$i]}/sim/flush" || return 1; done
-  NANOGATE__HEDGE__ENABLED=$enabled RUST_LOG=warn start_bg gw "$bin" serve --listen "127.0.0.1:$GW_PORT" --backends "$(sims_csv 4)"
+  NANOGATE__HEDGE__ENABLED=$enabled NANOGATE__BALANCER__POLICY=${POLICY:-cache_aware} RUST_LOG=warn start_bg gw "$bin" serve --listen "127.0.0.1:$GW_PORT" --backends "$(sims_csv 4)"
   ready gw "$GW_PORT" || return 1
   for i in 0 1 2 3; do curl -fsS -m 5 -o /dev/null -XPOST "http://127.0.0.1:${SIM_PORTS[$i]}/sim/flush" || return 1; done
   timeout 300 "$bin" loadtest --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --stream --rate "$RATE" \
