@@ -53,8 +53,8 @@ fn chat_body(system: &str, question: &str) -> Vec<u8> {
 }
 
 /// `n` endpoints serving model `m`, each with a prefix index of 8,192 blocks in which endpoint
-/// `i` holds system prompt `i % 16`, and some requests in flight.
-fn table(policy: PolicyKind, n: usize) -> (RoutingTable, Vec<Vec<u64>>) {
+/// `i` holds system prompt `i % 16` (or, `everywhere`, all 16).
+fn table(policy: PolicyKind, n: usize, everywhere: bool) -> (RoutingTable, Vec<Vec<u64>>) {
     let prompts: Vec<Vec<u64>> = (0..16)
         .map(|i| {
             let mut keys = Vec::new();
@@ -66,7 +66,11 @@ fn table(policy: PolicyKind, n: usize) -> (RoutingTable, Vec<Vec<u64>>) {
         .map(|id| {
             let spec = EndpointSpec::new(format!("http://10.0.{}.{}:8000", id / 250, id % 250));
             let endpoint = Arc::new(Endpoint::new(id, &spec, true).with_prefix_index(8192));
-            endpoint.prefix.insert(&prompts[id % 16]);
+            if everywhere {
+                prompts.iter().for_each(|p| endpoint.prefix.insert(p));
+            } else {
+                endpoint.prefix.insert(&prompts[id % 16]);
+            }
             endpoint
         })
         .collect();
@@ -78,33 +82,43 @@ fn table(policy: PolicyKind, n: usize) -> (RoutingTable, Vec<Vec<u64>>) {
     (RoutingTable::new(endpoints, &models, &settings), prompts)
 }
 
+/// Each policy's pick where one endpoint in 16 holds the request's prompt; and `cache_aware`'s
+/// where every endpoint does (`pick_everywhere`: each prefix match searches the whole prompt).
 fn pick(c: &mut Criterion) {
-    let mut group = c.benchmark_group("pick");
-    for policy in POLICIES {
-        for n in [4, 64, 256] {
-            let (table, prompts) = table(policy, n);
-            // Keep a few requests in flight, as under load.
-            let _busy: Vec<_> = table
-                .endpoints
-                .iter()
-                .step_by(3)
-                .map(|e| e.begin())
-                .collect();
-            let mut rng = SmallRng::seed_from_u64(1);
-            let mut i = 0usize;
-            group.bench_with_input(BenchmarkId::new(policy.name(), n), &n, |b, _| {
-                b.iter(|| {
-                    i = i.wrapping_add(1);
-                    let request = PickRequest {
-                        model: "m",
-                        exclude: Bits::default(),
-                        affinity: Some(i as u64 % 16),
-                        blocks: &prompts[i % 16],
-                    };
-                    black_box(table.pick(&request, &mut rng).map(|p| p.slot))
-                })
-            });
-        }
+    let cases = POLICIES
+        .iter()
+        .map(|&policy| ("pick", policy, false))
+        .chain([("pick_everywhere", PolicyKind::CacheAware, true)]);
+    for (name, policy, everywhere) in cases {
+        pick_group(c, name, policy, everywhere);
+    }
+}
+
+fn pick_group(c: &mut Criterion, name: &str, policy: PolicyKind, everywhere: bool) {
+    let mut group = c.benchmark_group(name);
+    for n in [4, 64, 256] {
+        let (table, prompts) = table(policy, n, everywhere);
+        // Keep a few requests in flight, as under load.
+        let _busy: Vec<_> = table
+            .endpoints
+            .iter()
+            .step_by(3)
+            .map(|e| e.begin())
+            .collect();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut i = 0usize;
+        group.bench_with_input(BenchmarkId::new(policy.name(), n), &n, |b, _| {
+            b.iter(|| {
+                i = i.wrapping_add(1);
+                let request = PickRequest {
+                    model: "m",
+                    exclude: Bits::default(),
+                    affinity: Some(i as u64 % 16),
+                    blocks: &prompts[i % 16],
+                };
+                black_box(table.pick(&request, &mut rng).map(|p| p.slot))
+            })
+        });
     }
     group.finish();
 }
