@@ -437,6 +437,13 @@ impl Config {
             return Err(invalid("pool.resize_interval_ms", "must be at least 1"));
         }
         let b = &self.balancer;
+        let h = &self.hedge;
+        if !(0.0..=1.0).contains(&h.max_share) {
+            return Err(invalid("hedge.max_share", "must be in [0, 1]"));
+        }
+        if h.min_ms > h.max_ms {
+            return Err(invalid("hedge.min_ms", "must be at most hedge.max_ms"));
+        }
         if b.success_factor.is_nan() || b.success_factor < 1.0 {
             return Err(invalid("balancer.success_factor", "must be at least 1.0"));
         }
@@ -656,6 +663,14 @@ mod tests {
         let message = c.validate().unwrap_err().to_string();
         assert!(message.contains("pool.max_workers"), "{message}");
         c.pool.max_workers = 100;
+        c.hedge.max_share = 1.5;
+        let message = c.validate().unwrap_err().to_string();
+        assert!(message.contains("hedge.max_share"), "{message}");
+        c.hedge.max_share = 0.05;
+        c.hedge.min_ms = 5000;
+        let message = c.validate().unwrap_err().to_string();
+        assert!(message.contains("hedge.min_ms"), "{message}");
+        c.hedge.min_ms = 50;
         c.server.listen = "nowhere".into();
         let message = c.validate().unwrap_err().to_string();
         assert!(message.contains("server.listen"), "{message}");

@@ -26,7 +26,7 @@ use crate::error::ForwardError;
 use crate::exchange::{
     relay, relay_channel, report_whole, Exchange, ExchangeBody, RelayLimits, StreamEnd,
 };
-use crate::forwarding::{connect, Connected};
+use crate::forwarding::{connect, Connected, HedgeCredit};
 use crate::health_checker::HealthChecker;
 use crate::pool_supervisor::{Admission, Permit};
 use crate::report::{Reporters, ThreadReports};
@@ -78,6 +78,9 @@ pub struct HedgeSettings {
     /// token, but not before `min_ms` nor after `max_ms`.
     pub min_ms: u64,
     pub max_ms: u64,
+    /// Hedges sent, at most this share of the streams that could be hedged (each HTTP thread
+    /// keeps its own account, [`HedgeCredit`]).
+    pub max_share: f64,
 }
 
 impl Default for HedgeSettings {
@@ -86,6 +89,7 @@ impl Default for HedgeSettings {
             enabled: false,
             min_ms: 50,
             max_ms: 2000,
+            max_share: 0.05,
         }
     }
 }
@@ -160,6 +164,7 @@ pub(crate) struct WorkerShared {
     pub reports: Rc<ThreadReports>,
     pub settings: UpstreamSettings,
     pub hedge: HedgeSettings,
+    pub hedge_credit: HedgeCredit,
     pub retry_budget: Arc<RetryBudget>,
     pub relay_bytes: Arc<RelayBytes>,
     pub client_stall: Duration,
@@ -216,6 +221,7 @@ impl WorkerPool {
                 client,
                 reports: ThreadReports::start(reporters),
                 settings,
+                hedge_credit: HedgeCredit::new(hedge.max_share),
                 hedge,
                 retry_budget,
                 relay_bytes: buffers.thread_relay(),
