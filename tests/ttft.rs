@@ -252,6 +252,9 @@ async fn a_late_first_token_is_hedged_and_the_loser_cancelled() {
     cfg.hedge.enabled = true;
     cfg.hedge.min_ms = 50;
     cfg.hedge.max_ms = 200;
+    // Every late stream here is hedged (the hedge picks move round robin on, so three of the four
+    // land on the slow backend); the share's bound has a test of its own.
+    cfg.hedge.max_share = 1.0;
     let gw = gateway(cfg).await;
     let client = client();
     let url = chat_url(&gw);

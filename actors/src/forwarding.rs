@@ -392,7 +392,8 @@ fn connected(
 
 /// How many hedges one HTTP thread may send now: each stream that could be hedged earns
 /// `[hedge] max_share` of a hedge, and each hedge spends one, with at most [`HEDGE_RESERVE`] saved
-/// up (and none to start with, so the share holds over any number of streams). A hedge fires at its endpoint's p95 time to first token, so about one stream in twenty is
+/// up (and as many to start with: an idle thread has saved them up, and a gateway's first late
+/// streams are hedged). A hedge fires at its endpoint's p95 time to first token, so about one stream in twenty is
 /// late enough by construction, and more while the p95 windows lag a changing load: without a
 /// bound, round robin on the unequal fleet sent 7 % more requests to the backends than clients
 /// sent it.
@@ -409,7 +410,7 @@ impl HedgeCredit {
     pub fn new(share: f64) -> Self {
         Self {
             share,
-            credit: Cell::new(0.0),
+            credit: Cell::new(if share > 0.0 { HEDGE_RESERVE } else { 0.0 }),
         }
     }
 
@@ -816,8 +817,8 @@ mod tests {
                 sent += 1;
             }
         }
-        // A twentieth of 1,000 (the last one may be a rounding error short).
-        let most = 50;
+        // A twentieth of 1,000 and the two it starts with (the last may be a rounding error short).
+        let most = 52;
         assert!((most - 1..=most).contains(&sent), "{sent}");
         let none = HedgeCredit::new(0.0);
         none.earn();
