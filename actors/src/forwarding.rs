@@ -393,10 +393,10 @@ fn connected(
 /// How many hedges one HTTP thread may send now: each stream that could be hedged earns
 /// `[hedge] max_share` of a hedge, and each hedge spends one, with at most [`HEDGE_RESERVE`] saved
 /// up (and as many to start with: an idle thread has saved them up, and a gateway's first late
-/// streams are hedged). A hedge fires at its endpoint's p95 time to first token, so about one stream in twenty is
-/// late enough by construction, and more while the p95 windows lag a changing load: without a
-/// bound, round robin on the unequal fleet sent 7 % more requests to the backends than clients
-/// sent it.
+/// streams are hedged). A hedge fires at its endpoint's p95 time to first token, so about one
+/// stream in twenty is late enough by construction, and more while the p95 windows lag a changing
+/// load: without a bound, round robin on the unequal fleet sent 7 % more requests to the backends
+/// than clients sent it.
 #[derive(Debug)]
 pub struct HedgeCredit {
     share: f64,
