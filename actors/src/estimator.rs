@@ -342,27 +342,27 @@ impl Estimator {
         // for cached what the backend was still prefilling for another request of the same
         // prompt, or had let go, and that is a miss, not a spike (two requests of one prompt at
         // once on llama.cpp made the second look 9 s late and priced its backend out).
-        if let Some(predicted) = self.prefill.predict(uncached) {
-            // (Where no cold prefill was seen yet, the prediction stands in.)
-            let cold = self
-                .prefill
-                .predict(f64::from(s.blocks))
-                .map_or(predicted, |cold| cold.max(predicted));
-            let late = (first - cold).max(0.0);
-            let queue = if loaded { self.service.value() } else { 0.0 };
-            let spike = late > cold + OUTLIER_MS + queue;
-            self.spikes.observe(if spike { 1.0 } else { 0.0 }, now, tau);
-            if loaded {
-                return;
+        let spike = match self.prefill.predict(uncached) {
+            Some(predicted) => {
+                // (Where no cold prefill was seen yet, the prediction stands in.)
+                let cold = self
+                    .prefill
+                    .predict(f64::from(s.blocks))
+                    .map_or(predicted, |cold| cold.max(predicted));
+                let late = (first - cold).max(0.0);
+                let queue = if loaded { self.service.value() } else { 0.0 };
+                let spike = late > cold + OUTLIER_MS + queue;
+                self.spikes.observe(f64::from(u8::from(spike)), now, tau);
+                if !loaded {
+                    self.lateness.observe(late * late, now, tau);
+                }
+                spike
             }
-            self.lateness.observe(late * late, now, tau);
-            if spike {
-                return;
-            }
-        } else if loaded {
-            return;
+            None => false,
+        };
+        if !loaded && !spike {
+            self.prefill.add(uncached, first, now, tau);
         }
-        self.prefill.add(uncached, first, now, tau);
     }
 
     /// What the backend reports running and waiting: a queue means its batch is full at what it

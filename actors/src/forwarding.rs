@@ -404,7 +404,7 @@ pub struct HedgeCredit {
 }
 
 /// Hedges one thread may save up while few streams are late.
-pub const HEDGE_RESERVE: f64 = 2.0;
+const HEDGE_RESERVE: f64 = 2.0;
 
 impl HedgeCredit {
     pub fn new(share: f64) -> Self {

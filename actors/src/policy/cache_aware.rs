@@ -206,19 +206,24 @@ pub fn queue_ms(e: &Endpoint, estimate: &Estimate, service_ms: f64) -> f64 {
 /// prefix cache, ms: its expected time to first token, plus the prefill its cold blocks will cost
 /// others later (each evicts a block of the backend's cache, which comes back with probability
 /// `reuse`).
-pub fn expected_ttft_ms(e: &Endpoint, prompt: &[u64], cached: usize, priors: &Priors) -> f64 {
+pub fn expected_ttft_ms(
+    e: &Endpoint,
+    estimate: &Estimate,
+    prompt: &[u64],
+    cached: usize,
+    priors: &Priors,
+) -> f64 {
     let blocks = prompt.len();
-    let estimate = e.estimate();
     let or = |value: f64, prior: f64| if value > 0.0 { value } else { prior };
     let service = or(estimate.service_ms, priors.service_ms);
-    let block_ms = priors.block_ms_of(&estimate);
+    let block_ms = priors.block_ms_of(estimate);
     let uncached = (blocks - cached) as f64;
     or(estimate.warm_ms, priors.warm_ms)
         + uncached * block_ms * (1.0 + estimate.reuse)
         + f64::from(e.prefill_blocks()) * block_ms * PREFILL_AHEAD_WEIGHT * uncached
             / blocks.max(1) as f64
-        + queue_ms(e, &estimate, service)
-        + tail_ms(e, &estimate, prompt, priors)
+        + queue_ms(e, estimate, service)
+        + tail_ms(e, estimate, prompt, priors)
 }
 
 /// What `e`'s latency spikes cost a request for `prompt` there, ms: the tail price of
@@ -258,7 +263,7 @@ impl Policy for CacheAware {
         for slot in eligible.slots.iter() {
             let e = eligible.endpoint(slot);
             let cached = e.prefix.matched(blocks).cached;
-            let cost = expected_ttft_ms(e, blocks, cached, &priors);
+            let cost = expected_ttft_ms(e, &e.estimate(), blocks, cached, &priors);
             if cached as f64 >= half && !blocks.is_empty() {
                 let rank = stable_hash_seeded(blocks[0], &slot.to_le_bytes());
                 if primary.is_none_or(|(best_rank, ..)| rank > best_rank) {
@@ -324,10 +329,12 @@ fn place(
     let mut drawn: Option<usize> = None;
     let mut total = 0.0;
     let mut oldest = u64::MAX;
+    let candidates = eligible.slots.len() as f64;
     for slot in eligible.slots.iter() {
         let e = eligible.endpoint(slot);
         let found = e.prefix.matched(blocks);
-        let cost = expected_ttft_ms(e, blocks, found.cached, priors);
+        let estimate = e.estimate();
+        let cost = expected_ttft_ms(e, &estimate, blocks, found.cached, priors);
         // An endpoint that caches the prompt but costs more is one whose queue outweighs its
         // cache: the cost said no, so it is no place to put the prompt either.
         if found.cached as f64 >= half {
@@ -351,11 +358,10 @@ fn place(
                 }
             }
         } else if home.is_none() && cost <= limit {
-            let estimate = e.estimate();
             if rotate {
                 let slower = priors.block_ms_of(&estimate) / priors.fastest_block_ms;
                 let rounds = rounds_per_turn(&estimate, slower);
-                let waits = ((rounds - 1.0) * eligible.slots.len() as f64) as u64;
+                let waits = ((rounds - 1.0) * candidates) as u64;
                 let turn = e.last_pick().saturating_add(waits);
                 if turn < oldest {
                     oldest = turn;
@@ -386,12 +392,7 @@ fn place(
 fn rounds_per_turn(estimate: &Estimate, slower: f64) -> f64 {
     let used = estimate.tail_budget_used();
     let tail = if used > 1.0 { used * used } else { 1.0 };
-    let slower = if slower.is_finite() {
-        slower.max(1.0)
-    } else {
-        1.0
-    };
-    (tail * slower).min(65.0)
+    (tail * slower.max(1.0)).min(65.0)
 }
 
 #[cfg(test)]
@@ -621,7 +622,7 @@ mod tests {
             reuse: 0.5,
             fastest_block_ms: 1.0,
         };
-        let cost = |e: &Endpoint| expected_ttft_ms(e, &[7; 100], 0, &priors);
+        let cost = |e: &Endpoint| expected_ttft_ms(e, &e.estimate(), &[7; 100], 0, &priors);
         assert_eq!(cost(&t.endpoints[0]), cost(&t.endpoints[1]));
     }
 
