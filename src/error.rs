@@ -88,7 +88,7 @@ fn rate_limit_message(refused: &Refused) -> String {
 /// without `fmt` and each header shares it: `HeaderValue::from(u64)` formats through `fmt` into
 /// an allocation of its own, ~600 instructions a value.
 pub fn rate_limit_headers(headers: &mut HeaderMap, state: &RateState) {
-    const NAMES: [[HeaderName; 3]; 2] = [
+    static NAMES: [[HeaderName; 3]; 2] = [
         [
             HeaderName::from_static("x-ratelimit-limit-requests"),
             HeaderName::from_static("x-ratelimit-remaining-requests"),
