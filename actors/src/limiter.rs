@@ -261,7 +261,7 @@ impl TokenBucket {
     /// How long until the key may send again, when it is at or below zero.
     fn debt_for(&mut self, now: Instant) -> Option<Duration> {
         self.refill(now);
-        (self.level < 1.0).then(|| Duration::from_secs_f64((1.0 - self.level) / self.per_second()))
+        (self.level < 1.0).then(|| seconds((1.0 - self.level) / self.per_second()))
     }
 
     fn take(&mut self, tokens: u64, now: Instant) {
@@ -275,11 +275,16 @@ impl TokenBucket {
             limit: self.capacity as u64,
             remaining: self.level.max(0.0) as u64,
             // A key in debt is whole again only once the debt is paid too.
-            reset: Duration::from_secs_f64(
-                (self.capacity - self.level).max(0.0) / self.per_second(),
-            ),
+            reset: seconds((self.capacity - self.level).max(0.0) / self.per_second()),
         }
     }
+}
+
+/// A wait in seconds as a `Duration`, saturating: a backend that reports absurd usage (say
+/// 2⁶⁴ tokens) puts the key's bucket that deep in debt, and `Duration::from_secs_f64` panics
+/// on a wait that long.
+fn seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
 }
 
 /// Tokens per UTC day.
@@ -364,6 +369,18 @@ mod tests {
         let wait = refused.retry_after.as_secs_f64();
         assert!((29.0..=31.0).contains(&wait), "{wait}");
         assert_eq!(refused.state.tokens.unwrap().remaining, 0);
+    }
+
+    #[test]
+    fn absurd_reported_usage_refuses_for_as_long_as_it_can_say_without_a_panic() {
+        // A backend reporting 2⁶⁴ tokens: a debt of ~10²¹ s at one token a minute.
+        let l = limits(None, Some(1), None);
+        assert!(l.admit().is_ok());
+        l.charge(u64::MAX);
+        let refused = l.admit().unwrap_err();
+        assert_eq!(refused.why, Refusal::Tokens);
+        assert_eq!(refused.retry_after, Duration::MAX);
+        assert_eq!(l.state().tokens.unwrap().reset, Duration::MAX);
     }
 
     #[test]

@@ -18,8 +18,9 @@ pub struct TokenUsage {
 }
 
 impl TokenUsage {
+    /// Saturating: the counts are what a backend reported, which may be anything.
     pub fn total(&self) -> u64 {
-        self.prompt + self.completion
+        self.prompt.saturating_add(self.completion)
     }
 }
 
