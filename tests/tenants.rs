@@ -240,6 +240,65 @@ async fn a_stream_is_counted_and_its_client_gets_the_bytes_it_asked_for() {
 }
 
 #[actix_rt::test]
+async fn a_client_that_did_not_ask_gets_openais_stream_as_openai_would_send_it() {
+    // OpenAI with `include_usage` adds `"usage":null` to every chunk and a usage chunk at the
+    // end; without it, neither. The gateway asks on the client's behalf and must undo both.
+    let backend = Fake::start(|r| {
+        if r.path == "/health" {
+            return FakeResponse::empty(200);
+        }
+        let body = r.json();
+        let asked = body["stream_options"]["include_usage"] == json!(true);
+        let usage = if asked { r#","usage":null"# } else { "" };
+        let mut frames: Vec<String> = ["Hel", "lo"]
+            .iter()
+            .map(|t| {
+                format!(
+                    "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"sim\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{t}\"}},\"finish_reason\":null}}]{usage}}}\n\n"
+                )
+            })
+            .collect();
+        if asked {
+            frames.push(
+                r#"data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"sim","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#
+                    .to_string()
+                    + "\n\n",
+            );
+        }
+        frames.push("data: [DONE]\n\n".into());
+        FakeResponse::sse(frames, true)
+    });
+    let mut c = keys_config(std::slice::from_ref(&backend.url), "off");
+    c.endpoints[0].models = vec!["sim".into()];
+    let gw = gateway(c).await;
+    let client = client();
+    let body = json!({"model": "sim", "messages": [{"role": "user", "content": "hi"}],
+                      "stream": true});
+    let direct = post(
+        &client,
+        &format!("{}/v1/chat/completions", backend.url),
+        &body,
+    )
+    .await;
+    assert!(!direct.text().contains("usage"));
+    let through = send(
+        &client,
+        &format!("{}/v1/chat/completions", gw.url()),
+        Some("ng-good-secret"),
+        &body,
+    )
+    .await;
+    assert_eq!(through.status, 200);
+    assert_eq!(through.text(), direct.text());
+    let counted = eventually(Duration::from_secs(5), || async {
+        stats(&client, &gw).await["metrics"]["keys"]["good"]["tokens"]["completion"] == json!(2)
+    })
+    .await;
+    assert!(counted, "{}", stats(&client, &gw).await["metrics"]["keys"]);
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
 async fn prompt_tokens_the_backend_cached_are_counted_apart() {
     let backends = sims(vec![fast()]).await;
     let gw = gateway(keys_config(&[backends[0].url()], "off")).await;

@@ -32,6 +32,9 @@ const TRIES: usize = 4;
 const BYTES_PER_TOKEN: usize = 4;
 
 const DATA: &[u8] = b"data:";
+/// The member OpenAI adds to every chunk of a stream with `include_usage`, as it ends a chunk.
+const NULL_USAGE: &[u8] = br#","usage":null"#;
+const NULL_USAGE_END: &[u8] = br#","usage":null}"#;
 const KEY: &[u8] = b"\"usage\"";
 
 /// The `"usage"` key's finder, built once: building one per line would cost more than the search.
@@ -39,8 +42,9 @@ static USAGE_KEY: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::F
 
 /// Follows one relayed SSE stream and finds the token usage in it, optionally removing the usage
 /// chunk (`"choices":[]` with a `usage` object, before `data: [DONE]`) that the gateway asked for
-/// with `stream_options.include_usage` when the client had not: the client then gets exactly the
-/// bytes the backend would have sent it without that option.
+/// with `stream_options.include_usage` when the client had not, and the `"usage":null` that
+/// OpenAI then adds to the end of every other chunk: the client then gets exactly the bytes the
+/// backend would have sent it without that option.
 ///
 /// Lines are found with memchr and only a line with a `"usage"` key whose value is an object is
 /// parsed, so a typical chunk costs a few short searches. A line split across chunks is copied
@@ -94,7 +98,13 @@ impl UsageScan {
         while let Some(at) = memchr::memchr(b'\n', &chunk[start..]) {
             let end = start + at;
             if self.judge(&chunk[start..end]) {
-                kept.keep(&chunk, start..end + 1);
+                match self.null_usage_at(&chunk[start..end]) {
+                    Some(cut) => {
+                        kept.keep(&chunk, start..start + cut);
+                        kept.keep(&chunk, start + cut + NULL_USAGE.len()..end + 1);
+                    }
+                    None => kept.keep(&chunk, start..end + 1),
+                }
             }
             start = end + 1;
         }
@@ -140,7 +150,9 @@ impl UsageScan {
         let part = &chunk[range.clone()];
         if self.overlong.is_none() && self.line.len() + part.len() > LINE_CAP {
             self.overlong = Some(self.line.iter().chain(part).take(DATA.len()).eq(DATA));
-            if self.strip {
+            // Only a line continued from earlier chunks was held back; one that began in this
+            // chunk follows what this chunk already kept.
+            if self.strip && !self.line.is_empty() {
                 kept.start_with(&self.line);
             }
         }
@@ -167,6 +179,10 @@ impl UsageScan {
             None => {
                 if self.judge(&line) {
                     if self.strip {
+                        if let Some(cut) = self.null_usage_at(&line) {
+                            line.copy_within(cut + NULL_USAGE.len().., cut);
+                            line.truncate(line.len() - NULL_USAGE.len());
+                        }
                         kept.start_with(&line);
                     }
                     kept.keep(chunk, end..end + 1);
@@ -175,6 +191,18 @@ impl UsageScan {
         }
         line.clear();
         self.line = line;
+    }
+
+    /// In strip mode, where a kept line (without its `\n`) ends its event's object with
+    /// OpenAI's `,"usage":null`: OpenAI puts that member in every chunk only because
+    /// `include_usage` is set, so a client that did not ask gets its chunks without it.
+    fn null_usage_at(&self, line: &[u8]) -> Option<usize> {
+        if !self.strip {
+            return None;
+        }
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        (line.starts_with(DATA) && line.ends_with(NULL_USAGE_END))
+            .then(|| line.len() - NULL_USAGE_END.len())
     }
 
     /// Reads a whole line (without its `\n`); whether it goes to the client.
@@ -560,7 +588,7 @@ mod tests {
     }
 
     #[test]
-    fn null_usage_is_not_usage() {
+    fn null_usage_is_not_usage_and_goes_where_the_gateway_asked_for_it() {
         let chunk = |delta: &str, finish: &str| {
             event(&format!(
                 r#"{{"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{{"index":0,"delta":{delta},"finish_reason":{finish}}}],"usage":null}}"#
@@ -573,7 +601,11 @@ mod tests {
         ]
         .concat();
         let stream = format!("{body}data: [DONE]\n\n");
-        assert_every_split(true, &stream, &stream, None);
+        // What OpenAI sends without `include_usage`: no `usage` member at all.
+        let without = stream.replace(r#","usage":null}"#, "}");
+        assert_every_split(false, &stream, &stream, None);
+        assert_every_split(true, &stream, &without, None);
+        assert_every_split(true, &crlf(&stream), &crlf(&without), None);
         let (_, scan) = run(true, [stream.as_bytes()]);
         assert_eq!(scan.events(), 3);
 
@@ -585,7 +617,8 @@ mod tests {
             cached: 0,
             estimated: false,
         };
-        assert_every_split(true, &with_usage, &stream, Some(expected));
+        assert_every_split(true, &with_usage, &without, Some(expected));
+        assert_every_split(false, &with_usage, &with_usage, Some(expected));
     }
 
     #[test]
@@ -707,6 +740,25 @@ mod tests {
         assert_eq!(String::from_utf8(out).unwrap(), without);
         assert_eq!(scan.usage(), Some(VLLM_USAGE));
         assert_eq!(scan.events(), 5);
+    }
+
+    #[test]
+    fn a_line_that_runs_past_the_cap_after_whole_lines_of_its_chunk_passes() {
+        let (stream, without) = vllm_stream();
+        let long = chat_chunk(
+            &format!(r#"{{"content":"{}"}}"#, "x".repeat(100_000)),
+            "null",
+        );
+        let first = chat_chunk(r#"{"content":"a"}"#, "null");
+        let (out, scan) = run(
+            true,
+            format!("{first}{long}{stream}").as_bytes().chunks(70_000),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{first}{long}{without}")
+        );
+        assert_eq!(scan.usage(), Some(VLLM_USAGE));
     }
 
     #[test]
