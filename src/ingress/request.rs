@@ -114,12 +114,18 @@ struct Fields<'a> {
     #[serde(borrow)]
     instructions: Option<&'a RawValue>,
     stream: Option<bool>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
     temperature: Option<f64>,
     seed: Option<i64>,
     #[serde(borrow)]
     user: Option<Text<'a>>,
+}
+
+/// A member that is there, even as `null` (which `Option` alone reads as absent): beside a
+/// client's `"stream_options": null` the gateway must not write a second `stream_options`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// A string that may or may not have escapes in it.
@@ -164,8 +170,11 @@ pub enum StreamUsage {
     Asked,
     /// No `stream_options` at all.
     Absent,
-    /// `stream_options` without `include_usage: true`.
+    /// `stream_options` without `include_usage: true` (or `null`).
     NotAsked,
+    /// `stream_options` with vLLM's `continuous_usage_stats` but not `include_usage`: left as
+    /// it is (see [`with_stream_usage`]).
+    Untouched,
 }
 
 /// The request body with `stream_options.include_usage` set, so the backend reports the
@@ -175,7 +184,7 @@ pub enum StreamUsage {
 pub fn with_stream_usage(body: &[u8], usage: StreamUsage) -> Option<Bytes> {
     const MEMBER: &[u8] = br#""stream_options":{"include_usage":true},"#;
     match usage {
-        StreamUsage::Asked => None,
+        StreamUsage::Asked | StreamUsage::Untouched => None,
         StreamUsage::Absent => {
             let open = body.iter().position(|b| *b == b'{')?;
             let mut out = BytesMut::with_capacity(body.len() + MEMBER.len());
@@ -187,6 +196,9 @@ pub fn with_stream_usage(body: &[u8], usage: StreamUsage) -> Option<Bytes> {
         StreamUsage::NotAsked => {
             let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
             let options = value.get_mut("stream_options")?;
+            if options.is_null() {
+                *options = serde_json::Value::Object(serde_json::Map::new());
+            }
             if !options.is_object() {
                 return None;
             }
@@ -333,11 +345,19 @@ pub fn classify_with_blocks(
             #[derive(Deserialize)]
             struct Options {
                 include_usage: Option<bool>,
+                continuous_usage_stats: Option<bool>,
             }
             match serde_json::from_str::<Options>(options.get()) {
                 Ok(Options {
                     include_usage: Some(true),
+                    ..
                 }) => StreamUsage::Asked,
+                // vLLM sends usage in every chunk when both are set: asking on the client's behalf
+                // would change every chunk, not only add the one the gateway removes.
+                Ok(Options {
+                    continuous_usage_stats: Some(true),
+                    ..
+                }) => StreamUsage::Untouched,
                 _ => StreamUsage::NotAsked,
             }
         }
@@ -487,6 +507,45 @@ mod tests {
         let ok = chat(r#"{"model":"m\u00e9","messages":[],"stream":true}"#).unwrap();
         assert_eq!(ok.model, "mé");
         assert!(!ok.cacheable, "a stream is never cached");
+    }
+
+    #[test]
+    fn the_usage_chunk_is_asked_for_once_and_never_beside_the_clients_own_options() {
+        let ask = |body: &str| {
+            let usage = chat(body).unwrap().stream_usage;
+            let sent = with_stream_usage(body.as_bytes(), usage)
+                .map(|b| serde_json::from_slice::<serde_json::Value>(&b).unwrap());
+            (usage, sent.map(|v| v["stream_options"].clone()))
+        };
+        let asked = serde_json::json!({"include_usage": true});
+        assert_eq!(
+            ask(r#"{"model":"m","messages":[],"stream":true}"#),
+            (StreamUsage::Absent, Some(asked.clone()))
+        );
+        // `null` is there: rewritten, not a second member beside it (a duplicate key a strict
+        // parser refuses and a lenient one reads as the later `null`).
+        let body = r#"{"model":"m","messages":[],"stream":true,"stream_options":null}"#;
+        assert_eq!(ask(body), (StreamUsage::NotAsked, Some(asked.clone())));
+        let sent = with_stream_usage(body.as_bytes(), StreamUsage::NotAsked).unwrap();
+        assert_eq!(
+            sent.windows(16)
+                .filter(|w| w == b"\"stream_options\"")
+                .count(),
+            1
+        );
+        assert_eq!(
+            ask(r#"{"model":"m","messages":[],"stream_options":{"include_usage":false}}"#),
+            (StreamUsage::NotAsked, Some(asked))
+        );
+        assert_eq!(
+            ask(r#"{"model":"m","messages":[],"stream_options":{"include_usage":true}}"#),
+            (StreamUsage::Asked, None)
+        );
+        // vLLM would then put usage in every chunk, which the gateway does not remove.
+        assert_eq!(
+            ask(r#"{"model":"m","messages":[],"stream_options":{"continuous_usage_stats":true}}"#),
+            (StreamUsage::Untouched, None)
+        );
     }
 
     #[test]
