@@ -303,6 +303,62 @@ async fn a_late_first_token_is_hedged_and_the_loser_cancelled() {
 }
 
 #[actix_rt::test]
+async fn a_hedge_that_times_out_after_its_primary_failed_is_retried_elsewhere() {
+    // The primary answers 500 after the hedge went out; the hedge's backend never sends a head.
+    // The hedge waits only for what was left of the primary's wait, which is the gateway's limit,
+    // not the client's: its timeout is a backend's failure, retried on a third backend that
+    // neither attempt used, not the client's deadline (a 504).
+    let failing = Fake::start(|r| match r.path.as_str() {
+        "/health" => FakeResponse::empty(200),
+        _ => FakeResponse::json(500, r#"{"error":{"message":"boom"}}"#)
+            .after(Duration::from_millis(200)),
+    });
+    let silent = Fake::start(|r| match r.path.as_str() {
+        "/health" => FakeResponse::empty(200),
+        _ => FakeResponse::sse(vec!["data: [DONE]\n\n".into()], true).after(Duration::from_secs(3)),
+    });
+    let sim = sims(vec![fast()]).await;
+    let mut cfg = config(&[]);
+    cfg.endpoints = [failing.url.as_str(), silent.url.as_str(), &sim[0].url()]
+        .into_iter()
+        .map(|url| {
+            let mut e = nanogate_actors::endpoint::EndpointSpec::new(url);
+            e.models = vec!["sim".into()];
+            e
+        })
+        .collect();
+    cfg.health.interval_ms = 60_000;
+    cfg.health.unhealthy_interval_ms = 60_000;
+    cfg.balancer.policy = PolicyKind::RoundRobin;
+    cfg.balancer.eject_after_failures = 1000;
+    cfg.upstream.first_byte_timeout_ms = 400;
+    cfg.upstream.attempts = 2;
+    cfg.hedge.enabled = true;
+    cfg.hedge.min_ms = 50;
+    cfg.hedge.max_ms = 100;
+    cfg.hedge.max_share = 1.0;
+    let gw = gateway(cfg).await;
+    let client = client();
+    let url = chat_url(&gw);
+    let chats = |fake: &Fake| {
+        fake.requests()
+            .iter()
+            .filter(|r| r.path.contains("chat"))
+            .count()
+    };
+    for _ in 0..6 {
+        let answer = post(&client, &url, &chat_stream(3)).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert!(answer.text().trim_end().ends_with("[DONE]"));
+    }
+    assert!(
+        chats(&failing) >= 1 && chats(&silent) >= 1,
+        "the race this test is about happened"
+    );
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
 async fn an_added_backend_ramps_up_its_share_over_slow_start() {
     let warming = SimConfig {
         warmup_ms: 3000,

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::balancer::Verdict;
-use crate::endpoint::{Bits, Endpoint, InFlight, PickRequest, RoutingTable};
+use crate::endpoint::{Bits, Endpoint, InFlight, PickRequest, Picked, RoutingTable};
 use crate::error::ForwardError;
 use crate::exchange::{
     content_length, is_backend_failure, read_whole, Dispatch, Held, RelayLimits, INLINE_BODY_MAX,
@@ -95,6 +95,8 @@ impl Failure {
 
 /// The attempt in progress on one endpoint.
 struct Attempt {
+    /// Its endpoint's slot in the routing table, to exclude it from the next pick.
+    slot: usize,
     endpoint: Arc<Endpoint>,
     in_flight: InFlight,
     dispatch: Dispatch,
@@ -152,18 +154,26 @@ pub(crate) async fn connect(
             });
         }
         let hedge_at = hedge_after(shared, &request, picked.endpoint);
-        let first = start(picked.endpoint, picked.cached, &request);
+        let first = start(&picked, &request);
+        // Whether the client's limit, not the gateway's, ends the wait for a head: then running
+        // out of it is the client's timeout, on the first attempt and on a hedge alike.
+        let client_bound = clients < own_first_byte;
         let tried = run(
             shared,
             &request,
             first,
-            first_byte,
+            (first_byte, client_bound),
             limits,
             hedge_at.map(|after| (after, &table, pick.exclude)),
         )
         .await;
-        let (tried, attempt_state) = tried;
+        let (tried, attempt_state, hedged) = tried;
+        // A hedge that lost by failing is no place for the next attempt either.
+        if let Some(slot) = hedged {
+            pick.exclude.insert(slot);
+        }
         let endpoint = attempt_state.endpoint.clone();
+        let slot = attempt_state.slot;
         match tried {
             Tried::Ready(ready) => {
                 count_refusal(shared, &mut refused);
@@ -248,7 +258,7 @@ pub(crate) async fn connect(
                     }
                     FailureKind::Stale if stale_retry && endpoint.is_healthy() => {
                         stale_retry = false;
-                        pick.exclude.remove(picked.slot);
+                        pick.exclude.remove(slot);
                         continue;
                     }
                     FailureKind::Dead | FailureKind::Stale => {
@@ -318,7 +328,8 @@ fn probe(shared: &WorkerShared, endpoint: &Endpoint, urgent: bool) {
     }
 }
 
-fn start(endpoint: &Arc<Endpoint>, cached: usize, request: &UpstreamRequest) -> Attempt {
+fn start(picked: &Picked<'_>, request: &UpstreamRequest) -> Attempt {
+    let (endpoint, cached) = (picked.endpoint, picked.cached);
     let estimate = endpoint.estimate();
     // How full the batch it joins is: a late answer to a loaded backend may be queueing.
     let capacity = estimate.capacity.max(1);
@@ -346,6 +357,7 @@ fn start(endpoint: &Arc<Endpoint>, cached: usize, request: &UpstreamRequest) -> 
         );
     }
     Attempt {
+        slot: picked.slot,
         in_flight,
         endpoint: endpoint.clone(),
         dispatch: Dispatch {
@@ -454,23 +466,31 @@ fn hedge_after(
 }
 
 /// Runs the first attempt, watched for hangs, and (with `hedge`) races a hedge against it once
-/// its first token is late. Returns how it ended and the attempt it ended on.
+/// its first token is late. Returns how it ended, the attempt it ended on, and the hedge's slot
+/// when one was sent (a failure then means both failed). `first_byte` is the wait for a head and
+/// whether it is the client's own limit.
 async fn run(
     shared: &WorkerShared,
     request: &UpstreamRequest,
     first: Attempt,
-    first_byte: Duration,
+    (first_byte, client_bound): (Duration, bool),
     limits: RelayLimits,
     hedge: Option<(Duration, &Arc<RoutingTable>, Bits)>,
-) -> (Tried, Attempt) {
+) -> (Tried, Attempt, Option<usize>) {
     let first_endpoint = first.endpoint.clone();
-    let primary = watched(shared, request, &first_endpoint, first_byte, limits);
+    let primary = watched(
+        shared,
+        request,
+        &first_endpoint,
+        (first_byte, client_bound),
+        limits,
+    );
     let mut primary = pin!(primary);
     let Some((after, table, exclude)) = hedge else {
-        return (primary.await, first);
+        return (primary.await, first, None);
     };
     tokio::select! {
-        tried = &mut primary => return (tried, first),
+        tried = &mut primary => return (tried, first, None),
         () = tokio::time::sleep(after) => {}
     }
     let hedge_pick = PickRequest {
@@ -480,14 +500,14 @@ async fn run(
         blocks: &request.blocks,
     };
     if !shared.hedge_credit.can_spend() {
-        return (primary.await, first);
+        return (primary.await, first, None);
     }
     let permit = shared
         .retry_budget
         .try_hedge(shared.admission.busy())
         .and_then(|permit| Some((permit, table.pick(&hedge_pick, &mut rand::thread_rng())?)));
     let Some((_permit, picked)) = permit else {
-        return (primary.await, first);
+        return (primary.await, first, None);
     };
     shared.hedge_credit.spend();
     log::debug!(
@@ -496,27 +516,34 @@ async fn run(
         first.endpoint.url,
         picked.endpoint.url
     );
-    let second = start(picked.endpoint, picked.cached, request);
+    let second = start(&picked, request);
+    let hedge_slot = Some(second.slot);
     let left = first_byte.saturating_sub(first.started.elapsed());
     let second_endpoint = second.endpoint.clone();
-    let hedged = watched(shared, request, &second_endpoint, left, limits);
+    let hedged = watched(
+        shared,
+        request,
+        &second_endpoint,
+        (left, client_bound),
+        limits,
+    );
     let mut hedged = pin!(hedged);
     tokio::select! {
         tried = &mut primary => match tried {
-            Tried::Ready(_) => (tried, first),
+            Tried::Ready(_) => (tried, first, hedge_slot),
             failed => {
                 report_loser(shared, &first, failed);
-                (hedged.await, second)
+                (hedged.await, second, hedge_slot)
             }
         },
         tried = &mut hedged => match tried {
             Tried::Ready(_) => {
                 shared.retry_budget.hedge_won();
-                (tried, second)
+                (tried, second, hedge_slot)
             }
             failed => {
                 report_loser(shared, &second, failed);
-                (primary.await, first)
+                (primary.await, first, hedge_slot)
             }
         },
     }
@@ -546,7 +573,7 @@ async fn watched(
     shared: &WorkerShared,
     request: &UpstreamRequest,
     endpoint: &Endpoint,
-    first_byte: Duration,
+    first_byte: (Duration, bool),
     limits: RelayLimits,
 ) -> Tried {
     let mut attempt = pin!(send(shared, request, endpoint, first_byte, limits));
@@ -591,12 +618,13 @@ fn overdue_after(shared: &WorkerShared, endpoint: &Endpoint, stream: bool) -> Du
 }
 
 /// Sends the request to `endpoint` and judges the answer, reading a small body whole and a
-/// stream's first event.
+/// stream's first event, waiting at most `first_byte` for its head (`client_bound`: that wait
+/// is the client's own limit).
 async fn send(
     shared: &WorkerShared,
     request: &UpstreamRequest,
     endpoint: &Endpoint,
-    first_byte: Duration,
+    (first_byte, client_bound): (Duration, bool),
     limits: RelayLimits,
 ) -> Tried {
     let started = Instant::now();
@@ -608,7 +636,6 @@ async fn send(
     } else {
         upstream.send_body(awc::body::None::new()).await
     };
-    let own_first_byte = Duration::from_millis(shared.settings.first_byte_timeout_ms);
     let bad = |reason: String| ForwardError::BadResponse {
         endpoint: endpoint.id,
         reason,
@@ -616,8 +643,9 @@ async fn send(
     let response = match sent {
         Ok(response) => response,
         // The client's own limit ran out (its deadline or read timeout): it would not wait any
-        // longer, and the backend was not necessarily at fault.
-        Err(SendRequestError::Timeout) if first_byte < own_first_byte => {
+        // longer, and the backend was not necessarily at fault. A hedge waits only for what is
+        // left of the first attempt's wait, so its own length says nothing of whose limit it is.
+        Err(SendRequestError::Timeout) if client_bound => {
             let left = request.deadline.saturating_duration_since(started);
             let budget = if first_byte >= left {
                 request.budget
