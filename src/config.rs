@@ -509,6 +509,14 @@ impl Config {
         if !(0.0..=1.0).contains(&u.retry_ratio) {
             return Err(invalid("upstream.retry_ratio", "must be between 0 and 1"));
         }
+        // Infinite (as one might write to turn overdue probes off) or past `u64::MAX` seconds
+        // once multiplied, it made no `Duration` and every forwarded request panicked.
+        if !(u.overdue_multiple.is_finite() && u.overdue_multiple >= 1.0) {
+            return Err(invalid(
+                "upstream.overdue_multiple",
+                "must be a finite number, at least 1 (the p95 itself)",
+            ));
+        }
         for (key, value) in [
             ("upstream.idle_timeout_ms", u.idle_timeout_ms),
             ("upstream.request_timeout_ms", u.request_timeout_ms),
@@ -671,6 +679,12 @@ mod tests {
         let message = c.validate().unwrap_err().to_string();
         assert!(message.contains("hedge.min_ms"), "{message}");
         c.hedge.min_ms = 50;
+        for bad in [f64::INFINITY, f64::NAN, 0.5] {
+            c.upstream.overdue_multiple = bad;
+            let message = c.validate().unwrap_err().to_string();
+            assert!(message.contains("upstream.overdue_multiple"), "{message}");
+        }
+        c.upstream.overdue_multiple = 3.0;
         c.server.listen = "nowhere".into();
         let message = c.validate().unwrap_err().to_string();
         assert!(message.contains("server.listen"), "{message}");

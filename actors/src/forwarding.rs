@@ -614,7 +614,8 @@ fn overdue_after(shared: &WorkerShared, endpoint: &Endpoint, stream: bool) -> Du
     let (ttft, full) = endpoint.p95_ms();
     let p95 = if stream { ttft } else { full };
     let floor = shared.settings.overdue_floor_ms as f64;
-    Duration::from_secs_f64((p95 * shared.settings.overdue_multiple).max(floor) / 1000.0)
+    Duration::try_from_secs_f64((p95 * shared.settings.overdue_multiple).max(floor) / 1000.0)
+        .unwrap_or(Duration::MAX)
 }
 
 /// Sends the request to `endpoint` and judges the answer, reading a small body whole and a
