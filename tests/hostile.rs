@@ -113,6 +113,21 @@ async fn a_cached_answer_goes_only_to_the_credentials_that_filled_it() {
         4,
         "a (once, its twin coalesced), b, none and c went upstream"
     );
+    // Anthropic's SDK sends its key as `x-api-key`, Azure OpenAI's as `api-key`: forwarded when
+    // keys are off, so they separate callers too.
+    for name in ["x-api-key", "api-key"] {
+        let ask = |key: &'static str| {
+            let request = client.post(chat_url(&gw)).insert_header((name, key));
+            async move {
+                let response = request.send_json(&deterministic_chat()).await.unwrap();
+                assert_eq!(response.status(), 200);
+                response.headers().get("x-nanogate-cache").unwrap().clone()
+            }
+        };
+        assert_eq!(ask("k1").await, "miss", "{name}");
+        assert_eq!(ask("k1").await, "hit", "{name}");
+        assert_eq!(ask("k2").await, "miss", "{name}: another key is not k1");
+    }
     gw.stop(false).await;
 }
 

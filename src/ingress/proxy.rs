@@ -43,11 +43,16 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Request headers that make an answer someone's own: a cached answer is shared only between
-/// requests that carry the same values.
-const CREDENTIAL_HEADERS: [HeaderName; 3] = [
+/// requests that carry the same values. Every credential header a client SDK sends and the
+/// gateway forwards when keys are off: OpenAI's (and its organization and project), Anthropic's
+/// `x-api-key`, Azure OpenAI's `api-key`, Gemini's `x-goog-api-key`.
+const CREDENTIAL_HEADERS: [HeaderName; 6] = [
     header::AUTHORIZATION,
     HeaderName::from_static("openai-organization"),
     HeaderName::from_static("openai-project"),
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-goog-api-key"),
 ];
 
 type Pool = web::Data<Rc<WorkerPool>>;
