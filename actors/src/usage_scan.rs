@@ -23,6 +23,12 @@ const LINE_CAP: usize = 64 * 1024;
 /// past the cap, with its usage near the end.
 const TAIL: usize = 4 * 1024;
 
+/// The most tokens one answer's usage is taken to report, per count: no request has four
+/// billion tokens, so a larger count is a backend's garbage; taken as it came (up to 2⁶⁴), it
+/// put the key's token bucket beyond any wait a `Duration` holds and, summed in the usage log's
+/// 64-bit columns, overflowed every report that covered it.
+const MAX_REPORTED_TOKENS: u64 = 1 << 32;
+
 /// `"usage"` keys, from the end, that [`usage_near_end`] tries before giving up.
 const TRIES: usize = 4;
 
@@ -438,10 +444,11 @@ impl RawUsage {
             .flatten()
             .find_map(|details| details.cached_tokens)
             .or(self.cache_read_input_tokens);
+        let count = |n: Option<u64>| n.unwrap_or(0).min(MAX_REPORTED_TOKENS);
         Some(TokenUsage {
-            prompt: prompt.unwrap_or(0),
-            completion: completion.unwrap_or(0),
-            cached: cached.unwrap_or(0),
+            prompt: count(prompt),
+            completion: count(completion),
+            cached: count(cached),
             estimated: false,
         })
     }
@@ -800,6 +807,18 @@ mod tests {
             prompt: 31,
             completion: 14,
             cached: 16,
+            estimated: false,
+        };
+        assert_eq!(usage_of_body(body), Some(expected));
+    }
+
+    #[test]
+    fn absurd_counts_are_capped() {
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":9223372036854775807}}}"#;
+        let expected = TokenUsage {
+            prompt: MAX_REPORTED_TOKENS,
+            completion: 3,
+            cached: MAX_REPORTED_TOKENS,
             estimated: false,
         };
         assert_eq!(usage_of_body(body), Some(expected));
