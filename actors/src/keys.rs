@@ -190,9 +190,24 @@ impl KeyRegistry {
 
     /// Adds a key (a revoked one only to the list).
     pub fn insert(&self, key: ApiKey) -> Result<(), KeyError> {
+        self.add(key, false)
+    }
+
+    /// Adds a key the admin API just wrote to the database, unless the periodic [`sync`]
+    /// (another thread) read it from there first: the same name and secret, already in.
+    ///
+    /// [`sync`]: Self::sync
+    pub fn insert_made(&self, key: ApiKey) -> Result<(), KeyError> {
+        self.add(key, true)
+    }
+
+    fn add(&self, key: ApiKey, same_is_in: bool) -> Result<(), KeyError> {
         let _writing = self.writes.lock().unwrap_or_else(|e| e.into_inner());
         let all = self.all.load();
-        if all.contains_key(&key.name) {
+        if let Some(known) = all.get(&key.name) {
+            if same_is_in && constant_time_eq(&known.digest, &key.digest) {
+                return Ok(());
+            }
             return Err(KeyError::NameTaken(key.name.to_string()));
         }
         let key = Arc::new(key);
@@ -395,6 +410,16 @@ mod tests {
             registry.revoke("ops", 1).unwrap_err(),
             KeyError::FromConfig("ops".into())
         );
+        // A key the admin API made, which the sync took in from the database first: in once.
+        assert_eq!(registry.sync(vec![stored("made", "ng-made")]), 1);
+        registry
+            .insert_made(ApiKey::new(stored("made", "ng-made"), KeySource::Admin))
+            .unwrap();
+        assert!(matches!(
+            registry.insert_made(ApiKey::new(stored("made", "ng-other"), KeySource::Admin)),
+            Err(KeyError::NameTaken(_))
+        ));
+        assert_eq!(registry.list().len(), 2);
     }
 
     #[test]

@@ -162,7 +162,7 @@ async fn create(
     store.insert_key(&stored).await.map_err(store_error)?;
     let key = ApiKey::new(stored, KeySource::Admin);
     let info = key.info();
-    registry.insert(key).map_err(key_error)?;
+    registry.insert_made(key).map_err(key_error)?;
     let mut answer = serde_json::to_value(info).unwrap_or_default();
     answer["secret"] = json!(secret);
     Ok(HttpResponse::Created().json(answer))
@@ -231,7 +231,16 @@ async fn revoke(
     if let Some(store) = &state.store {
         store.revoke_key(&name, at).await.map_err(store_error)?;
     }
-    let info = registry.revoke(&name, at).map_err(key_error)?;
+    let info = match registry.revoke(&name, at) {
+        Ok(info) => info,
+        // The periodic sync read the revocation from the database first: it took effect.
+        Err(KeyError::Unknown(_)) => registry
+            .get(&name)
+            .filter(|k| k.revoked_ms.is_some())
+            .map(|k| k.info())
+            .ok_or_else(|| GatewayError::NoSuchKey(name.to_string()))?,
+        Err(e) => return Err(key_error(e)),
+    };
     Ok(HttpResponse::Ok().json(info))
 }
 
@@ -314,12 +323,14 @@ fn time_ms(text: &str, field: &'static str) -> Result<i64, GatewayError> {
     let h = number(t.next().ok_or_else(bad)?)?;
     let min = number(t.next().unwrap_or("0"))?;
     let sec = number(t.next().unwrap_or("0"))?;
+    // Years bounded so the arithmetic below cannot overflow.
     if d.next().is_some()
+        || !(0..=9999).contains(&y)
         || !(1..=12).contains(&m)
         || !(1..=31).contains(&day)
-        || h > 23
-        || min > 59
-        || sec > 60
+        || !(0..=23).contains(&h)
+        || !(0..=59).contains(&min)
+        || !(0..=60).contains(&sec)
     {
         return Err(bad());
     }
@@ -353,6 +364,8 @@ mod tests {
             1_795_827_723_000
         );
         assert!(time_ms("yesterday", "since").is_err());
+        assert!(time_ms("300000000000000-01-01", "since").is_err());
+        assert!(time_ms("2026-11-28T-5:00:00Z", "since").is_err());
         assert!(time_ms("2026-13-01", "since").is_err());
     }
 }

@@ -569,7 +569,7 @@ mod tests {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(migrations, 1);
+        assert_eq!(migrations, super::super::schema::MIGRATIONS.len() as i64);
         let sessions: i64 = client
             .query_one(
                 "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'nanogate'",
