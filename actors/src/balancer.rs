@@ -228,8 +228,9 @@ pub struct DrainEndpoint {
     pub drain: bool,
 }
 
-/// Makes the endpoint set equal to `specs` (a config reload): endpoints whose URL is kept keep
-/// their state, new ones are added, missing ones are removed.
+/// Makes the endpoint set equal to `specs` (a config reload): endpoints whose spec is unchanged
+/// keep their state, new ones are added, missing ones are removed, and one whose spec changed (a
+/// rotated `api_key`, other models) is replaced, counted as removed and added.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Reloaded")]
 pub struct ReplaceEndpoints(pub Vec<EndpointSpec>);
@@ -247,6 +248,22 @@ pub struct Reloaded {
 }
 
 // ===== Balancer =====
+
+/// Takes a removed endpoint out of the routing tables that requests in flight still hold (each
+/// loads the table once, and its retries and hedges pick from that one): draining, it is picked
+/// no more, and its requests in flight end as they would.
+fn retire(entry: &Entry) {
+    entry.endpoint.set_draining(true);
+}
+
+/// The same backend, configured the same: its URL up to a trailing slash, and every setting.
+fn unchanged(new: &EndpointSpec, old: &EndpointSpec) -> bool {
+    let settings = |spec: &EndpointSpec| EndpointSpec {
+        url: spec.base_url().to_string(),
+        ..spec.clone()
+    };
+    settings(new) == settings(old)
+}
 
 /// What the balancer knows about one endpoint beyond what it publishes.
 struct Entry {
@@ -564,7 +581,13 @@ impl Handler<RemoveEndpoint> for Balancer {
 
     fn handle(&mut self, msg: RemoveEndpoint, _ctx: &mut Self::Context) -> bool {
         let before = self.entries.len();
-        self.entries.retain(|e| e.endpoint.id != msg.0);
+        self.entries.retain(|e| {
+            let keep = e.endpoint.id != msg.0;
+            if !keep {
+                retire(e);
+            }
+            keep
+        });
         let removed = self.entries.len() < before;
         if removed {
             self.publish();
@@ -593,10 +616,10 @@ impl Handler<ReplaceEndpoints> for Balancer {
 
     fn handle(&mut self, msg: ReplaceEndpoints, _ctx: &mut Self::Context) -> Reloaded {
         let mut reloaded = Reloaded::default();
-        let wanted: Vec<String> = msg.0.iter().map(|s| s.base_url().to_string()).collect();
         self.entries.retain(|e| {
-            let keep = wanted.contains(&e.endpoint.url);
+            let keep = msg.0.iter().any(|spec| unchanged(spec, &e.spec));
             if !keep {
+                retire(e);
                 reloaded.removed.push(e.endpoint.url.clone());
             }
             keep
@@ -879,6 +902,8 @@ mod tests {
             .await
             .unwrap());
         assert!(view.table().by_id(0).unwrap().is_draining());
+        // What a request in flight holds: the table it loaded before the reload.
+        let held = view.table();
         let reloaded = addr
             .send(ReplaceEndpoints(vec![
                 EndpointSpec::new("http://b"),
@@ -900,7 +925,32 @@ mod tests {
             0.5,
             "a kept endpoint keeps its state"
         );
+        assert!(
+            held.by_id(2).unwrap().is_draining(),
+            "a removed endpoint is picked no more from a table a request still holds"
+        );
+        assert!(!held.by_id(1).unwrap().is_draining());
+        let mut changed = EndpointSpec::new("http://d");
+        changed.models = vec!["m".into()];
+        let reloaded = addr
+            .send(ReplaceEndpoints(vec![
+                EndpointSpec::new("http://b"),
+                changed,
+            ]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (reloaded.added, reloaded.removed, reloaded.kept),
+            (
+                vec!["http://d".to_string()],
+                vec!["http://d".to_string()],
+                1
+            ),
+            "a changed spec replaces its endpoint"
+        );
+        assert!(view.table().knows_model("m"));
         assert!(addr.send(RemoveEndpoint(1)).await.unwrap());
+        assert!(held.by_id(1).unwrap().is_draining());
         assert!(!addr.send(RemoveEndpoint(1)).await.unwrap());
         assert_eq!(view.table().endpoints.len(), 1);
     }
