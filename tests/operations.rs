@@ -208,6 +208,16 @@ async fn endpoints_are_added_drained_and_removed_at_runtime_without_losing_strea
     .await;
     assert_eq!(body["endpoints"].as_array().unwrap().len(), 1);
     assert_eq!(post(&client, &chat_url, &chat(1)).await.status, 200);
+    let metrics = get(&client, &format!("{}/metrics", gw.url())).await.text();
+    let healthy: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("nanogate_endpoint_healthy{"))
+        .collect();
+    assert_eq!(
+        healthy.len(),
+        1,
+        "the removed endpoint's series went: {healthy:?}"
+    );
     gw.stop(false).await;
 }
 

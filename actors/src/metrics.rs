@@ -1217,6 +1217,13 @@ impl Handler<RenderPrometheus> for Metrics {
                 .get_or_create(&BufferLabels { buffer })
                 .set(bytes);
         }
+        // Only the endpoints of the table now: a removed one's last values would be exported for
+        // good, and one added again under its URL counts its ejections from zero (a counter
+        // reset, which scrapers handle).
+        e.endpoint_weight.clear();
+        e.endpoint_in_flight.clear();
+        e.endpoint_healthy.clear();
+        e.endpoint_ejections.clear();
         for endpoint in &self.view.table().endpoints {
             let labels = EndpointLabels {
                 endpoint: endpoint.url.clone(),
