@@ -450,10 +450,10 @@ impl Config {
         if !(b.failure_factor > 0.0 && b.failure_factor <= 1.0) {
             return Err(invalid("balancer.failure_factor", "must be in (0, 1]"));
         }
-        if !(b.min_weight > 0.0 && b.min_weight <= b.max_weight) {
+        if !(b.min_weight > 0.0 && b.min_weight <= b.max_weight && b.max_weight.is_finite()) {
             return Err(invalid(
                 "balancer.min_weight",
-                "must be above 0 and at most balancer.max_weight",
+                "must be above 0 and at most balancer.max_weight, which must be finite",
             ));
         }
         if b.mailbox == 0 {
@@ -679,6 +679,10 @@ mod tests {
         let message = c.validate().unwrap_err().to_string();
         assert!(message.contains("hedge.min_ms"), "{message}");
         c.hedge.min_ms = 50;
+        c.balancer.max_weight = f64::INFINITY;
+        let message = c.validate().unwrap_err().to_string();
+        assert!(message.contains("balancer.min_weight"), "{message}");
+        c.balancer.max_weight = Config::defaults().balancer.max_weight;
         for bad in [f64::INFINITY, f64::NAN, 0.5] {
             c.upstream.overdue_multiple = bad;
             let message = c.validate().unwrap_err().to_string();

@@ -241,6 +241,9 @@ impl Fit {
     }
 }
 
+/// The most requests a backend is taken to run at once, whatever its `/metrics` say.
+const MAX_REPORTED_RUNNING: u32 = 1 << 20;
+
 /// The least warm time a fit publishes: zero would read as "not measured".
 const MIN_WARM_MS: f64 = 0.1;
 
@@ -370,7 +373,9 @@ impl Estimator {
     /// capacity is unknown (what it ran so far is only a lower bound, and taking it for the
     /// capacity would make an idle backend look full).
     pub fn reported(&mut self, running: f64, waiting: f64) {
-        let running = running.max(0.0).round() as u32;
+        // A batch holds at most thousands: a scrape saying more (or `+Inf`) is a backend's
+        // garbage, and taken whole it overflowed the capacity's arithmetic below.
+        let running = running.clamp(0.0, f64::from(MAX_REPORTED_RUNNING)).round() as u32;
         let queued = waiting > 0.0 && running > 0;
         if queued || (self.capacity > 0 && running > self.capacity) {
             self.capacity = running;
@@ -738,6 +743,9 @@ mod tests {
             127,
             "not known: a quarter more than it ran"
         );
+        let mut garbage = Estimator::default();
+        garbage.reported(f64::INFINITY, f64::NAN);
+        assert!(garbage.published(1.0, 0, 0.25).capacity > MAX_REPORTED_RUNNING);
     }
 
     #[test]
