@@ -40,6 +40,8 @@ enum Phase {
 pub struct UpstreamIo<Io = TcpStream> {
     io: Io,
     phase: Phase,
+    /// Whether anything was written yet: the connection's first write starts its first request.
+    written: bool,
     /// Whether the request being answered is a `HEAD` (whose answer has no body whatever its
     /// headers say).
     head_request: bool,
@@ -61,6 +63,7 @@ impl<Io> UpstreamIo<Io> {
         Self {
             io,
             phase: Phase::Request,
+            written: false,
             head_request: false,
             held: BytesMut::new(),
             served: 0,
@@ -68,8 +71,9 @@ impl<Io> UpstreamIo<Io> {
     }
 
     fn start_request(&mut self, first: &[u8]) {
-        if self.phase != Phase::Request {
+        if self.phase != Phase::Request || !self.written {
             self.phase = Phase::Request;
+            self.written = true;
             self.head_request = first.starts_with(b"HEAD ");
         }
     }
@@ -99,10 +103,12 @@ impl<Io> UpstreamIo<Io> {
     }
 }
 
-/// Where a response head ends (just past its blank line), if it is complete.
+/// Where a response head ends (just past its blank line), if it is complete. Lines may end in a
+/// bare `\n`, as the client's parser (httparse) accepts: waiting for `\r\n\r\n` alone held
+/// such a backend's answers until 64 KiB or the connection's end.
 fn head_end(bytes: &[u8]) -> Option<usize> {
     memchr::memchr_iter(b'\n', bytes)
-        .find(|&i| i >= 3 && &bytes[i - 3..=i] == b"\r\n\r\n")
+        .find(|&i| i >= 1 && (bytes[i - 1] == b'\n' || (i >= 2 && &bytes[i - 2..i] == b"\n\r")))
         .map(|i| i + 1)
 }
 
@@ -297,8 +303,29 @@ mod tests {
     }
 
     #[test]
+    fn the_first_request_on_a_connection_may_be_a_head() {
+        let mut io = UpstreamIo::new(());
+        io.start_request(b"HEAD /v1/models HTTP/1.1\r\n");
+        assert!(
+            io.head_request,
+            "a fresh connection's first request is seen"
+        );
+        io.start_request(b"GET-like bytes of the same request's body");
+        assert!(
+            io.head_request,
+            "later writes of a request are not a new one"
+        );
+        io.phase = Phase::Body;
+        io.start_request(b"GET / HTTP/1.1\r\n");
+        assert!(!io.head_request);
+    }
+
+    #[test]
     fn the_end_of_a_head_is_found() {
         assert_eq!(head_end(b"HTTP/1.1 200 OK\r\n\r\nbody"), Some(19));
         assert_eq!(head_end(b"HTTP/1.1 200 OK\r\n"), None);
+        assert_eq!(head_end(b"HTTP/1.1 200 OK\nA: b\n\nbody"), Some(22));
+        assert_eq!(head_end(b"HTTP/1.1 200 OK\nA: b\n\r\nbody"), Some(23));
+        assert_eq!(head_end(b"HTTP/1.1 200 OK\r\nA: b\r\n"), None);
     }
 }
