@@ -227,7 +227,7 @@ async fn responses_and_messages_streams_end_by_their_own_rules_and_route_by_mode
 }
 
 #[actix_rt::test]
-async fn the_python_sdk_read_timeout_limits_each_read_and_never_counts_against_the_backend() {
+async fn the_sdks_timeouts_limit_what_the_sdks_limit_and_never_count_against_the_backend() {
     let slow = Fake::start(|r| {
         if r.path == "/health" {
             FakeResponse::empty(200)
@@ -291,6 +291,56 @@ async fn the_python_sdk_read_timeout_limits_each_read_and_never_counts_against_t
     assert!(
         text.ends_with("data: [DONE]\n\n"),
         "each read came within 0.5 s, so the 1.5 s stream is whole: {text}"
+    );
+    // openai-node sends its `timeout` as x-stainless-timeout and clears it once the head is in:
+    // the 1.5 s stream outlasts a 1 s timeout whole, and a 2 s answer's head does not come in it.
+    let mut stream = client
+        .post(chat_url(&gw))
+        .insert_header(("x-stainless-timeout", "1"))
+        .send_json(&chat_stream(5))
+        .await
+        .unwrap();
+    let text = String::from_utf8(stream.body().await.unwrap().to_vec()).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let started = Instant::now();
+    let response = client
+        .post(chat_url(&gw))
+        .insert_header(("x-stainless-timeout", "1"))
+        .send_json(&chat(2))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    assert!(started.elapsed() < Duration::from_millis(1900));
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn a_backends_cors_headers_do_not_reach_browsers_the_gateway_refuses() {
+    // vLLM answers every request with `access-control-allow-origin: *` unless told otherwise.
+    let vllm = Fake::start(|r| {
+        if r.path == "/health" {
+            return FakeResponse::empty(200);
+        }
+        let mut answer = FakeResponse::json(200, ANSWER);
+        answer
+            .headers
+            .push(("access-control-allow-origin".into(), "*".into()));
+        answer
+    });
+    let gw = gateway(fleet(&[(&vllm.url, Some("sim"))])).await;
+    let response = client()
+        .post(chat_url(&gw))
+        .insert_header(("origin", "https://elsewhere.example"))
+        .send_json(&chat(2))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none(),
+        "[cors] is off: no page on another origin may read the answer"
     );
     gw.stop(false).await;
 }

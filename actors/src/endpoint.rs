@@ -632,6 +632,9 @@ pub struct RoutingTable {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Model name → the slots of the backends known to serve it.
     by_model: HashMap<String, Bits>,
+    /// Names a backend answers to without listing them: Ollama lists `llama3.2:latest` and takes
+    /// `llama3.2` for it (its own OpenAI examples send the short name).
+    aliases: HashMap<String, Bits>,
     /// Backends whose models are not known yet: they are tried for any model.
     unknown_models: Bits,
     policy: Box<dyn Policy>,
@@ -648,12 +651,16 @@ impl RoutingTable {
         let mut endpoints = endpoints;
         endpoints.truncate(MAX_ENDPOINTS);
         let mut by_model: HashMap<String, Bits> = HashMap::new();
+        let mut aliases: HashMap<String, Bits> = HashMap::new();
         let mut unknown_models = Bits::default();
         for (slot, served) in models.iter().enumerate().take(endpoints.len()) {
             match served {
                 Some(names) => {
                     for name in names {
                         by_model.entry(name.clone()).or_default().insert(slot);
+                        if let Some(short) = name.strip_suffix(":latest") {
+                            aliases.entry(short.to_string()).or_default().insert(slot);
+                        }
                     }
                 }
                 None => unknown_models.insert(slot),
@@ -663,6 +670,7 @@ impl RoutingTable {
         Self {
             endpoints,
             by_model,
+            aliases,
             unknown_models,
             policy,
         }
@@ -685,7 +693,7 @@ impl RoutingTable {
             return all;
         }
         let mut slots = self.unknown_models;
-        if let Some(known) = self.by_model.get(model) {
+        if let Some(known) = self.by_model.get(model).or_else(|| self.aliases.get(model)) {
             for (word, bits) in slots.0.iter_mut().zip(known.0) {
                 *word |= bits;
             }
@@ -697,7 +705,7 @@ impl RoutingTable {
     /// `/v1/models`); unlike [`Self::knows_model`], not true of any name while a backend's models
     /// are still unknown.
     pub fn serves(&self, model: &str) -> bool {
-        self.by_model.contains_key(model)
+        self.by_model.contains_key(model) || self.aliases.contains_key(model)
     }
 
     /// Whether any backend (healthy or not) may serve `model`: the difference between a 404 and
@@ -899,6 +907,19 @@ pub(crate) mod tests {
         );
         assert!(!t.knows_model("c"));
         assert_eq!(t.served_models(), vec!["a".to_string(), "b".to_string()]);
+
+        // Ollama lists `llama3.2:latest` and answers to `llama3.2`; the list keeps its own name.
+        let t = table_with(
+            PolicyKind::Weighted,
+            &[1.0, 1.0],
+            &[Some(vec!["llama3.2:latest".into()]), Some(vec!["b".into()])],
+        );
+        assert_eq!(t.pick(&request("llama3.2"), &mut rng).unwrap().slot, 0);
+        assert!(t.serves("llama3.2") && !t.knows_model("llama3.2:8b"));
+        assert_eq!(
+            t.served_models(),
+            vec!["b".to_string(), "llama3.2:latest".to_string()]
+        );
     }
 
     #[test]

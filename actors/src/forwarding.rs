@@ -145,7 +145,13 @@ pub(crate) async fn connect(
             .wait_for(&request.blocks, hold)
             .await;
         let left = request.deadline.saturating_duration_since(Instant::now());
-        let clients = request.read_timeout.map_or(left, |read| read.min(left));
+        let head = request
+            .head_deadline
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        let clients = [request.read_timeout, head]
+            .into_iter()
+            .flatten()
+            .fold(left, Duration::min);
         let first_byte = own_first_byte.min(clients);
         if first_byte.is_zero() {
             count_refusal(shared, &mut refused);

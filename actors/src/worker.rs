@@ -145,6 +145,8 @@ pub struct UpstreamRequest {
     pub budget: Duration,
     /// The client's limit on each read (the head, each next chunk), when it set one.
     pub read_timeout: Option<Duration>,
+    /// When the client stops waiting for the answer's head, when it set that apart.
+    pub head_deadline: Option<Instant>,
     /// Whom it is for, and what its end settles (tokens charged to the key, the usage record).
     pub account: Account,
 }

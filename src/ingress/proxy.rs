@@ -311,6 +311,7 @@ fn upstream_request(
         deadline: Instant::now() + timeouts.total,
         budget: timeouts.total,
         read_timeout: timeouts.read,
+        head_deadline: timeouts.head.map(|head| Instant::now() + head),
         account: Account::default(),
     }
 }
@@ -485,7 +486,9 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 fn response_head(exchange: &Exchange) -> HttpResponseBuilder {
     let mut response = HttpResponse::build(exchange.status);
     for (name, value) in exchange.headers.iter() {
-        if !hop_by_hop(name) {
+        // The gateway answers browsers by its own `[cors]`: a backend's (vLLM allows any origin
+        // by default) would let pages read answers the gateway's settings refuse them.
+        if !hop_by_hop(name) && !name.as_str().starts_with("access-control-") {
             response.append_header((name.clone(), value.clone()));
         }
     }

@@ -76,7 +76,7 @@ pub const CACHE_OPT_IN: &str = "x-nanogate-cache";
 
 /// Request header with a client's deadline for the whole request, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
-/// The OpenAI Node SDK's timeout for the whole request, in seconds.
+/// The OpenAI Node SDK's timeout, in seconds: until the answer's head (see [`client_timeouts`]).
 pub const SDK_TIMEOUT_HEADER: &str = "x-stainless-timeout";
 /// The OpenAI Python SDK's read timeout, in seconds: the longest wait for any read of the answer
 /// (its head, or each next chunk of a stream), not a limit on the whole request.
@@ -95,6 +95,9 @@ pub struct ClientTimeouts {
     pub total: Duration,
     /// For each read: the answer's head, and each gap between chunks.
     pub read: Option<Duration>,
+    /// For the answer's head only (the Node SDKs' timeout, which they clear once the head is in,
+    /// so a stream may then run as long as it needs).
+    pub head: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -442,7 +445,9 @@ fn wrong_field(body: &[u8]) -> GatewayError {
 }
 
 /// How long the client waits: `limit` for the whole request, or less if it asks (its own header in
-/// milliseconds, else the Node SDK's timeout in seconds); and the Python SDK's read timeout.
+/// milliseconds); the Python SDK's read timeout; and the Node SDK's timeout, for the head.
+/// openai-node (and Anthropic's) abort a request after `timeout` only until `fetch` resolves, at
+/// the head: taken for the whole request's deadline, it cut a stream that ran past it.
 pub fn client_timeouts(headers: &HeaderMap, limit: Duration) -> ClientTimeouts {
     let header = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let seconds = |name| {
@@ -456,11 +461,11 @@ pub fn client_timeouts(headers: &HeaderMap, limit: Duration) -> ClientTimeouts {
     const SDK_READ: HeaderName = HeaderName::from_static(SDK_READ_TIMEOUT_HEADER);
     let asked = header(OWN)
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_millis)
-        .or_else(|| seconds(SDK));
+        .map(Duration::from_millis);
     ClientTimeouts {
         total: asked.map_or(limit, |asked| asked.min(limit)),
         read: seconds(SDK_READ),
+        head: seconds(SDK),
     }
 }
 
@@ -662,16 +667,19 @@ mod affinity_tests {
             timeouts(&[]),
             ClientTimeouts {
                 total: limit,
-                read: None
+                read: None,
+                head: None,
             }
         );
         assert_eq!(
             timeouts(&[(TIMEOUT_HEADER, "1500")]).total,
             Duration::from_millis(1500)
         );
+        let node = timeouts(&[(SDK_TIMEOUT_HEADER, "2.5")]);
         assert_eq!(
-            timeouts(&[(SDK_TIMEOUT_HEADER, "2.5")]).total,
-            Duration::from_millis(2500) + SDK_TIMEOUT_GRACE
+            (node.total, node.head),
+            (limit, Some(Duration::from_millis(2500) + SDK_TIMEOUT_GRACE)),
+            "the Node SDKs' timeout ends at the head"
         );
         let python = timeouts(&[(SDK_READ_TIMEOUT_HEADER, "2.5")]);
         assert_eq!(
@@ -679,6 +687,9 @@ mod affinity_tests {
             (limit, Some(Duration::from_millis(2500) + SDK_TIMEOUT_GRACE)),
             "a read timeout limits each read, not the request"
         );
-        assert_eq!(timeouts(&[(SDK_TIMEOUT_HEADER, "1e9")]).total, limit);
+        assert_eq!(
+            timeouts(&[(SDK_TIMEOUT_HEADER, "1e9")]).head,
+            Some(limit + SDK_TIMEOUT_GRACE)
+        );
     }
 }
