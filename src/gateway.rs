@@ -188,6 +188,7 @@ impl Gateway {
             buffers,
             client_stall,
             threads,
+            homes: Default::default(),
         };
         let app_state = web::Data::new(state.clone());
         let cors = config.cors.clone();

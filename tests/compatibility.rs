@@ -314,6 +314,71 @@ async fn the_sdks_timeouts_limit_what_the_sdks_limit_and_never_count_against_the
     gw.stop(false).await;
 }
 
+/// A backend that stores its Responses API answers in its own process, as Ollama does: it knows
+/// only the ids it made, and answers 404 `previous_response_not_found` for any other.
+fn storing_backend(name: &'static str) -> Fake {
+    let stored = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    Fake::start(move |r| {
+        let mut stored = stored.lock().unwrap();
+        let missing = |id: &str| {
+            FakeResponse::json(
+                404,
+                format!(
+                    r#"{{"error":{{"message":"Previous response with id '{id}' not found.","type":"invalid_request_error","param":"previous_response_id","code":"previous_response_not_found"}}}}"#
+                ),
+            )
+        };
+        if r.path == "/health" {
+            return FakeResponse::empty(200);
+        }
+        if let Some(id) = r.path.strip_prefix("/v1/responses/") {
+            return match stored.iter().any(|s| s == id) {
+                true => FakeResponse::json(200, format!(r#"{{"id":"{id}","object":"response"}}"#)),
+                false => missing(id),
+            };
+        }
+        if let Some(previous) = r.json()["previous_response_id"].as_str() {
+            if !stored.iter().any(|s| s == previous) {
+                return missing(previous);
+            }
+        }
+        let id = format!("resp_{name}_{}", stored.len());
+        stored.push(id.clone());
+        FakeResponse::json(
+            200,
+            format!(r#"{{"id":"{id}","object":"response","status":"completed","output":[]}}"#),
+        )
+    })
+}
+
+#[actix_rt::test]
+async fn a_stored_response_is_continued_and_read_where_it_was_made() {
+    let (a, b) = (storing_backend("a"), storing_backend("b"));
+    let mut cfg = fleet(&[(&a.url, Some("sim")), (&b.url, Some("sim"))]);
+    cfg.balancer.policy = PolicyKind::RoundRobin;
+    let gw = gateway(cfg).await;
+    let client = client();
+    let url = format!("{}/v1/responses", gw.url());
+    let first = post(&client, &url, &json!({"model": "sim", "input": "hi"})).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let mut id = first.json()["id"].as_str().unwrap().to_string();
+    for turn in 0..6 {
+        let next = post(
+            &client,
+            &url,
+            &json!({"model": "sim", "input": format!("turn {turn}"), "previous_response_id": id}),
+        )
+        .await;
+        assert_eq!(next.status, 200, "turn {turn}: {}", next.text());
+        id = next.json()["id"].as_str().unwrap().to_string();
+    }
+    for _ in 0..4 {
+        let read = get(&client, &format!("{url}/{id}")).await;
+        assert_eq!(read.status, 200, "{}", read.text());
+    }
+    gw.stop(false).await;
+}
+
 #[actix_rt::test]
 async fn a_backends_cors_headers_do_not_reach_browsers_the_gateway_refuses() {
     // vLLM answers every request with `access-control-allow-origin: *` unless told otherwise.

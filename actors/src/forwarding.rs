@@ -39,6 +39,7 @@ use crate::health_checker::ProbeNow;
 use crate::metrics::RequestFacts;
 use crate::policy::cache_aware::expected_prefill;
 use crate::pool_supervisor::Permit;
+use crate::response_homes;
 use crate::worker::{UpstreamRequest, WorkerShared};
 
 /// A backend's answer ready to go to the client.
@@ -129,9 +130,25 @@ pub(crate) async fn connect(
     // one that was just closed: the first connection that breaks before an answer is tried once
     // more, outside the attempt limit and the budget, unless the endpoint is known dead.
     let mut stale_retry = true;
+    // The endpoint holding the stored response the request is about, while it takes traffic:
+    // another one would not know it.
+    let home = request
+        .response
+        .as_deref()
+        .and_then(|id| shared.homes.home(id))
+        .and_then(|id| table.endpoints.iter().position(|e| e.id == id))
+        .filter(|&slot| table.endpoints[slot].is_available());
     let mut attempt = 1;
     while attempt <= attempts {
-        let Some(picked) = table.pick(&pick, &mut rand::thread_rng()) else {
+        let picked = match home.filter(|&slot| !pick.exclude.contains(slot)) {
+            Some(slot) => Some(Picked {
+                slot,
+                endpoint: &table.endpoints[slot],
+                cached: 0,
+            }),
+            None => table.pick(&pick, &mut rand::thread_rng()),
+        };
+        let Some(picked) = picked else {
             break;
         };
         pick.exclude.insert(picked.slot);
@@ -385,6 +402,15 @@ fn connected(
 ) -> Connected {
     let mut in_flight = attempt.in_flight;
     in_flight.first_token();
+    if request.method == Method::POST && request.path == "/v1/responses" {
+        let first = ready
+            .body
+            .as_deref()
+            .or(ready.first.first().map(|b| &b[..]));
+        if let Some(id) = first.and_then(response_homes::response_id) {
+            shared.homes.remember(id, attempt.endpoint.id);
+        }
+    }
     Connected {
         response: ready.response,
         body: ready.body,

@@ -49,6 +49,7 @@ pub mod pool_supervisor;
 pub mod prefills;
 pub mod prefix_index;
 pub mod report;
+pub mod response_homes;
 pub mod retry_budget;
 pub mod store;
 pub mod upstream_io;

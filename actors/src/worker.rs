@@ -30,6 +30,7 @@ use crate::forwarding::{connect, Connected, HedgeCredit};
 use crate::health_checker::HealthChecker;
 use crate::pool_supervisor::{Admission, Permit};
 use crate::report::{Reporters, ThreadReports};
+use crate::response_homes::ResponseHomes;
 use crate::retry_budget::RetryBudget;
 
 /// Upstream connection settings; defaults documented in `config/default.toml`.
@@ -147,6 +148,9 @@ pub struct UpstreamRequest {
     pub read_timeout: Option<Duration>,
     /// When the client stops waiting for the answer's head, when it set that apart.
     pub head_deadline: Option<Instant>,
+    /// The stored Responses API answer it continues or is about: it goes to the endpoint that
+    /// made it (see [`crate::response_homes`]).
+    pub response: Option<String>,
     /// Whom it is for, and what its end settles (tokens charged to the key, the usage record).
     pub account: Account,
 }
@@ -174,6 +178,7 @@ pub(crate) struct WorkerShared {
     pub health: Addr<HealthChecker>,
     /// How many requests are in flight, for the retry budget.
     pub admission: Admission,
+    pub homes: Arc<ResponseHomes>,
 }
 
 /// What every thread's [`WorkerPool`] is built from.
@@ -190,6 +195,8 @@ pub struct WorkerPoolConfig {
     pub client_stall: Duration,
     /// How many pools share `settings.max_connections`.
     pub threads: usize,
+    /// Which endpoint holds each stored Responses API answer, shared by every thread.
+    pub homes: Arc<ResponseHomes>,
 }
 
 impl WorkerPool {
@@ -205,6 +212,7 @@ impl WorkerPool {
             buffers,
             client_stall,
             threads,
+            homes,
         } = config;
         let connector = crate::upstream_io::connector()
             .limit((settings.max_connections / threads.max(1)).max(1))
@@ -230,6 +238,7 @@ impl WorkerPool {
                 client_stall,
                 health,
                 admission: admission.clone(),
+                homes,
             }),
             admission,
         })

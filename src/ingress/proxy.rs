@@ -19,6 +19,7 @@ use nanogate_actors::exchange::{has_known_length, Exchange, ExchangeBody, RelayE
 use nanogate_actors::keys::ApiKey;
 use nanogate_actors::limiter::RateState;
 use nanogate_actors::metrics::{Cause, Observe, RequestFacts};
+use nanogate_actors::response_homes;
 use nanogate_actors::worker::{UpstreamRequest, WorkerPool};
 use sha2::{Digest, Sha256};
 
@@ -87,6 +88,7 @@ pub async fn pass_through(
         if !model.is_empty() && !state.view.table().knows_model(&model) {
             return Err(GatewayError::ModelNotFound(model));
         }
+        let response = response_homes::id_in_path(&path).map(str::to_string);
         let path = match req.uri().query() {
             Some(query) => format!("{path}?{query}"),
             None => path,
@@ -102,6 +104,7 @@ pub async fn pass_through(
             &answered.request_id,
         );
         upstream.openai_route = false;
+        upstream.response = response;
         upstream.stream_end = StreamEnd::BodyEnd;
         upstream.account = Account {
             key: admitted,
@@ -224,6 +227,7 @@ async fn serve(
         blocks,
         stream_usage,
         prompt_bytes,
+        previous_response,
     } = classify_with_blocks(
         operation,
         &body,
@@ -252,6 +256,7 @@ async fn serve(
     let request_id = answered.request_id.clone();
     let mut upstream = upstream_request(req, state, Method::POST, path, body, model, &request_id);
     upstream.affinity = affinity;
+    upstream.response = previous_response;
     upstream.stream_end = operation.stream_end();
     upstream.stream = stream;
     upstream.blocks = blocks;
@@ -312,6 +317,7 @@ fn upstream_request(
         budget: timeouts.total,
         read_timeout: timeouts.read,
         head_deadline: timeouts.head.map(|head| Instant::now() + head),
+        response: None,
         account: Account::default(),
     }
 }

@@ -123,6 +123,9 @@ struct Fields<'a> {
     seed: Option<i64>,
     #[serde(borrow)]
     user: Option<Text<'a>>,
+    /// The Responses API's stored response this one continues.
+    #[serde(borrow)]
+    previous_response_id: Option<Text<'a>>,
 }
 
 /// A member that is there, even as `null` (which `Option` alone reads as absent): beside a
@@ -164,6 +167,8 @@ pub struct Classified {
     /// The prompt's size in bytes (its system prompt or instructions and its content), for an
     /// estimate of its tokens when the backend reports none.
     pub prompt_bytes: usize,
+    /// The stored response a Responses API request continues (`previous_response_id`).
+    pub previous_response: Option<String>,
 }
 
 /// What a request says about the usage chunk of its stream.
@@ -406,6 +411,10 @@ pub fn classify_with_blocks(
         affinity: key.map(|(kind, bytes)| stable_hash_seeded(u64::from(kind), bytes)),
         stream_usage,
         prompt_bytes,
+        previous_response: fields
+            .previous_response_id
+            .as_ref()
+            .map(|id| id.as_str().to_string()),
     })
 }
 
