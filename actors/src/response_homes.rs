@@ -64,8 +64,12 @@ pub fn response_id(first: &[u8]) -> Option<&str> {
     let at = memmem::find(first, b"\"id\"")? + 4;
     let rest = first[at..].trim_ascii_start().strip_prefix(b":")?;
     let rest = rest.trim_ascii_start().strip_prefix(b"\"")?;
-    let end = memchr::memchr2(b'"', b'\\', rest).filter(|&end| (1..=MAX_ID).contains(&end))?;
-    std::str::from_utf8(&rest[..end]).ok()
+    // Ids are plain: one with an escape in it is not taken.
+    let id = &rest[..memchr::memchr(b'"', rest)?];
+    if id.is_empty() || id.len() > MAX_ID || id.contains(&b'\\') {
+        return None;
+    }
+    std::str::from_utf8(id).ok()
 }
 
 /// The response id a request under `/v1/responses/{id}` (or `.../{id}/input_items`, `/cancel`)
