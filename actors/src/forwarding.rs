@@ -176,7 +176,12 @@ pub(crate) async fn connect(
                 budget: request.budget,
             });
         }
-        let hedge_at = hedge_after(shared, &request, picked.endpoint);
+        // A request bound to its stored response's home is not hedged: another backend would
+        // answer 404 at once, and win the race.
+        let hedge_at = home
+            .is_none()
+            .then(|| hedge_after(shared, &request, picked.endpoint))
+            .flatten();
         let first = start(&picked, &request);
         // Whether the client's limit, not the gateway's, ends the wait for a head: then running
         // out of it is the client's timeout, on the first attempt and on a hedge alike.
