@@ -32,28 +32,41 @@ have_initdb() {
 # Note: functions called as `f || status=1` run without `set -e`, hence the explicit `|| return 1`.
 install_postgres() {
   have_initdb && return 0
-  local sudo=""
-  if [ "$(id -u)" != 0 ]; then
-    if ! command -v sudo >/dev/null; then
-      echo "install-test-deps: no PostgreSQL server (initdb) found; installing it needs root or sudo" >&2
-      return 1
-    fi
-    sudo="sudo -n"   # -n: fail rather than wait for a password nobody will type
-  fi
-  if ! command -v apt-get >/dev/null; then
-    echo "install-test-deps: no PostgreSQL server (initdb) found and no apt-get: install it (initdb, pg_ctl) yourself" >&2
-    return 1
-  fi
-  # Lock::Timeout: wait for another apt/dpkg (e.g. a parallel CI job) rather than fail at once.
-  local apt="$sudo env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=120"
   echo "install-test-deps: installing PostgreSQL (apt-get install postgresql)" >&2
-  # Package lists may be stale or absent (containers): refresh them only when the install fails.
-  if ! timeout 600 $apt install --no-install-recommends postgresql >/dev/null 2>&1; then
-    timeout 300 $apt update >/dev/null || return 1
-    timeout 600 $apt install --no-install-recommends postgresql >/dev/null || return 1
+  if ! apt_install postgresql; then
+    echo "install-test-deps: no PostgreSQL server (initdb) found, and installing it needs root or sudo, and apt-get: install it (initdb, pg_ctl) yourself" >&2
+    return 1
   fi
   have_initdb || { echo "install-test-deps: postgresql installed, but still no initdb found" >&2; return 1; }
   echo "PostgreSQL server binaries in $(pg_config --bindir 2>/dev/null || ls -d /usr/lib/postgresql/*/bin)"
+}
+
+# apt-get install, as root or through sudo -n; 1 where neither is possible.
+apt_install() {
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || return 1
+    sudo="sudo -n"   # -n: fail rather than wait for a password nobody will type
+  fi
+  command -v apt-get >/dev/null || return 1
+  # Lock::Timeout: wait for another apt/dpkg (e.g. a parallel CI job) rather than fail at once.
+  local apt="$sudo env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=120"
+  # Package lists may be stale or absent (containers): refresh them only when the install fails.
+  if ! timeout 600 $apt install --no-install-recommends "$@" >/dev/null 2>&1; then
+    timeout 300 $apt update >/dev/null || return 1
+    timeout 600 $apt install --no-install-recommends "$@" >/dev/null || return 1
+  fi
+}
+
+# A venv with pip, made afresh: Debian's python3 makes one only with python3-venv installed, and
+# without it leaves a venv with an interpreter and no pip, which is removed rather than kept.
+make_venv() {
+  rm -rf "$venv"
+  timeout 300 "${PYTHON:-python3}" -m venv "$venv" >/dev/null 2>&1 && return 0
+  rm -rf "$venv"
+  echo "install-test-deps: ${PYTHON:-python3} -m venv failed; installing python3-venv" >&2
+  apt_install python3-venv || { echo "install-test-deps: could not install python3-venv (needs root or sudo, and apt-get)" >&2; return 1; }
+  timeout 300 "${PYTHON:-python3}" -m venv "$venv" || { rm -rf "$venv"; return 1; }
 }
 
 install_python() {
@@ -62,13 +75,12 @@ import sys, openai
 sys.exit(0 if openai.__version__ == sys.argv[1] else 1)
 EOF
   then return 0; fi
-  if ! [ -x "$py" ]; then
-    if ! command -v "${PYTHON:-python3}" >/dev/null; then
-      echo "install-test-deps: ${PYTHON:-python3} is missing: skipping the openai SDK (.venv)" >&2
-      return 0
-    fi
-    rm -rf "$venv"
-    timeout 300 "${PYTHON:-python3}" -m venv "$venv" || return 1
+  if ! command -v "${PYTHON:-python3}" >/dev/null; then
+    echo "install-test-deps: ${PYTHON:-python3} is missing: skipping the openai SDK (.venv)" >&2
+    return 0
+  fi
+  if ! [ -x "$py" ] || ! "$py" -m pip --version >/dev/null 2>&1; then
+    make_venv || return 1
   fi
   timeout 600 "$py" -m pip install -q --disable-pip-version-check "openai==$OPENAI_VERSION" || return 1
   "$py" -c 'import openai; print("openai", openai.__version__, "in", __import__("sys").prefix)'

@@ -264,13 +264,29 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Through the shell's own `kill`: a slim Debian has no `/bin/kill` (procps).
 fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -{name} {pid}"))
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// The gateway process and its directory, gone with the test however it ends (a failed assert
+/// must not leave `nanogate serve` holding its port).
+struct Spawned {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 #[actix_rt::test]
@@ -288,7 +304,7 @@ async fn the_binary_reloads_endpoints_on_sighup_and_shuts_down_gracefully_on_sig
         }
     };
     write_config(&[backends[0].url()]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nanogate"))
+    let child = Command::new(env!("CARGO_BIN_EXE_nanogate"))
         .args(["serve", "--config"])
         .arg(&file)
         // The default usage log (SQLite, nanogate-usage.db) goes in the test's own directory.
@@ -298,6 +314,10 @@ async fn the_binary_reloads_endpoints_on_sighup_and_shuts_down_gracefully_on_sig
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut gateway = Spawned {
+        child,
+        dir: dir.clone(),
+    };
     let client = client();
     let base = format!("http://127.0.0.1:{port}");
     let up = eventually(Duration::from_secs(10), || async {
@@ -307,7 +327,7 @@ async fn the_binary_reloads_endpoints_on_sighup_and_shuts_down_gracefully_on_sig
     assert!(up, "the binary started");
 
     write_config(&[backends[0].url(), backends[1].url()]);
-    signal(child.id(), "HUP");
+    signal(gateway.child.id(), "HUP");
     let reloaded = eventually(Duration::from_secs(5), || async {
         let Ok(mut r) = client.get(format!("{base}/stats/balancer")).send().await else {
             return false;
@@ -338,7 +358,7 @@ async fn the_binary_reloads_endpoints_on_sighup_and_shuts_down_gracefully_on_sig
             })
         }
     }));
-    let pid = child.id();
+    let pid = gateway.child.id();
     let term = async move {
         actix_rt::time::sleep(Duration::from_millis(150)).await;
         signal(pid, "TERM");
@@ -350,7 +370,7 @@ async fn the_binary_reloads_endpoints_on_sighup_and_shuts_down_gracefully_on_sig
     );
     let started = Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = gateway.child.try_wait().unwrap() {
             break status;
         }
         assert!(
@@ -360,5 +380,4 @@ async fn the_binary_reloads_endpoints_on_sighup_and_shuts_down_gracefully_on_sig
         actix_rt::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit status {status}");
-    std::fs::remove_dir_all(&dir).ok();
 }

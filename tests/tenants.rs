@@ -47,14 +47,36 @@ fn keys_config(urls: &[String], database: &str) -> Config {
     c
 }
 
-fn temp_db(name: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "nanogate-test-{name}-{}-{}.db",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos()
-    ));
-    let _ = std::fs::remove_file(&path);
-    path
+/// A SQLite file of the test's own, removed with its WAL and shared-memory files however the
+/// test ends.
+struct TempDb(std::path::PathBuf);
+
+impl std::ops::Deref for TempDb {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = self.0.clone().into_os_string();
+            file.push(suffix);
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+fn temp_db(name: &str) -> TempDb {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    TempDb(std::env::temp_dir().join(format!(
+        "nanogate-test-{name}-{}-{stamp}.db",
+        std::process::id()
+    )))
 }
 
 async fn send(client: &awc::Client, url: &str, key: Option<&str>, body: &Value) -> Answer {
@@ -572,7 +594,6 @@ async fn the_usage_log_in_sqlite_matches_what_the_clients_saw() {
     let only = usage_totals(&client, &gw, "?key=good&model=sim").await;
     assert!(only["rows"][0]["requests"].as_u64().unwrap() < 500);
     gw.stop(false).await;
-    let _ = std::fs::remove_file(&db);
 }
 
 #[actix_rt::test]
@@ -733,7 +754,6 @@ async fn admin_keys_survive_a_restart_and_a_revoked_key_is_refused_at_once() {
         401
     );
     gw.stop(false).await;
-    let _ = std::fs::remove_file(&db);
 }
 
 #[actix_rt::test]
@@ -876,7 +896,6 @@ async fn usage_log_throughput() {
         );
         store.close();
     }
-    let _ = std::fs::remove_file(&db);
 
     // The log under load with PostgreSQL down for 5 s.
     let backends = sims(vec![fast(), fast()]).await;

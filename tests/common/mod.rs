@@ -229,11 +229,17 @@ pub fn config_for(url: &str) -> Config {
 }
 
 /// The Python with the pinned OpenAI SDK (`.venv`, installed by scripts/install-test-deps.sh
-/// when missing); `None` only where python3 itself is missing.
+/// when it cannot import the SDK); `None` only where python3 itself is missing. The import is
+/// what is checked, not the interpreter's file: a venv being made by a test running beside this
+/// one has its `python` long before its SDK, and the script (which takes a lock) waits for it.
 pub fn sdk_python() -> Option<String> {
     let root = env!("CARGO_MANIFEST_DIR");
     let python = format!("{root}/.venv/bin/python");
-    if !std::path::Path::new(&python).exists() {
+    let ready = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !ready {
         if std::process::Command::new("python3")
             .arg("--version")
             .output()
