@@ -114,8 +114,9 @@ impl SimConfig {
         if self.models.is_empty() || self.models.iter().any(|m| m.is_empty()) {
             return invalid("simulator: --models needs at least one non-empty name");
         }
-        if !(self.speed.is_finite() && self.speed > 0.0) {
-            return invalid("simulator: --speed must be a positive number");
+        // Below a thousandth, a step of a few ms becomes longer than a `Duration` holds.
+        if !(self.speed.is_finite() && (1e-3..=1e6).contains(&self.speed)) {
+            return invalid("simulator: --speed must be between 0.001 and 1000000");
         }
         if self.max_batch == 0 {
             return invalid("simulator: --max-batch must be at least 1");
