@@ -9,7 +9,7 @@
 #   calibrate      only the knees, printed per cell
 # Environment: FLEETS ("unequal equal"), WORKLOADS ("p16 p40 z128 turns unique"), POLICIES (nanogate, default
 #   "cache_aware round_robin p2c least_load affinity weighted"), SG_POLICIES (sglang-router, "round_robin power_of_two
-#   cache_aware"), REQUESTS per run (900), ROUNDS (2), CAL_REQUESTS per calibration step (450), CACHE_BLOCKS per
+#   cache_aware"), REQUESTS per run (900), ROUNDS (3, odd), CAL_REQUESTS per calibration step (450), CACHE_BLOCKS per
 #   simulator (768), RATE_<fleet>_<workload> (skip that cell's calibration), ARRIVALS (fixed: one start every 1/rate;
 #   poisson: exponential gaps), NANOGATE_BIN, PEERS_VENV, OUT.
 #
@@ -41,7 +41,10 @@ V=${PEERS_VENV:-$HOME/.cache/nanogate-peers}
 mode=${1:-run}
 REQUESTS=${REQUESTS:-900}
 CAL_REQUESTS=${CAL_REQUESTS:-450}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-3}
+# The median of an even number of rounds is the mean of the middle two: with p99s of 1,010 ms (a
+# spike) and 109 ms it read 559.5, a figure no round had, and the verdicts came from it.
+[ $((ROUNDS % 2)) = 1 ] || { echo "ROUNDS must be odd (the median of an even count is a mean)" >&2; exit 2; }
 FLEETS=${FLEETS:-unequal equal}
 WORKLOADS=${WORKLOADS:-p16 p40 z128 turns unique}
 ARRIVALS=${ARRIVALS:-fixed}
