@@ -128,15 +128,28 @@ async fn keys_are_required_checked_per_model_and_never_sent_upstream() {
     assert_eq!(forbidden.status, 403);
     assert_eq!(forbidden.json()["error"]["code"], "model_not_found");
 
-    // A passed-through route must name an allowed model: else the backend would pick its own.
+    // An OpenAI route spelled otherwise is that route, checked (and accounted) as it is.
     let alias = format!("{}/v1//chat/completions", gw.url());
     let mut unnamed = chat(4);
     unnamed.as_object_mut().unwrap().remove("model");
     let refused = send(&client, &alias, Some("ng-good-secret"), &unnamed).await;
-    assert_eq!(refused.status, 403, "{}", refused.text());
-    assert_eq!(refused.json()["error"]["code"], "model_required");
+    assert_eq!(refused.status, 400, "{}", refused.text());
     let refused = send(&client, &alias, Some("ng-good-secret"), &other).await;
     assert_eq!(refused.status, 403);
+    // A passed-through route must name an allowed model (else the backend would pick its own),
+    // and be a POST: a GET of stored objects ignores any body and would reach every key's.
+    let other_route = format!("{}/v1/rerank", gw.url());
+    let refused = send(&client, &other_route, Some("ng-good-secret"), &unnamed).await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert_eq!(refused.json()["error"]["code"], "model_required");
+    let listed = client
+        .get(format!("{}/v1/files", gw.url()))
+        .insert_header(("authorization", "Bearer ng-good-secret"))
+        .insert_header(("content-type", "application/json"))
+        .send_body(r#"{"model":"sim"}"#)
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 403);
 
     let good = send(&client, &url, Some("ng-good-secret"), &chat(4)).await;
     assert_eq!(good.status, 200, "{}", good.text());

@@ -67,21 +67,42 @@ pub async fn pass_through(
     pool: Pool,
 ) -> HttpResponse {
     let mut answered = Answered::new(request_id(&req));
+    // An OpenAI route spelled otherwise (`/v1//chat/completions`) is that route, with its
+    // accounting: passed through, its stream's usage went uncounted and the key's token limits
+    // unenforced.
+    let operation = (req.method() == Method::POST)
+        .then(|| normalize_v1("POST", req.uri().path()).ok())
+        .flatten()
+        .and_then(|path| Operation::ALL.into_iter().find(|op| op.path() == path));
+    if let Some(operation) = operation {
+        let response = serve(operation, &req, payload, &state, &pool, &mut answered).await;
+        return answered.finish(&state, response);
+    }
     let answer = async {
         admit(&req)?;
         let key = authenticate(state.keys.as_deref(), &req)?;
         answered.key = key.as_ref().map(|k| k.name.clone());
         let path = normalize_v1(req.method().as_str(), req.uri().path())?;
         let (body, _reservation) = read_body(req.headers(), payload, &state.body_limits).await?;
-        let model = serde_json::from_slice::<serde_json::Value>(&body)
+        // Only `model`: the body is never built as a `serde_json::Value` (16 times its size).
+        #[derive(serde::Deserialize)]
+        struct Named<'a> {
+            #[serde(borrow)]
+            model: Option<Cow<'a, str>>,
+        }
+        let model = serde_json::from_slice::<Named>(&body)
             .ok()
-            .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_string))
+            .filter(|_| body.trim_ascii_start().starts_with(b"{"))
+            .and_then(|named| named.model)
+            .map(Cow::into_owned)
             .unwrap_or_default();
         // A passed-through route under keys must name a model the key may use: without one the
         // backend would pick its own (any model, for a key that may use only some), and the
         // stateful routes (files, batches, stored responses) are shared by every key, since all
-        // reach the backend with its own key.
-        if key.is_some() && model.is_empty() {
+        // reach the backend with its own key. Only a POST: a GET or DELETE of a stored object
+        // (`/v1/files`, `/v1/batches/{id}`) ignores any body, model or not, and would reach any
+        // key's objects.
+        if key.is_some() && (model.is_empty() || req.method() != Method::POST) {
             return Err(GatewayError::ModelRequired(path));
         }
         let admitted = answered.admit(key, &model)?;

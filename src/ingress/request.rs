@@ -201,20 +201,44 @@ pub fn with_stream_usage(body: &[u8], usage: StreamUsage) -> Option<Bytes> {
             out.extend_from_slice(&body[open + 1..]);
             Some(out.freeze())
         }
+        // Only `stream_options` is rewritten, in place: the body (up to the request limit) is
+        // never built as a `serde_json::Value`, which takes about 16 times its size.
         StreamUsage::NotAsked => {
-            let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
-            let options = value.get_mut("stream_options")?;
-            if options.is_null() {
-                *options = serde_json::Value::Object(serde_json::Map::new());
+            #[derive(Deserialize)]
+            struct Options<'a> {
+                #[serde(borrow, default, deserialize_with = "present")]
+                stream_options: Option<&'a RawValue>,
             }
-            if !options.is_object() {
+            let raw = serde_json::from_slice::<Options>(body)
+                .ok()?
+                .stream_options?;
+            let text = raw.get();
+            if text.len() > OPTIONS_MAX {
                 return None;
             }
-            options["include_usage"] = serde_json::Value::Bool(true);
-            serde_json::to_vec(&value).ok().map(Bytes::from)
+            let mut options = match text {
+                "null" => serde_json::Map::new(),
+                _ => {
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text).ok()?
+                }
+            };
+            options.insert("include_usage".into(), serde_json::Value::Bool(true));
+            let written = serde_json::to_vec(&options).ok()?;
+            // Where the member's value lies in the body: `raw` borrows from it.
+            let start = (text.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+            let end = start + text.len();
+            let mut out = BytesMut::with_capacity(body.len() + written.len());
+            out.extend_from_slice(body.get(..start)?);
+            out.extend_from_slice(&written);
+            out.extend_from_slice(body.get(end..)?);
+            Some(out.freeze())
         }
     }
 }
+
+/// The longest `stream_options` rewritten to ask for the stream's usage; a longer one is left as
+/// it is (and the stream's tokens estimated).
+const OPTIONS_MAX: usize = 4096;
 
 /// How a request body may arrive.
 #[derive(Debug, Clone)]
@@ -419,34 +443,83 @@ pub fn classify_with_blocks(
 }
 
 /// The field whose type is wrong, named, for a body that is JSON but not what the fields must be
-/// (serde's own message names a type and a column, not the field). Only on the error path.
+/// (serde's own message names a type and a column, not the field). Only on the error path, and
+/// like the classification itself without building the body as a `serde_json::Value`: a body of
+/// 32 MiB of `[0,0,...]` made half a GiB of one.
 fn wrong_field(body: &[u8]) -> GatewayError {
     let invalid = |field, reason: &str| GatewayError::InvalidField {
         field,
         reason: reason.into(),
     };
-    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
+    #[derive(Deserialize)]
+    struct Members<'a> {
+        #[serde(borrow)]
+        model: Option<&'a RawValue>,
+        #[serde(borrow)]
+        stream: Option<&'a RawValue>,
+        #[serde(borrow)]
+        temperature: Option<&'a RawValue>,
+        #[serde(borrow)]
+        seed: Option<&'a RawValue>,
+        #[serde(borrow)]
+        user: Option<&'a RawValue>,
+    }
+    let looks_like =
+        |raw: &str, first: &[u8]| raw.bytes().next().is_some_and(|b| first.contains(&b));
+    let Ok(members) = serde_json::from_slice::<Members>(body)
+        .map_err(|_| ())
+        .and_then(|m| {
+            // A JSON array reads as a struct's members in order: only an object is a body.
+            if body.trim_ascii_start().starts_with(b"{") {
+                Ok(m)
+            } else {
+                Err(())
+            }
+        })
     else {
         return invalid("body", "must be a JSON object");
     };
-    type Check = (&'static str, fn(&serde_json::Value) -> bool, &'static str);
-    let checks: [Check; 5] = [
-        ("model", serde_json::Value::is_string, "expected a string"),
+    let digits = b"-0123456789";
+    let checks: [(&'static str, Option<&RawValue>, bool, &str); 5] = [
+        (
+            "model",
+            members.model,
+            members.model.is_some_and(|r| looks_like(r.get(), b"\"")),
+            "expected a string",
+        ),
         (
             "stream",
-            serde_json::Value::is_boolean,
+            members.stream,
+            members
+                .stream
+                .is_some_and(|r| matches!(r.get(), "true" | "false")),
             "expected true or false",
         ),
         (
             "temperature",
-            serde_json::Value::is_number,
+            members.temperature,
+            members
+                .temperature
+                .is_some_and(|r| looks_like(r.get(), digits)),
             "expected a number",
         ),
-        ("seed", |v| v.is_i64() || v.is_u64(), "expected an integer"),
-        ("user", serde_json::Value::is_string, "expected a string"),
+        (
+            "seed",
+            members.seed,
+            members
+                .seed
+                .is_some_and(|r| r.get().parse::<i64>().is_ok() || r.get().parse::<u64>().is_ok()),
+            "expected an integer",
+        ),
+        (
+            "user",
+            members.user,
+            members.user.is_some_and(|r| looks_like(r.get(), b"\"")),
+            "expected a string",
+        ),
     ];
-    for (field, ok, reason) in checks {
-        if map.get(field).is_some_and(|v| !v.is_null() && !ok(v)) {
+    for (field, raw, ok, reason) in checks {
+        if raw.is_some() && !ok {
             return invalid(field, reason);
         }
     }
@@ -518,6 +591,24 @@ mod tests {
             chat(r#"{"model":"m","messages":"hi"}"#),
             Err(GatewayError::InvalidField { .. })
         ));
+        for (body, field) in [
+            (r#"{"model":5,"messages":[]}"#, "model"),
+            (r#"{"model":"m","messages":[],"stream":"yes"}"#, "stream"),
+            (
+                r#"{"model":"m","messages":[],"temperature":"hot"}"#,
+                "temperature",
+            ),
+            (r#"{"model":"m","messages":[],"seed":1.5}"#, "seed"),
+            (r#"{"model":"m","messages":[],"user":["u"]}"#, "user"),
+            ("[0,0,0,0,0,0,0,0,0,0]", "body"),
+        ] {
+            match chat(body) {
+                Err(GatewayError::InvalidField { field: named, .. }) => {
+                    assert_eq!(named, field, "{body}")
+                }
+                other => panic!("{body}: {other:?}"),
+            }
+        }
         let ok = chat(r#"{"model":"m\u00e9","messages":[],"stream":true}"#).unwrap();
         assert_eq!(ok.model, "mé");
         assert!(!ok.cacheable, "a stream is never cached");
