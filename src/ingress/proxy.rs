@@ -458,9 +458,12 @@ fn upstream_headers(
     headers
 }
 
-/// The cache key: route, a digest of the caller (its API key's name in keys mode, else its
-/// credential headers; nothing when `cache.shared`), and the exact body, so only byte-identical
-/// requests by the same caller share an answer.
+/// The cache key: a SHA-256 digest of the route, of the caller (its API key's name in keys
+/// mode, else its credential headers; nothing when `cache.shared`), and of the exact body, so
+/// only byte-identical requests by the same caller share an answer. A digest, not the body: the
+/// key is held twice while its answer is gathered (the cache's in-flight set and the fill's
+/// guard), which with a 32 MiB body put two uncounted copies beside the one the body budget
+/// counts.
 fn cache_key(
     operation: Operation,
     req: &HttpRequest,
@@ -482,13 +485,12 @@ fn cache_key(
             }
         }
     }
-    let path = operation.path().as_bytes();
-    let mut key = Vec::with_capacity(path.len() + 33 + body.len());
-    key.extend_from_slice(path);
-    key.push(b'\n');
-    key.extend_from_slice(&credentials.finalize());
-    key.extend_from_slice(body);
-    key
+    let mut key = Sha256::new();
+    key.update(operation.path().as_bytes());
+    key.update(b"\n");
+    key.update(credentials.finalize());
+    key.update(body);
+    key.finalize().to_vec()
 }
 
 /// Headers that belong to one connection, not to the message, and are never relayed (either
