@@ -255,9 +255,8 @@ impl GatewayError {
     /// Errors after which the connection cannot (or should not) carry another request: the body
     /// was not read to its end, or the connection is over the limit.
     /// Answers after which the connection is not kept: besides the limits, the refusals given
-    /// before the request's body is read (a bad path or route, a missing or wrong key). actix
-    /// would drain the unread body before the next request, with no timer on a chunked one: a
-    /// client that sent its head and then nothing held a connection place for good.
+    /// before the request's body is read (a bad path or route, a missing or wrong key), whose
+    /// unread body must not be taken for the next request's bytes.
     fn closes_connection(&self) -> bool {
         matches!(
             self,
