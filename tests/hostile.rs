@@ -189,6 +189,21 @@ async fn request_bodies_are_read_in_time_and_upgrades_are_refused_at_once() {
     assert!(answer.contains("unsupported_upgrade"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(1));
 
+    // Refused before its body is read (an unknown route, a bad path): a chunked request that
+    // never sends its body is answered and its connection closed, not held to drain the body
+    // with no timer.
+    for path in ["/x", "/v1/x/../../admin", "/v1/%2e%2e/admin"] {
+        let head =
+            format!("POST {path} HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\n");
+        let started = Instant::now();
+        let answer = raw_exchange(gw.addr, head.into_bytes(), Duration::from_secs(5)).await;
+        assert!(matches!(status_of(&answer), 400 | 404), "{path}: {answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{path}: the connection was closed after the answer: {answer}"
+        );
+    }
+
     // A declared length reserves nothing: only received bytes count, and they are given back.
     let addr = gw.addr;
     let declared = format!("{head}content-length: 30000000\r\n\r\n{{\"model\":");

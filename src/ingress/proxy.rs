@@ -74,15 +74,20 @@ pub async fn pass_through(
         .then(|| normalize_v1("POST", req.uri().path()).ok())
         .flatten()
         .and_then(|path| Operation::ALL.into_iter().find(|op| op.path() == path));
+    let early = before_body(&req, &state)
+        .and_then(|key| Ok((key, normalize_v1(req.method().as_str(), req.uri().path())?)));
+    let (key, path) = match early {
+        Ok(checked) => checked,
+        Err(refusal) => {
+            return super::holding_unread(answered.finish(&state, Err(refusal)), payload)
+        }
+    };
     if let Some(operation) = operation {
-        let response = serve(operation, &req, payload, &state, &pool, &mut answered).await;
+        let response = serve(operation, &req, payload, &state, &pool, &mut answered, key).await;
         return answered.finish(&state, response);
     }
     let answer = async {
-        admit(&req)?;
-        let key = authenticate(state.keys.as_deref(), &req)?;
         answered.key = key.as_ref().map(|k| k.name.clone());
-        let path = normalize_v1(req.method().as_str(), req.uri().path())?;
         let (body, _reservation) = read_body(req.headers(), payload, &state.body_limits).await?;
         // Only `model`: the body is never built as a `serde_json::Value` (16 times its size).
         #[derive(serde::Deserialize)]
@@ -148,11 +153,26 @@ pub async fn openai(
     pool: Pool,
 ) -> HttpResponse {
     let mut answered = Answered::new(request_id(&req));
+    let key = match before_body(&req, &state) {
+        Ok(key) => key,
+        Err(refusal) => {
+            return super::holding_unread(answered.finish(&state, Err(refusal)), payload)
+        }
+    };
     let response = match req.app_data::<Operation>() {
-        Some(&operation) => serve(operation, &req, payload, &state, &pool, &mut answered).await,
+        Some(&operation) => {
+            serve(operation, &req, payload, &state, &pool, &mut answered, key).await
+        }
         None => Err(GatewayError::Internal("route without an operation".into())),
     };
     answered.finish(&state, response)
+}
+
+/// The checks made before a request's body is read: a connection place, then its key. A
+/// refusal here is answered while the body is held (see [`super::holding_unread`]).
+fn before_body(req: &HttpRequest, state: &AppState) -> Result<Option<Arc<ApiKey>>> {
+    admit(req)?;
+    authenticate(state.keys.as_deref(), req)
 }
 
 /// What the handler learns of a request as it goes: for the record of an answer the gateway
@@ -235,9 +255,8 @@ async fn serve(
     state: &AppState,
     pool: &Pool,
     answered: &mut Answered,
+    key: Option<Arc<ApiKey>>,
 ) -> Result<HttpResponse> {
-    admit(req)?;
-    let key = authenticate(state.keys.as_deref(), req)?;
     answered.key = key.as_ref().map(|k| k.name.clone());
     let (body, _reservation) = read_body(req.headers(), payload, &state.body_limits).await?;
     let Classified {
