@@ -27,8 +27,8 @@ use super::auth::{self, authenticate, KEY_HEADERS};
 use super::connections::{admit, ConnectionSlot, PeerHeaders};
 use super::path::normalize_v1;
 use super::request::{
-    classify_with_blocks, client_timeouts, read_body, with_stream_usage, Classified, Operation,
-    TIMEOUT_HEADER,
+    classify_with_blocks, client_timeouts, named_model, read_body, with_stream_usage, Classified,
+    Operation, TIMEOUT_HEADER,
 };
 use super::AppState;
 use crate::error::{rate_limit_headers, GatewayError};
@@ -67,13 +67,6 @@ pub async fn pass_through(
     pool: Pool,
 ) -> HttpResponse {
     let mut answered = Answered::new(request_id(&req));
-    // An OpenAI route spelled otherwise (`/v1//chat/completions`) is that route, with its
-    // accounting: passed through, its stream's usage went uncounted and the key's token limits
-    // unenforced.
-    let operation = (req.method() == Method::POST)
-        .then(|| normalize_v1("POST", req.uri().path()).ok())
-        .flatten()
-        .and_then(|path| Operation::ALL.into_iter().find(|op| op.path() == path));
     let early = before_body(&req, &state)
         .and_then(|key| Ok((key, normalize_v1(req.method().as_str(), req.uri().path())?)));
     let (key, path) = match early {
@@ -82,6 +75,12 @@ pub async fn pass_through(
             return super::holding_unread(answered.finish(&state, Err(refusal)), payload)
         }
     };
+    // An OpenAI route spelled otherwise (`/v1//chat/completions`) is that route, with its
+    // accounting: passed through, its stream's usage went uncounted and the key's token limits
+    // unenforced.
+    let operation = Operation::ALL
+        .into_iter()
+        .find(|op| req.method() == Method::POST && op.path() == path);
     if let Some(operation) = operation {
         let response = serve(operation, &req, payload, &state, &pool, &mut answered, key).await;
         return answered.finish(&state, response);
@@ -90,17 +89,7 @@ pub async fn pass_through(
         answered.key = key.as_ref().map(|k| k.name.clone());
         let (body, _reservation) = read_body(req.headers(), payload, &state.body_limits).await?;
         // Only `model`: the body is never built as a `serde_json::Value` (16 times its size).
-        #[derive(serde::Deserialize)]
-        struct Named<'a> {
-            #[serde(borrow)]
-            model: Option<Cow<'a, str>>,
-        }
-        let model = serde_json::from_slice::<Named>(&body)
-            .ok()
-            .filter(|_| body.trim_ascii_start().starts_with(b"{"))
-            .and_then(|named| named.model)
-            .map(Cow::into_owned)
-            .unwrap_or_default();
+        let model = named_model(&body).unwrap_or_default();
         // A passed-through route under keys must name a model the key may use: without one the
         // backend would pick its own (any model, for a key that may use only some), and the
         // stateful routes (files, batches, stored responses) are shared by every key, since all

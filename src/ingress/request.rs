@@ -134,6 +134,27 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
     <&RawValue>::deserialize(d).map(Some)
 }
 
+/// Some members of a body that is a JSON object, read without building it: a JSON array would
+/// read as a struct's members in order, so only an object is one.
+fn object_fields<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Option<T> {
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return None;
+    }
+    serde_json::from_slice(body).ok()
+}
+
+/// The `model` a body names, if it is a JSON object that names one (the passed-through routes).
+pub fn named_model(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        model: Option<Text<'a>>,
+    }
+    object_fields::<Named>(body)?
+        .model
+        .map(|model| model.as_str().to_string())
+}
+
 /// A string that may or may not have escapes in it.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -209,9 +230,7 @@ pub fn with_stream_usage(body: &[u8], usage: StreamUsage) -> Option<Bytes> {
                 #[serde(borrow, default, deserialize_with = "present")]
                 stream_options: Option<&'a RawValue>,
             }
-            let raw = serde_json::from_slice::<Options>(body)
-                .ok()?
-                .stream_options?;
+            let raw = object_fields::<Options>(body)?.stream_options?;
             let text = raw.get();
             if text.len() > OPTIONS_MAX {
                 return None;
@@ -466,17 +485,7 @@ fn wrong_field(body: &[u8]) -> GatewayError {
     }
     let looks_like =
         |raw: &str, first: &[u8]| raw.bytes().next().is_some_and(|b| first.contains(&b));
-    let Ok(members) = serde_json::from_slice::<Members>(body)
-        .map_err(|_| ())
-        .and_then(|m| {
-            // A JSON array reads as a struct's members in order: only an object is a body.
-            if body.trim_ascii_start().starts_with(b"{") {
-                Ok(m)
-            } else {
-                Err(())
-            }
-        })
-    else {
+    let Some(members) = object_fields::<Members>(body) else {
         return invalid("body", "must be a JSON object");
     };
     let digits = b"-0123456789";
