@@ -5,9 +5,10 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::fake::{Fake, FakeBody, FakeResponse};
+use common::fake::{Fake, FakeBody, FakeRequest, FakeResponse};
 use common::*;
 use nanogate::config::Config;
 use nanogate::gateway::Gateway;
@@ -252,8 +253,8 @@ async fn a_late_first_token_is_hedged_and_the_loser_cancelled() {
     cfg.hedge.enabled = true;
     cfg.hedge.min_ms = 50;
     cfg.hedge.max_ms = 200;
-    // Every late stream here is hedged (the hedge picks move round robin on, so three of the four
-    // land on the slow backend); the share's bound has a test of its own.
+    // Every late stream here is hedged (two of the four start on the slow backend); the share's
+    // bound has a test of its own.
     cfg.hedge.max_share = 1.0;
     let gw = gateway(cfg).await;
     let client = client();
@@ -303,27 +304,64 @@ async fn a_late_first_token_is_hedged_and_the_loser_cancelled() {
 }
 
 #[actix_rt::test]
-async fn a_hedge_that_times_out_after_its_primary_failed_is_retried_elsewhere() {
-    // The primary answers 500 after the hedge went out; the hedge's backend never sends a head.
-    // The hedge waits only for what was left of the primary's wait, which is the gateway's limit,
-    // not the client's: its timeout is a backend's failure, retried on a third backend that
-    // neither attempt used, not the client's deadline (a 504).
-    let failing = Fake::start(|r| match r.path.as_str() {
+async fn a_request_whose_primary_and_hedge_both_fail_is_retried_on_a_third_backend() {
+    // One backend answers 500 after 200 ms, one never sends a head, one works. A request that
+    // meets the first two (either as its primary, the other as its hedge) must end on the third:
+    // - the primary answers 500 after the hedge went out to the silent one: the hedge waits only
+    //   for what was left of the primary's wait, which is the gateway's limit, not the client's,
+    //   so its timeout is a backend's failure, retried, not the client's deadline (a 504);
+    // - the primary is the silent one and the hedge gets the 500: the failed hedge's backend is
+    //   excluded from the retry with the primary's, or the retry could meet the 500 again.
+    // The hedge goes to whichever of the other two looks sooner, a tie at random here, so the
+    // requests go on until both orders happened a few times: without the hedge's backend
+    // excluded, round robin's retry went back to it in about half of them.
+    // Which of the two failing backends saw each request id, in order of arrival: the first saw
+    // the primary.
+    let seen = Arc::new(Mutex::new(Vec::<(bool, String)>::new()));
+    let record = |failing: bool| {
+        let seen = seen.clone();
+        move |r: &FakeRequest| {
+            if let Some(id) = r.header("x-request-id") {
+                seen.lock().unwrap().push((failing, id.to_owned()));
+            }
+        }
+    };
+    let (on_failing, on_silent) = (record(true), record(false));
+    let failing = Fake::start(move |r| match r.path.as_str() {
         "/health" => FakeResponse::empty(200),
-        _ => FakeResponse::json(500, r#"{"error":{"message":"boom"}}"#)
-            .after(Duration::from_millis(200)),
+        _ => {
+            on_failing(r);
+            FakeResponse::json(500, r#"{"error":{"message":"boom"}}"#)
+                .after(Duration::from_millis(200))
+        }
     });
-    let silent = Fake::start(|r| match r.path.as_str() {
+    let silent = Fake::start(move |r| match r.path.as_str() {
         "/health" => FakeResponse::empty(200),
-        _ => FakeResponse::sse(vec!["data: [DONE]\n\n".into()], true).after(Duration::from_secs(3)),
+        _ => {
+            on_silent(r);
+            FakeResponse::sse(vec!["data: [DONE]\n\n".into()], true).after(Duration::from_secs(3))
+        }
     });
-    let sim = sims(vec![fast()]).await;
+    // A fourth backend serves only the model "phase": a request for it moves round robin's turn
+    // on by one, so the races' primaries take every backend in turn.
+    let phase_sim = SimConfig {
+        models: vec!["phase".into()],
+        ..fast()
+    };
+    let sim = sims(vec![fast(), phase_sim]).await;
     let mut cfg = config(&[]);
-    cfg.endpoints = [failing.url.as_str(), silent.url.as_str(), &sim[0].url()]
+    let urls = [
+        failing.url.as_str(),
+        silent.url.as_str(),
+        &sim[0].url(),
+        &sim[1].url(),
+    ];
+    cfg.endpoints = urls
         .into_iter()
-        .map(|url| {
+        .enumerate()
+        .map(|(i, url)| {
             let mut e = nanogate_actors::endpoint::EndpointSpec::new(url);
-            e.models = vec!["sim".into()];
+            e.models = vec![if i == 3 { "phase" } else { "sim" }.into()];
             e
         })
         .collect();
@@ -340,20 +378,50 @@ async fn a_hedge_that_times_out_after_its_primary_failed_is_retried_elsewhere() 
     let gw = gateway(cfg).await;
     let client = client();
     let url = chat_url(&gw);
-    let chats = |fake: &Fake| {
-        fake.requests()
+    let phase_chat = json!({"model": "phase", "messages": [{"role": "user", "content": "hi"}]});
+    let (mut failed_first, mut silent_first) = (0, 0);
+    for i in 0..80 {
+        let id = format!("race-{i}");
+        let mut response = client
+            .post(&url)
+            .insert_header(("x-request-id", id.as_str()))
+            .send_json(&chat_stream(3))
+            .await
+            .expect("answers");
+        let body = response.body().await.expect("body");
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(response.status(), 200, "{id}: {text}");
+        assert!(text.trim_end().ends_with("[DONE]"), "{id}: {text}");
+        let met: Vec<bool> = seen
+            .lock()
+            .unwrap()
             .iter()
-            .filter(|r| r.path.contains("chat"))
-            .count()
-    };
-    for _ in 0..6 {
-        let answer = post(&client, &url, &chat_stream(3)).await;
-        assert_eq!(answer.status, 200, "{}", answer.text());
-        assert!(answer.text().trim_end().ends_with("[DONE]"));
+            .filter(|(_, seen_id)| *seen_id == id)
+            .map(|&(failing, _)| failing)
+            .collect();
+        let visits = |failing: bool| met.iter().filter(|&&f| f == failing).count();
+        assert!(
+            visits(true) <= 1 && visits(false) <= 1,
+            "{id} went back to a backend that failed it (failing: true, silent: false): {met:?}"
+        );
+        if let [first, _] = met[..] {
+            if first {
+                failed_first += 1;
+            } else {
+                silent_first += 1;
+            }
+        }
+        if failed_first >= 2 && silent_first >= 4 {
+            break;
+        }
+        for _ in 0..i % 3 {
+            let phase = post(&client, &url, &phase_chat).await;
+            assert_eq!(phase.status, 200, "{}", phase.text());
+        }
     }
     assert!(
-        chats(&failing) >= 1 && chats(&silent) >= 1,
-        "the race this test is about happened"
+        failed_first >= 2 && silent_first >= 4,
+        "both races happened (primary failing: {failed_first}, primary silent: {silent_first})"
     );
     gw.stop(false).await;
 }

@@ -542,7 +542,12 @@ async fn run(
     let permit = shared
         .retry_budget
         .try_hedge(shared.admission.busy())
-        .and_then(|permit| Some((permit, table.pick(&hedge_pick, &mut rand::thread_rng())?)));
+        .and_then(|permit| {
+            Some((
+                permit,
+                table.pick_soonest(&hedge_pick, &mut rand::thread_rng())?,
+            ))
+        });
     let Some((_permit, picked)) = permit else {
         return (primary.await, first, None);
     };

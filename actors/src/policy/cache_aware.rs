@@ -213,13 +213,28 @@ pub fn expected_ttft_ms(
     cached: usize,
     priors: &Priors,
 ) -> f64 {
+    let uncached = (prompt.len() - cached) as f64;
+    first_token_ms(e, estimate, prompt, cached, priors)
+        + uncached * priors.block_ms_of(estimate) * estimate.reuse
+}
+
+/// How long `e` should take to the first token of a request of `prompt`'s blocks of which
+/// `cached` are in its prefix cache, ms: its warm time, the prefill of the rest, the prefills
+/// ahead of it, its queue and its spikes' price.
+fn first_token_ms(
+    e: &Endpoint,
+    estimate: &Estimate,
+    prompt: &[u64],
+    cached: usize,
+    priors: &Priors,
+) -> f64 {
     let blocks = prompt.len();
     let or = |value: f64, prior: f64| if value > 0.0 { value } else { prior };
     let service = or(estimate.service_ms, priors.service_ms);
     let block_ms = priors.block_ms_of(estimate);
     let uncached = (blocks - cached) as f64;
     or(estimate.warm_ms, priors.warm_ms)
-        + uncached * block_ms * (1.0 + estimate.reuse)
+        + uncached * block_ms
         + f64::from(e.prefill_blocks()) * block_ms * PREFILL_AHEAD_WEIGHT * uncached
             / blocks.max(1) as f64
         + queue_ms(e, estimate, service)
@@ -303,6 +318,34 @@ impl Policy for CacheAware {
         }
         Some(place(eligible, &priors, best_cost, rng).unwrap_or(slot))
     }
+}
+
+/// The endpoint expected to give the first token soonest ([`first_token_ms`], ties at random),
+/// with none of [`CacheAware`]'s care for the caches: where a hedge goes, whatever the routing
+/// policy, since it races a first token that is already late.
+pub fn soonest(eligible: &Eligible<'_>, rng: &mut dyn RngCore) -> Option<usize> {
+    let priors = Priors::of(eligible);
+    let mut best: Option<(usize, f64)> = None;
+    let mut ties = 0usize;
+    for slot in eligible.slots.iter() {
+        let e = eligible.endpoint(slot);
+        let cached = e.prefix.matched(eligible.blocks).cached;
+        let ms = first_token_ms(e, &e.estimate(), eligible.blocks, cached, &priors);
+        match best {
+            Some((_, best_ms)) if ms > best_ms + TIE_MS => {}
+            Some((_, best_ms)) if ms >= best_ms - TIE_MS => {
+                ties += 1;
+                if below(rng, ties) == 0 {
+                    best = Some((slot, ms.min(best_ms)));
+                }
+            }
+            _ => {
+                best = Some((slot, ms));
+                ties = 1;
+            }
+        }
+    }
+    best.map(|(slot, _)| slot)
 }
 
 /// Where a prompt no endpoint caches much of goes: of the endpoints that cache little of it, the
@@ -496,6 +539,36 @@ mod tests {
         running.push(t.endpoints[0].begin());
         assert!(537.5 > 1.5 * n + 0.5 * n);
         assert_eq!(pick(&t, &prompt, &mut rng), 1);
+    }
+
+    #[test]
+    fn a_hedge_goes_where_the_first_token_comes_soonest_whatever_the_policy() {
+        let t = table_with(PolicyKind::RoundRobin, &[1.0; 4], &[None, None, None, None]);
+        measured(&t.endpoints[0], 10.0, 1.0, 8);
+        measured(&t.endpoints[1], 200.0, 1.0, 8);
+        measured(&t.endpoints[2], 10.0, 1.0, 8);
+        measured(&t.endpoints[3], 10.0, 1.0, 8);
+        // 3 is as fast as 2 but runs a full batch and four more.
+        let _queued: Vec<_> = (0..12).map(|_| t.endpoints[3].begin()).collect();
+        let mut exclude = Bits::default();
+        exclude.insert(0);
+        let request = PickRequest {
+            model: "m",
+            exclude,
+            affinity: None,
+            blocks: &[],
+        };
+        let mut rng = SmallRng::seed_from_u64(5);
+        let rotation: Vec<usize> = (0..6)
+            .map(|_| t.pick(&request, &mut rng).unwrap().slot)
+            .collect();
+        assert!(
+            rotation.contains(&1) && rotation.contains(&3),
+            "{rotation:?}"
+        );
+        for _ in 0..20 {
+            assert_eq!(t.pick_soonest(&request, &mut rng).unwrap().slot, 2);
+        }
     }
 
     #[test]
