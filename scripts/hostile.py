@@ -428,6 +428,69 @@ def probe_bad_bodies(ctx):
     return ok, "; ".join(out)
 
 
+def probe_chunked_unread(ctx):
+    """Chunked POSTs whose body never comes: refused before it is read (unknown route, bad path)
+    or timed out while it is read (408): answered and closed, not held open by actix draining a
+    body nothing times."""
+    port = ctx["gw"].port
+    heads = [b"POST /nope HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+             b"POST /v1/..%2fstats HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+             b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"]
+    socks = []
+    for head in heads:
+        socks += open_many(port, 200, head, timeout=10)
+    statuses, closed = {}, 0
+    deadline = time.time() + 10
+    for s in socks:
+        data = b""
+        s.settimeout(max(0.05, deadline - time.time()))
+        try:
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    closed += 1
+                    break
+                data += chunk
+        except socket.timeout:
+            pass
+        except OSError:
+            closed += 1
+        s.close()
+        status = data.split(b" ")[1].decode() if data.startswith(b"HTTP/") else "none"
+        statuses[status] = statuses.get(status, 0) + 1
+    ok = closed == len(socks) and statuses == {"404": 200, "400": 200, "408": 200}
+    return ok, (f"{len(socks)} chunked POSTs, body never sent (unknown route, bad path, chat): "
+                f"{closed} answered and closed within 10 s {statuses}")
+
+
+def probe_wide_json(ctx):
+    """An 18 MB JSON object of 1.5 million members in a chat request: read as a stream of members,
+    never built as a JSON value (which would take ~10 times the body)."""
+    gw = ctx["gw"]
+    members = b",".join(b'"k%d":0' % i for i in range(1_500_000))
+    body = b'{"model":"sim","messages":[{"role":"user","content":"hi"}],"max_tokens":1,"x":{' + members + b"}}"
+    before, _ = gw.sample()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], gw.sample()[0])
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        status, _, _ = request(gw.port, "POST", "/v1/chat/completions", body, timeout=30)
+    finally:
+        done.set()
+        sampler.join()
+    grew = peak[0] - before
+    mb = len(body) / 2**20
+    return status == 200 and grew < 4 * mb, (f"{mb:.0f} MB object of 1.5 M members -> {status}; "
+                                             f"RSS peak +{grew:.0f} MB over {before:.0f}")
+
+
 def probe_paths(ctx):
     port = ctx["gw"].port
     out = []
@@ -593,8 +656,17 @@ def probe_broken_line(ctx):
     try:
         _, _, body = request(gw.port, "POST", "/v1/chat/completions", dict(CHAT, stream=True))
         text = body.decode(errors="replace")
-        ok = '{"del\n\ndata: {"error"' in text
-        return ok, "stream cut mid-line ends with a separate error event: " + repr(text[-120:])
+        data = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+        whole = []
+        for item in data:
+            try:
+                whole.append(json.loads(item))
+            except ValueError:
+                pass
+        ok = (len(whole) == len(data) == 2 and "choices" in whole[0]
+              and whole[-1].get("error", {}).get("code") == "upstream_stream_error")
+        return ok, ("stream cut mid-line: the whole event, then an error event, no broken line: "
+                    + repr(text[-120:]))
     finally:
         gw.stop()
 
@@ -657,6 +729,8 @@ PROBES = [
     ("smuggling", "CL+TE, double CL, bad chunk, obfuscated TE", probe_smuggling),
     ("huge-headers", "200 KB header", probe_huge_headers),
     ("bad-bodies", "invalid UTF-8, deep nesting, 40 MB, not JSON", probe_bad_bodies),
+    ("chunked-unread", "600 chunked POSTs whose body never comes", probe_chunked_unread),
+    ("wide-json", "an 18 MB object of 1.5 M members", probe_wide_json),
     ("paths", "/v1/.. tricks", probe_paths),
     ("descriptors", "3,000 idle connections at max_connections", probe_descriptors),
     ("overload", "4x the pool at once", probe_overload),

@@ -194,6 +194,7 @@ impl Gateway {
         let cors = config.cors.clone();
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(ingress::unread::HoldUnread)
                 .wrap(Condition::new(
                     !cors.allowed_origins.is_empty(),
                     cors_policy(&cors),

@@ -11,6 +11,7 @@ pub mod path;
 pub mod proxy;
 pub mod request;
 pub mod status;
+pub mod unread;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -100,31 +101,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 /// What OpenAI answers for a path or method it does not serve.
-async fn unknown_route(req: HttpRequest, payload: web::Payload) -> HttpResponse {
-    let refusal = GatewayError::UnknownRoute {
+async fn unknown_route(req: HttpRequest) -> HttpResponse {
+    GatewayError::UnknownRoute {
         method: req.method().to_string(),
         path: req.path().to_string(),
     }
-    .error_response();
-    holding_unread(refusal, payload)
-}
-
-/// An answer given without reading the request's body, holding that body until the answer is
-/// out: actix-http closes the connection after an answer while the request's payload is still
-/// held, but drains one the handler dropped when it is chunked, with no timer, so a client that
-/// sent a chunked head and then nothing kept its connection (and its place) for good.
-pub fn holding_unread(response: HttpResponse, payload: web::Payload) -> HttpResponse {
-    use actix_web::body::MessageBody;
-    use futures_util::StreamExt;
-    let (response, body) = response.into_parts();
-    let bytes = body.try_into_bytes().unwrap_or_default();
-    // The stream, not its item, holds the payload: actix looks at it once the body has ended.
-    let body =
-        futures_util::stream::iter([Ok::<_, std::convert::Infallible>(bytes)]).map(move |chunk| {
-            let _held = &payload;
-            chunk
-        });
-    response
-        .set_body(actix_web::body::BodyStream::new(body))
-        .map_into_boxed_body()
+    .error_response()
 }

@@ -71,9 +71,7 @@ pub async fn pass_through(
         .and_then(|key| Ok((key, normalize_v1(req.method().as_str(), req.uri().path())?)));
     let (key, path) = match early {
         Ok(checked) => checked,
-        Err(refusal) => {
-            return super::holding_unread(answered.finish(&state, Err(refusal)), payload)
-        }
+        Err(refusal) => return answered.finish(&state, Err(refusal)),
     };
     // An OpenAI route spelled otherwise (`/v1//chat/completions`) is that route, with its
     // accounting: passed through, its stream's usage went uncounted and the key's token limits
@@ -144,9 +142,7 @@ pub async fn openai(
     let mut answered = Answered::new(request_id(&req));
     let key = match before_body(&req, &state) {
         Ok(key) => key,
-        Err(refusal) => {
-            return super::holding_unread(answered.finish(&state, Err(refusal)), payload)
-        }
+        Err(refusal) => return answered.finish(&state, Err(refusal)),
     };
     let response = match req.app_data::<Operation>() {
         Some(&operation) => {
@@ -157,8 +153,8 @@ pub async fn openai(
     answered.finish(&state, response)
 }
 
-/// The checks made before a request's body is read: a connection place, then its key. A
-/// refusal here is answered while the body is held (see [`super::holding_unread`]).
+/// The checks made before a request's body is read: a connection place, then its key. (A chunked
+/// body left unread by a refusal here is held until the answer is out: [`super::unread`].)
 fn before_body(req: &HttpRequest, state: &AppState) -> Result<Option<Arc<ApiKey>>> {
     admit(req)?;
     authenticate(state.keys.as_deref(), req)
