@@ -194,11 +194,12 @@ impl Gateway {
         let cors = config.cors.clone();
         let server = HttpServer::new(move || {
             App::new()
-                .wrap(ingress::unread::HoldUnread)
                 .wrap(Condition::new(
                     !cors.allowed_origins.is_empty(),
                     cors_policy(&cors),
                 ))
+                // Outermost, so it also holds what the CORS middleware refuses itself.
+                .wrap(ingress::unread::HoldUnread)
                 .app_data(app_state.clone())
                 .app_data(web::Data::new(WorkerPool::new(pools.clone())))
                 .configure(ingress::routes)

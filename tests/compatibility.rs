@@ -775,6 +775,21 @@ async fn browsers_on_allowed_origins_get_cors_answers() {
         .await
         .unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
+    // A preflight the CORS layer answers itself, sent with a chunked body that never comes, is
+    // answered and its connection closed, not drained with no timer.
+    for origin in ["https://chat.example.com", "https://evil.example.com"] {
+        let head = format!(
+            "OPTIONS /v1/chat/completions HTTP/1.1\r\nhost: gw\r\norigin: {origin}\r\n\
+             access-control-request-method: POST\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let started = Instant::now();
+        let answer = raw_exchange(gw.addr, head.into_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 "), "{origin}: {answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{origin}: the connection was closed after the answer: {answer}"
+        );
+    }
     gw.stop(false).await;
 }
 

@@ -305,7 +305,7 @@ async fn a_late_first_token_is_hedged_and_the_loser_cancelled() {
 
 #[actix_rt::test]
 async fn a_request_whose_primary_and_hedge_both_fail_is_retried_on_a_third_backend() {
-    // One backend answers 500 after 200 ms, one never sends a head, one works. A request that
+    // One backend answers 500 after 300 ms, one never sends a head, one works. A request that
     // meets the first two (either as its primary, the other as its hedge) must end on the third:
     // - the primary answers 500 after the hedge went out to the silent one: the hedge waits only
     //   for what was left of the primary's wait, which is the gateway's limit, not the client's,
@@ -332,7 +332,7 @@ async fn a_request_whose_primary_and_hedge_both_fail_is_retried_on_a_third_backe
         _ => {
             on_failing(r);
             FakeResponse::json(500, r#"{"error":{"message":"boom"}}"#)
-                .after(Duration::from_millis(200))
+                .after(Duration::from_millis(300))
         }
     });
     let silent = Fake::start(move |r| match r.path.as_str() {

@@ -53,8 +53,13 @@ struct Holding {
 impl MessageBody for Holding {
     type Error = <BoxBody as MessageBody>::Error;
 
+    /// Never `None`: `BoxBody::new` drops a body of no size at once, and with it the request's
+    /// body before actix has taken the answer's head.
     fn size(&self) -> BodySize {
-        self.body.size()
+        match self.body.size() {
+            BodySize::None => BodySize::Sized(0),
+            size => size,
+        }
     }
 
     fn poll_next(
@@ -123,13 +128,16 @@ where
         req.set_payload(Payload::from(reader));
         let answer = self.service.call(req);
         Either::Right(Box::pin(async move {
-            let response = answer.await?;
+            // The routes answer their errors themselves; an `Err` would be answered by actix
+            // after the body is dropped (the request cannot be kept to answer it here: routing
+            // needs the only reference to it).
+            let response = answer.await?.map_into_boxed_body();
             if shared.borrow().ended {
-                return Ok(response.map_into_boxed_body());
+                return Ok(response);
             }
             Ok(response.map_body(|_, body| {
                 BoxBody::new(Holding {
-                    body: body.boxed(),
+                    body,
                     _unread: shared,
                 })
             }))
