@@ -491,6 +491,33 @@ def probe_wide_json(ctx):
                                              f"RSS peak +{grew:.0f} MB over {before:.0f}")
 
 
+def probe_malformed_heads(ctx):
+    """Heads actix-http must refuse at once and close: too many headers, a 100 KB URL, a header
+    without a colon or with a NUL, an HTTP/2 preface on the HTTP/1.1 port, a chunk size past 64
+    bits."""
+    port = ctx["gw"].port
+    out, ok = [], True
+    for name, raw, want in [
+        ("200 headers", b"GET /health HTTP/1.1\r\nhost: x\r\n"
+         + b"".join(b"x-h%d: 1\r\n" % i for i in range(200)) + b"\r\n", 431),
+        ("100 KB URL", b"GET /v1/" + b"a" * 100_000 + b" HTTP/1.1\r\nhost: x\r\n\r\n", 400),
+        ("no colon", b"GET /health HTTP/1.1\r\nhost: x\r\nbadheader\r\n\r\n", 400),
+        ("NUL", b"GET /health HTTP/1.1\r\nhost: x\r\nx-a: a\x00b\r\n\r\n", 400),
+        ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+        ("chunk size past 64 bits", b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+         b"transfer-encoding: chunked\r\n\r\nffffffffffffffffff\r\n", 400),
+    ]:
+        with socket.create_connection((HOST, port), timeout=5) as s:
+            started = time.time()
+            s.sendall(raw)
+            answer = read_all(s, 5)
+            took = time.time() - started
+        status = parse(answer)[0]
+        out.append(f"{name}: {status} in {took:.1f} s")
+        ok &= status == want and took < 2
+    return ok, "; ".join(out)
+
+
 def probe_paths(ctx):
     port = ctx["gw"].port
     out = []
@@ -697,12 +724,15 @@ def probe_admin(ctx):
         auth = {"authorization": "Bearer hostile-token"}
         bad = [request(gw.port, "POST", "/admin/endpoints", {"url": u}, auth)[0] for u in ["http://a b/", "http://u:p@h:1"]]
         short = request(gw.port, "GET", "/admin/endpoints", headers={"authorization": "Bearer h"})[0]
-        dead = []
-        for _ in range(50):
-            dead.append(request(gw.port, "POST", "/admin/endpoints", {"url": f"http://{HOST}:{free_port()}", "models": ["sim"]}, auth)[0])
+        ports = set()
+        while len(ports) < 50:  # distinct: a port just freed may come back, and a URL twice is a 409
+            ports.add(free_port())
+        dead = [request(gw.port, "POST", "/admin/endpoints", {"url": f"http://{HOST}:{p}", "models": ["sim"]}, auth)[0]
+                for p in ports]
         served = [request(gw.port, "POST", "/v1/chat/completions", CHAT)[0] for _ in range(20)]
         ok = bad == [400, 400] and short == 401 and all(s == 201 for s in dead) and all(s == 200 for s in served)
-        return ok, f"bad URLs -> {bad}, short token -> {short}, 50 dead endpoints added: next 20 requests {sorted(set(served))}"
+        return ok, (f"bad URLs -> {bad}, short token -> {short}, 50 dead endpoints added {sorted(set(dead))}: "
+                    f"next 20 requests {sorted(set(served))}")
     finally:
         gw.stop()
 
@@ -731,6 +761,7 @@ PROBES = [
     ("bad-bodies", "invalid UTF-8, deep nesting, 40 MB, not JSON", probe_bad_bodies),
     ("chunked-unread", "600 chunked POSTs whose body never comes", probe_chunked_unread),
     ("wide-json", "an 18 MB object of 1.5 M members", probe_wide_json),
+    ("malformed-heads", "headers, URL, NUL, HTTP/2 preface, chunk size", probe_malformed_heads),
     ("paths", "/v1/.. tricks", probe_paths),
     ("descriptors", "3,000 idle connections at max_connections", probe_descriptors),
     ("overload", "4x the pool at once", probe_overload),
