@@ -750,9 +750,9 @@ impl RoutingTable {
     }
 
     /// Chooses the endpoint expected to give the request's first token soonest, whatever the
-    /// table's policy ([`policy::cache_aware::soonest`]): a hedge races a late first token, so where it
-    /// goes is a matter of time alone. Round robin's next endpoint was as likely the half-speed
-    /// or the spiky backend as a fast one (on the unequal fleet 20 of 52 hedges won).
+    /// table's policy ([`policy::cache_aware::soonest`]): a hedge races a late first token, so
+    /// where it goes is a matter of time alone. Round robin's next endpoint was as likely the
+    /// half-speed or the spiky backend as a fast one (on the unequal fleet 20 of 52 hedges won).
     pub fn pick_soonest(
         &self,
         request: &PickRequest<'_>,
