@@ -457,6 +457,33 @@ async fn a_close_delimited_answer_arrives_whole_and_is_never_cached() {
 }
 
 #[actix_rt::test]
+async fn an_answer_that_disagrees_with_its_content_length_is_a_bad_gateway() {
+    // Cut short, and framed twice (`Content-Length` and chunks, which the HTTP client reads by
+    // the chunks): neither reaches the client as an answer.
+    for (raw, says) in [
+        (
+            &b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"id\":\"x\","[..],
+            "closed the connection after 10 of 1000 bytes",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\
+              transfer-encoding: chunked\r\n\r\n8\r\n{\"id\":1}\r\n0\r\n\r\n",
+            "sent 8 bytes under a Content-Length of 5",
+        ),
+    ] {
+        let rogue = Rogue::start(Behaviour::Raw(raw));
+        let mut cfg = config_for(&rogue.url);
+        cfg.upstream.attempts = 1;
+        let gw = gateway(cfg).await;
+        let answer = post(&client(), &chat_url(&gw), &chat(2)).await;
+        assert_eq!(answer.status, 502, "{}", answer.text());
+        assert_eq!(answer.json()["error"]["code"], "upstream_bad_response");
+        assert!(answer.text().contains(says), "{}", answer.text());
+        gw.stop(false).await;
+    }
+}
+
+#[actix_rt::test]
 async fn paths_that_leave_v1_are_refused_and_never_forwarded() {
     let rogue = Rogue::start(Behaviour::Record);
     let gw = gateway(config_for(&rogue.url)).await;

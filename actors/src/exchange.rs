@@ -320,8 +320,14 @@ pub(crate) async fn read_whole(
     let read = upstream.body().limit(INLINE_BODY_MAX as usize);
     match tokio::time::timeout(wait, read).await {
         Ok(Ok(body)) => match expected {
-            Some(length) if body.len() as u64 != length => Err(format!(
+            Some(length) if (body.len() as u64) < length => Err(format!(
                 "the backend closed the connection after {} of {length} bytes",
+                body.len()
+            )),
+            // A chunked body beside a `Content-Length` (the HTTP client reads the chunks): the
+            // backend and the gateway disagree on where the answer ends.
+            Some(length) if body.len() as u64 > length => Err(format!(
+                "the backend sent {} bytes under a Content-Length of {length}",
                 body.len()
             )),
             _ => Ok(body),

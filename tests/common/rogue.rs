@@ -27,6 +27,8 @@ pub enum Behaviour {
     Hang,
     /// 200 JSON answer, recording each request head.
     Record,
+    /// These bytes, then the connection closes.
+    Raw(&'static [u8]),
 }
 
 #[derive(Default)]
@@ -184,6 +186,10 @@ fn answer(
         Behaviour::Hang => {
             // Returns when the gateway closes the connection.
             let _ = reader.read(&mut [0u8; 1]);
+            false
+        }
+        Behaviour::Raw(bytes) => {
+            write(bytes);
             false
         }
         Behaviour::Record => write(
