@@ -457,9 +457,9 @@ async fn a_close_delimited_answer_arrives_whole_and_is_never_cached() {
 }
 
 #[actix_rt::test]
-async fn an_answer_that_disagrees_with_its_content_length_is_a_bad_gateway() {
-    // Cut short, and framed twice (`Content-Length` and chunks, which the HTTP client reads by
-    // the chunks): neither reaches the client as an answer.
+async fn an_answer_cut_short_framed_twice_or_with_no_valid_status_is_a_bad_gateway() {
+    // Cut short, framed twice (`Content-Length` and chunks, which the HTTP client reads by the
+    // chunks), or with a status past 599: none reaches the client as an answer.
     for (raw, says) in [
         (
             &b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"id\":\"x\","[..],
@@ -469,6 +469,10 @@ async fn an_answer_that_disagrees_with_its_content_length_is_a_bad_gateway() {
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\
               transfer-encoding: chunked\r\n\r\n8\r\n{\"id\":1}\r\n0\r\n\r\n",
             "sent 8 bytes under a Content-Length of 5",
+        ),
+        (
+            b"HTTP/1.1 999 Weird\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+            "status 999, outside HTTP's 100-599",
         ),
     ] {
         let rogue = Rogue::start(Behaviour::Raw(raw));

@@ -801,6 +801,13 @@ async fn judge(
             "status {status} with content type '{content_type}'"
         ));
     }
+    // Every valid status is within 100–599 (RFC 9110 §15), and clients act on its class.
+    if status.as_u16() > 599 {
+        return bad(format!(
+            "status {}, outside HTTP's 100-599",
+            status.as_u16()
+        ));
+    }
     if is_backend_failure(status.as_u16()) {
         return Tried::Refused(response);
     }
