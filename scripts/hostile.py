@@ -244,6 +244,33 @@ def head_never_ends(conn):
         conn.sendall(f"x-wait-{i}: 1\r\n".encode())
 
 
+def short_body(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"id\":\"x\",")
+    conn.shutdown(socket.SHUT_WR)
+
+
+def framed_twice(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\n"
+                 b"transfer-encoding: chunked\r\n\r\n8\r\n{\"id\":1}\r\n0\r\n\r\n")
+    conn.shutdown(socket.SHUT_WR)
+
+
+def huge_response_head(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nx-pad: " + b"a" * 1_000_000 + b"\r\n\r\n")
+    conn.shutdown(socket.SHUT_WR)
+
+
+def many_response_headers(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-h%d: 1\r\n" % i for i in range(5000))
+                 + b"content-length: 2\r\n\r\n{}")
+    conn.shutdown(socket.SHUT_WR)
+
+
+def status_999(conn):
+    conn.sendall(b"HTTP/1.1 999 Weird\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+    conn.shutdown(socket.SHUT_WR)
+
+
 def hang(conn):
     conn.recv(1)
 
@@ -698,6 +725,25 @@ def probe_broken_line(ctx):
         gw.stop()
 
 
+def probe_bad_answers(ctx):
+    """Backends whose answers are not HTTP answers: a body cut short, framed twice, a 1 MB head,
+    5,000 headers, a status past 599. Each is a 502 `upstream_bad_response`, none relayed."""
+    out, ok = [], True
+    for name, behaviour in [("cut short", short_body), ("framed twice", framed_twice),
+                            ("1 MB head", huge_response_head), ("5,000 headers", many_response_headers),
+                            ("status 999", status_999)]:
+        rogue = Rogue(behaviour)
+        gw = Gateway(ctx["bin"], [(rogue.url(), ["sim"])], "[health]\ninterval_ms = 60000\n")
+        try:
+            status, _, body = request(gw.port, "POST", "/v1/chat/completions", CHAT, timeout=10)
+            code = error_code(body)
+            out.append(f"{name}: {status} {code}")
+            ok &= status == 502 and code == "upstream_bad_response"
+        finally:
+            gw.stop()
+    return ok, "; ".join(out)
+
+
 def probe_sigterm_endless(ctx):
     rogue = Rogue(endless_stream)
     gw = Gateway(ctx["bin"], [(rogue.url(), ["sim"])], "shutdown_grace_secs = 3\n[health]\ninterval_ms = 60000\n")
@@ -772,6 +818,7 @@ PROBES = [
     ("close-delimited", "backend: HTTP/1.1 body ended by close", probe_close_delimited),
     ("head-never-ends", "backend: response head never finishes", probe_head_never_ends),
     ("broken-line", "backend: stream cut mid-line", probe_broken_line),
+    ("bad-answers", "backend: body cut short, framed twice, huge head, status 999", probe_bad_answers),
     ("sigterm", "SIGTERM with an endless stream in flight", probe_sigterm_endless),
     ("admin", "bad URLs, short token, 50 dead endpoints", probe_admin),
     ("log-flood", "2,000 malformed requests", probe_log_flood),
