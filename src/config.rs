@@ -175,6 +175,9 @@ pub fn key_limits(
     })
 }
 
+/// The longest `usage.retention_days` (a hundred years: longer is a typo, not a policy).
+const MAX_RETENTION_DAYS: u64 = 36_500;
+
 /// `[usage]`: the usage log, its database and pool, and token accounting of streams.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -184,6 +187,7 @@ pub struct UsageSettings {
     pub flush_interval_ms: u64,
     pub buffer_records: usize,
     pub retry_interval_ms: u64,
+    pub retention_days: u64,
     pub stream_usage: bool,
     pub pool_min_connections: usize,
     pub pool_max_connections: usize,
@@ -212,6 +216,7 @@ impl UsageSettings {
             flush_interval_ms: self.flush_interval_ms,
             buffer_records: self.buffer_records,
             retry_interval_ms: self.retry_interval_ms,
+            retention_days: self.retention_days,
         }
     }
 }
@@ -399,6 +404,12 @@ impl Config {
                     "{} is above usage.pool_max_connections ({})",
                     u.pool_min_connections, u.pool_max_connections
                 ),
+            ));
+        }
+        if u.retention_days > MAX_RETENTION_DAYS {
+            return Err(invalid(
+                "usage.retention_days",
+                format!("must be at most {MAX_RETENTION_DAYS} (0 keeps every record)"),
             ));
         }
         if u.buffer_records < u.batch_records {
@@ -675,6 +686,11 @@ mod tests {
         let message = c.validate().unwrap_err().to_string();
         assert!(message.contains("hedge.max_share"), "{message}");
         c.hedge.max_share = 0.05;
+        c.usage.retention_days = 100_000;
+        let message = c.validate().unwrap_err().to_string();
+        assert!(message.contains("usage.retention_days"), "{message}");
+        c.usage.retention_days = 0;
+        c.validate().unwrap();
         c.hedge.min_ms = 5000;
         let message = c.validate().unwrap_err().to_string();
         assert!(message.contains("hedge.min_ms"), "{message}");

@@ -222,7 +222,7 @@ pub fn render(s: &Value) -> String {
     let _ = writeln!(
         out,
         "
-usage log {}  written {}  buffered {} (peak {}, at most {})  dropped {}  failed writes {}  database up {}",
+usage log {}  written {}  buffered {} (peak {}, at most {})  dropped {}  failed writes {}  pruned {} (kept {} days)  database up {}",
         num(&u["store"]),
         num(&u["written"]),
         num(&u["buffered"]),
@@ -230,6 +230,8 @@ usage log {}  written {}  buffered {} (peak {}, at most {})  dropped {}  failed 
         num(&u["buffer_records"]),
         num(&u["dropped"]),
         num(&u["failed_writes"]),
+        num(&u["pruned"]),
+        num(&u["retention_days"]),
         num(&u["database_up"]),
     );
     out

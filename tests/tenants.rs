@@ -574,6 +574,71 @@ fn with_second_key(mut c: Config) -> Config {
 }
 
 #[actix_rt::test]
+async fn records_past_the_retention_are_pruned_and_the_rest_kept() {
+    // A log a gateway wrote before: 12,000 records of ten days ago (more than one prune's slice)
+    // and 5 of an hour ago.
+    let db = temp_db("retention");
+    let database = format!("sqlite:{}", db.display());
+    let settings = usage_database(&database);
+    let store = nanogate_actors::store::Store::open(&settings)
+        .await
+        .unwrap()
+        .expect("a store");
+    store.migrate().await.unwrap();
+    let now = nanogate_actors::clock::unix_ms();
+    let record = |i: usize, at_ms: i64| nanogate_actors::usage::UsageRecord {
+        at_ms,
+        request_id: format!("old-{i}"),
+        key: None,
+        model: Some("sim".into()),
+        endpoint: None,
+        status: 200,
+        usage: Default::default(),
+        ttft_ms: None,
+        latency_ms: 1.0,
+        cache_hit: false,
+        retries: 0,
+        error: None,
+    };
+    let old: Vec<_> = (0..12_000)
+        .map(|i| record(i, now - 10 * 86_400_000))
+        .collect();
+    for batch in old.chunks(4000) {
+        store
+            .insert_usage(&std::sync::Arc::new(batch.to_vec()))
+            .await
+            .unwrap();
+    }
+    let recent: Vec<_> = (0..5).map(|i| record(i, now - 3_600_000)).collect();
+    store
+        .insert_usage(&std::sync::Arc::new(recent))
+        .await
+        .unwrap();
+    store.close();
+
+    let backends = sims(vec![fast()]).await;
+    let mut c = keys_config(&[backends[0].url()], &database);
+    c.usage.retention_days = 1;
+    let gw = gateway(c).await;
+    let client = client();
+    let pruned = eventually(Duration::from_secs(10), || async {
+        stats(&client, &gw).await["usage_log"]["pruned"] == json!(12_000)
+    })
+    .await;
+    assert!(pruned, "{}", stats(&client, &gw).await["usage_log"]);
+    let total = usage_totals(&client, &gw, "").await;
+    assert_eq!(total["rows"][0]["requests"], 5, "{total}");
+    gw.stop(false).await;
+}
+
+/// The store settings a config's `[usage]` gives for `database`.
+fn usage_database(database: &str) -> nanogate_actors::store::DatabaseSettings {
+    let mut c = config(&[]);
+    c.usage.database = database.into();
+    c.usage.database()
+}
+
+#[actix_rt::test]
 async fn the_usage_log_in_sqlite_matches_what_the_clients_saw() {
     let backends = sims(vec![fast(), fast()]).await;
     let db = temp_db("sqlite-log");

@@ -798,7 +798,7 @@ impl Exposition {
         );
         r.register(
             "usage_log_records",
-            "Usage records written to the database, or dropped on a full buffer",
+            "Usage records written to the database, dropped on a full buffer, or deleted past the retention",
             e.usage_log_records.clone(),
         );
         r.register(
@@ -1246,6 +1246,7 @@ impl Handler<RenderPrometheus> for Metrics {
             for (outcome, count) in [
                 ("written", counters.written.load(Ordering::Relaxed)),
                 ("dropped", counters.dropped.load(Ordering::Relaxed)),
+                ("pruned", counters.pruned.load(Ordering::Relaxed)),
             ] {
                 sync_counter(
                     &e.usage_log_records

@@ -13,7 +13,8 @@ use std::time::Duration;
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Store, StoreError};
+use crate::clock::unix_ms;
+use crate::store::{Store, StoreError, PRUNE_ROWS};
 use crate::usage::UsageRecord;
 use crate::{Fail, GetStats, Stats};
 
@@ -28,6 +29,8 @@ pub struct UsageLogSettings {
     pub buffer_records: usize,
     /// First pause after a failed write; it doubles up to 30 s.
     pub retry_interval_ms: u64,
+    /// Records older than this many days are deleted, at start and every hour; 0 keeps them all.
+    pub retention_days: u64,
 }
 
 /// Counters the metrics actor exposes, shared so `/metrics` needs no message to the log.
@@ -37,6 +40,8 @@ pub struct UsageLogCounters {
     pub written: AtomicU64,
     pub dropped: AtomicU64,
     pub failed_writes: AtomicU64,
+    /// Records deleted for being older than the retention.
+    pub pruned: AtomicU64,
 }
 
 /// A batch of records from the metrics actor.
@@ -50,6 +55,9 @@ pub struct Records(pub Vec<UsageRecord>);
 pub struct Flush;
 
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How often records past the retention are looked for.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+const DAY_MS: i64 = 86_400_000;
 /// Longest a write may take before the database counts as down (a connection that hangs
 /// without closing would otherwise hold the log for good).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -75,6 +83,8 @@ pub struct UsageLog {
     backoff: Duration,
     /// Waiting out `backoff` before the next attempt.
     paused: bool,
+    /// Whether a prune is on its way (one at a time, each a slice: [`Store::prune_usage`]).
+    pruning: bool,
     peak_buffered: usize,
     batches: u64,
     last_error: Option<String>,
@@ -96,6 +106,7 @@ impl UsageLog {
             migrated,
             backoff: Duration::ZERO,
             paused: false,
+            pruning: false,
             peak_buffered: 0,
             batches: 0,
             last_error: None,
@@ -216,6 +227,36 @@ impl UsageLog {
         self.publish_buffered();
     }
 
+    /// Deletes records past the retention, a slice at a time, the next slice as soon as one
+    /// comes back full. A database that is down is left for the next hour.
+    fn prune(&mut self, ctx: &mut Context<Self>) {
+        if self.settings.retention_days == 0 || self.pruning || !self.migrated {
+            return;
+        }
+        self.pruning = true;
+        let days = i64::try_from(self.settings.retention_days).unwrap_or(i64::MAX);
+        let before_ms = unix_ms().saturating_sub(days.saturating_mul(DAY_MS));
+        let store = self.store.clone();
+        async move { tokio::time::timeout(WRITE_TIMEOUT, store.prune_usage(before_ms)).await }
+            .into_actor(self)
+            .map(|pruned, this, ctx| {
+                this.pruning = false;
+                match pruned {
+                    Ok(Ok(count)) => {
+                        this.counters.pruned.fetch_add(count, Ordering::Relaxed);
+                        if count >= PRUNE_ROWS {
+                            this.prune(ctx);
+                        }
+                    }
+                    Ok(Err(e)) => log::warn!("usage log: pruning old records failed ({e})"),
+                    Err(_) => {
+                        log::warn!("usage log: pruning old records took over {WRITE_TIMEOUT:?}")
+                    }
+                }
+            })
+            .spawn(ctx);
+    }
+
     fn dropped(&mut self, count: u64) {
         let before = self.counters.dropped.fetch_add(count, Ordering::Relaxed);
         // One line per thousand dropped: enough to see it, not a flood while the database is down.
@@ -239,6 +280,8 @@ impl Actor for UsageLog {
         ctx.run_interval(Duration::from_secs(30), |this, _| {
             this.store.retire_idle();
         });
+        self.prune(ctx);
+        ctx.run_interval(PRUNE_EVERY, |this, ctx| this.prune(ctx));
     }
 }
 
@@ -246,6 +289,7 @@ impl Supervised for UsageLog {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.writing = false;
         self.paused = false;
+        self.pruning = false;
     }
 }
 
@@ -287,6 +331,8 @@ struct UsageLogStats {
     written: u64,
     dropped: u64,
     failed_writes: u64,
+    pruned: u64,
+    retention_days: u64,
     batches: u64,
     database_up: bool,
     last_error: Option<String>,
@@ -305,6 +351,8 @@ impl Handler<GetStats> for UsageLog {
             written: self.counters.written.load(Ordering::Relaxed),
             dropped: self.counters.dropped.load(Ordering::Relaxed),
             failed_writes: self.counters.failed_writes.load(Ordering::Relaxed),
+            pruned: self.counters.pruned.load(Ordering::Relaxed),
+            retention_days: self.settings.retention_days,
             batches: self.batches,
             database_up: self.backoff.is_zero() && self.migrated,
             last_error: self.last_error.clone(),

@@ -48,6 +48,9 @@ pub struct DatabaseSettings {
     pub connect_timeout_ms: u64,
 }
 
+/// Usage records one prune deletes at most (see [`Store::prune_usage`]).
+pub const PRUNE_ROWS: u64 = 10_000;
+
 /// An open database: a connection pool and what it needs to know to use it.
 #[derive(Clone)]
 pub enum Store {
@@ -265,6 +268,17 @@ impl Store {
         match self {
             Store::Sqlite(store) => store.update_key(name, models, limits).await,
             Store::Postgres(store) => store.update_key(name, &models, limits).await,
+        }
+    }
+
+    /// Deletes up to [`PRUNE_ROWS`] usage records older than `before_ms`; answers how many (fewer
+    /// than `PRUNE_ROWS`: none older is left). In slices, so a first prune of a large log holds
+    /// the database's write lock (SQLite) for a slice at a time, not for all of it, and the
+    /// batches of new records get their turn between slices.
+    pub async fn prune_usage(&self, before_ms: i64) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.prune_usage(before_ms).await,
+            Store::Postgres(store) => store.prune_usage(before_ms).await,
         }
     }
 
@@ -618,6 +632,31 @@ pub(crate) mod tests {
             .await
             .unwrap()
             .is_empty());
+
+        // Past the retention: a day older than the rest, more than one prune's slice of them.
+        let old: Vec<UsageRecord> = (0..PRUNE_ROWS as usize + 500)
+            .map(|i| UsageRecord {
+                at_ms: START_MS - 24 * HOUR_MS,
+                ..record(i)
+            })
+            .collect();
+        for batch in old.chunks(2500) {
+            store.insert_usage(&Arc::new(batch.to_vec())).await.unwrap();
+        }
+        assert_eq!(store.prune_usage(START_MS).await.unwrap(), PRUNE_ROWS);
+        assert_eq!(store.prune_usage(START_MS).await.unwrap(), 500);
+        assert_eq!(store.prune_usage(START_MS).await.unwrap(), 0);
+        let all = store.usage_report(&UsageQuery::default()).await.unwrap();
+        assert_eq!(
+            all[0].requests, 1000,
+            "the records within the retention stay"
+        );
+        assert_eq!(
+            store.prune_usage(START_MS + 5 * HOUR_MS).await.unwrap(),
+            500
+        );
+        let all = store.usage_report(&UsageQuery::default()).await.unwrap();
+        assert_eq!(all[0].requests, 500);
     }
 
     fn key(name: &str, secret: u8) -> StoredKey {

@@ -309,6 +309,15 @@ impl PostgresStore {
         Ok(updated > 0)
     }
 
+    pub(super) async fn prune_usage(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.execute(
+            "DELETE FROM usage_log WHERE ctid = ANY(ARRAY(\
+             SELECT ctid FROM usage_log WHERE at_ms < $1 LIMIT $2))",
+            &[&before_ms, &(super::PRUNE_ROWS as i64)],
+        )
+        .await
+    }
+
     pub(super) async fn revoke_key(&self, name: &str, at_ms: i64) -> Result<bool, StoreError> {
         let revoked = self
             .execute(

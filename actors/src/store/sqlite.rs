@@ -368,6 +368,19 @@ impl SqliteStore {
         Ok(updated > 0)
     }
 
+    pub(super) async fn prune_usage(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let pruned = self
+            .query(move |conn| {
+                conn.prepare_cached(
+                    "DELETE FROM usage_log WHERE rowid IN \
+                     (SELECT rowid FROM usage_log WHERE at_ms < ?1 LIMIT ?2)",
+                )?
+                .execute(params![before_ms, super::PRUNE_ROWS as i64])
+            })
+            .await?;
+        Ok(pruned as u64)
+    }
+
     pub(super) async fn revoke_key(&self, name: &str, at_ms: i64) -> Result<bool, StoreError> {
         let name = name.to_owned();
         let revoked = self
