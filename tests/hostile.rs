@@ -488,6 +488,26 @@ async fn an_answer_cut_short_framed_twice_or_with_no_valid_status_is_a_bad_gatew
 }
 
 #[actix_rt::test]
+async fn a_stream_ends_at_its_done_whatever_the_backend_sends_after_it() {
+    // Chunked: an event, `[DONE]`, then more events and no end of the body (the connection
+    // closes, which the HTTP client reads as a failure).
+    const RAW: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+        transfer-encoding: chunked\r\n\r\n\
+        2f\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\r\n\
+        e\r\ndata: [DONE]\n\n\r\n\
+        2f\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n\r\n";
+    let rogue = Rogue::start(Behaviour::Raw(RAW));
+    let gw = gateway(config_for(&rogue.url)).await;
+    let answer = post(&client(), &chat_url(&gw), &chat_stream(2)).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.text(),
+        "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n"
+    );
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
 async fn paths_that_leave_v1_are_refused_and_never_forwarded() {
     let rogue = Rogue::start(Behaviour::Record);
     let gw = gateway(config_for(&rogue.url)).await;

@@ -440,6 +440,9 @@ pub(crate) async fn relay(
     let closed = link.chunks.closed();
     tokio::pin!(closed);
     let mut last_activity = Instant::now();
+    // Whether the stream's `data: [DONE]` has passed: it is over, whatever the backend sends on.
+    let mut done = false;
+    let ends_at_done = sse && limits.stream_end == StreamEnd::Done;
     // What was read while waiting for the first event goes first.
     let mut first = first.into_iter();
     if let Some(at) = first_at {
@@ -450,6 +453,7 @@ pub(crate) async fn relay(
         if let Some(chunk) = first.next() {
             received += chunk.len() as u64;
             tail.push(&chunk);
+            done = ends_at_done && tail.is_done();
             if follow_events {
                 last_event.push(&chunk);
             }
@@ -492,12 +496,24 @@ pub(crate) async fn relay(
                 }
             },
         };
+        // After `[DONE]` nothing more is part of the stream: more bytes (a backend that sends
+        // on, which would hold the response open for as long as it liked) or a failure end it
+        // there, as complete, without relaying them or an error event.
+        let next = match next {
+            Some(Ok(chunk)) if done && !chunk.trim_ascii().is_empty() => {
+                log::debug!("the backend sent more after [DONE]; the response ends there");
+                None
+            }
+            Some(Err(_)) if done => None,
+            next => next,
+        };
         match next {
             Some(Ok(chunk)) => {
                 timing.chunk(started);
                 received += chunk.len() as u64;
                 let chunk = if sse {
                     tail.push(&chunk);
+                    done = ends_at_done && tail.is_done();
                     if follow_events {
                         last_event.push(&chunk);
                     }
@@ -545,7 +561,7 @@ pub(crate) async fn relay(
                 )));
                 break Ending::Broken;
             }
-            None if expected.is_some_and(|length| received < length) => {
+            None if !done && expected.is_some_and(|length| received < length) => {
                 log::warn!("upstream body ended after {received} of {expected:?} bytes");
                 link.end_with(Some(failure(
                     sse,

@@ -57,6 +57,9 @@ pub struct Flush;
 const MAX_RETRY: Duration = Duration::from_secs(30);
 /// How often records past the retention are looked for.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// The pause between two slices of a prune: SQLite's waiting writers only retry on a timer, and
+/// slices back to back kept the write lock from the batches of new records.
+const PRUNE_PAUSE: Duration = Duration::from_millis(250);
 const DAY_MS: i64 = 86_400_000;
 /// Longest a write may take before the database counts as down (a connection that hangs
 /// without closing would otherwise hold the log for good).
@@ -166,7 +169,11 @@ impl UsageLog {
                         self.store.kind()
                     );
                 }
-                self.migrated = true;
+                if !self.migrated {
+                    // Down at start: its prune waited for the schema.
+                    self.migrated = true;
+                    self.prune(ctx);
+                }
                 self.backoff = Duration::ZERO;
                 self.batches += 1;
                 self.counters
@@ -227,8 +234,8 @@ impl UsageLog {
         self.publish_buffered();
     }
 
-    /// Deletes records past the retention, a slice at a time, the next slice as soon as one
-    /// comes back full. A database that is down is left for the next hour.
+    /// Deletes records past the retention, a slice at a time, the next slice [`PRUNE_PAUSE`]
+    /// after one comes back full. A database that is down is left for the next hour.
     fn prune(&mut self, ctx: &mut Context<Self>) {
         if self.settings.retention_days == 0 || self.pruning || !self.migrated {
             return;
@@ -245,7 +252,7 @@ impl UsageLog {
                     Ok(Ok(count)) => {
                         this.counters.pruned.fetch_add(count, Ordering::Relaxed);
                         if count >= PRUNE_ROWS {
-                            this.prune(ctx);
+                            ctx.run_later(PRUNE_PAUSE, |this, ctx| this.prune(ctx));
                         }
                     }
                     Ok(Err(e)) => log::warn!("usage log: pruning old records failed ({e})"),

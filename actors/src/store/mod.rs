@@ -274,7 +274,7 @@ impl Store {
     /// Deletes up to [`PRUNE_ROWS`] usage records older than `before_ms`; answers how many (fewer
     /// than `PRUNE_ROWS`: none older is left). In slices, so a first prune of a large log holds
     /// the database's write lock (SQLite) for a slice at a time, not for all of it, and the
-    /// batches of new records get their turn between slices.
+    /// batches of new records get their turn between slices (the usage log pauses between them).
     pub async fn prune_usage(&self, before_ms: i64) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(store) => store.prune_usage(before_ms).await,
