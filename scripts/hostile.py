@@ -271,6 +271,13 @@ def status_999(conn):
     conn.shutdown(socket.SHUT_WR)
 
 
+def events_after_done(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    event = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+    for piece in [event, b"data: [DONE]\n\n"] + [event] * 100_000:
+        conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+
+
 def hang(conn):
     conn.recv(1)
 
@@ -744,6 +751,21 @@ def probe_bad_answers(ctx):
     return ok, "; ".join(out)
 
 
+def probe_after_done(ctx):
+    """A backend that streams on after `data: [DONE]`: the client's stream ends at `[DONE]`."""
+    rogue = Rogue(events_after_done)
+    gw = Gateway(ctx["bin"], [(rogue.url(), ["sim"])], "[health]\ninterval_ms = 60000\n")
+    try:
+        started = time.time()
+        status, _, body = request(gw.port, "POST", "/v1/chat/completions", dict(CHAT, stream=True), timeout=10)
+        took = time.time() - started
+        ends = body.endswith(b"data: [DONE]\n\n")
+        ok = status == 200 and ends and body.count(b"data: ") == 2 and took < 5
+        return ok, f"{status}, {len(body)} bytes in {took:.1f} s, ends with [DONE]: {ends}"
+    finally:
+        gw.stop()
+
+
 def probe_sigterm_endless(ctx):
     rogue = Rogue(endless_stream)
     gw = Gateway(ctx["bin"], [(rogue.url(), ["sim"])], "shutdown_grace_secs = 3\n[health]\ninterval_ms = 60000\n")
@@ -819,6 +841,7 @@ PROBES = [
     ("head-never-ends", "backend: response head never finishes", probe_head_never_ends),
     ("broken-line", "backend: stream cut mid-line", probe_broken_line),
     ("bad-answers", "backend: body cut short, framed twice, huge head, status 999", probe_bad_answers),
+    ("after-done", "backend: 100,000 events after [DONE]", probe_after_done),
     ("sigterm", "SIGTERM with an endless stream in flight", probe_sigterm_endless),
     ("admin", "bad URLs, short token, 50 dead endpoints", probe_admin),
     ("log-flood", "2,000 malformed requests", probe_log_flood),
