@@ -5,16 +5,20 @@
 #             sudo), unless `pg_config --bindir` or /usr/lib/postgresql/*/bin already has initdb.
 #   python    a venv at <repo>/.venv (git-ignored) with the official `openai` SDK, pinned; needs python3
 #             (>= 3.8) and PyPI, and is skipped, saying so, where python3 is missing.
-# Usage: scripts/install-test-deps.sh [all|postgres|python]   (default all)
+#   node      the official `openai` SDK for Node (openai-node), pinned, in <repo>/.node (git-ignored); needs
+#             node (>= 18) and npm, and is skipped, saying so, where they are missing.
+# Usage: scripts/install-test-deps.sh [all|postgres|python|node]   (default all)
 #        then e.g.: .venv/bin/python tests/openai_sdk.py http://127.0.0.1:PORT/v1
 # Idempotent and quiet: exits 0 at once when everything is already installed. A part that fails does not stop
 # the other; the exit status is then 1.
 # Env: PYTHON (interpreter used to create the venv, default python3).
 set -euo pipefail
 OPENAI_VERSION=1.109.1   # latest 1.x on PyPI (2.x/3.x exist; the tests target the 1.x API, which they keep)
+OPENAI_NODE_VERSION=5.23.2   # latest 5.x on npm (6.x/7.x exist; the test uses the API 5.x shares with them)
 what=${1:-all}
-case $what in all | postgres | python) ;; *) echo "usage: $0 [all|postgres|python]" >&2; exit 2 ;; esac
-venv=$(cd "$(dirname "$0")/.." && pwd)/.venv
+case $what in all | postgres | python | node) ;; *) echo "usage: $0 [all|postgres|python|node]" >&2; exit 2 ;; esac
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=$root/.venv
 py=$venv/bin/python
 # Tests running in parallel may all call this on a fresh checkout: one installs, the others wait for it.
 exec 9>"$venv.lock"
@@ -86,7 +90,22 @@ EOF
   "$py" -c 'import openai; print("openai", openai.__version__, "in", __import__("sys").prefix)'
 }
 
+install_node() {
+  local dir=$root/.node
+  if [ "$(node -p "require('$dir/node_modules/openai/package.json').version" 2>/dev/null)" = "$OPENAI_NODE_VERSION" ]; then
+    return 0
+  fi
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "install-test-deps: node or npm is missing: skipping the openai SDK for Node (.node)" >&2
+    return 0
+  fi
+  mkdir -p "$dir"
+  timeout 600 npm install --prefix "$dir" --silent --no-audit --no-fund "openai@$OPENAI_NODE_VERSION" || return 1
+  echo "openai-node $OPENAI_NODE_VERSION in $dir"
+}
+
 status=0
 case $what in all | postgres) install_postgres || status=1 ;; esac
 case $what in all | python) install_python || status=1 ;; esac
+case $what in all | node) install_node || status=1 ;; esac
 exit $status

@@ -727,6 +727,34 @@ async fn end_to_end_headers_go_upstream_hop_by_hop_ones_do_not_and_every_answer_
 }
 
 #[actix_rt::test]
+async fn the_official_openai_node_sdk_works_against_the_gateway() {
+    if !sdk_node() {
+        return;
+    }
+    // A token every 70 ms: 30 of them outlast the SDK's 1 s timeout.
+    let backends = sims(vec![paced(70)]).await;
+    let gw = gateway(config(&backends)).await;
+    let url = format!("{}/v1", gw.url());
+    let script = format!("{}/tests/openai_sdk.mjs", env!("CARGO_MANIFEST_DIR"));
+    let output = actix_rt::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(script)
+            .arg(url)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("run tests/openai_sdk.mjs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "openai-node checks failed:\n{stdout}\n{stderr}"
+    );
+    gw.stop(false).await;
+}
+
+#[actix_rt::test]
 async fn browsers_on_allowed_origins_get_cors_answers() {
     let backends = sims(vec![fast()]).await;
     let mut cfg = config(&backends);

@@ -228,6 +228,24 @@ pub fn config_for(url: &str) -> Config {
     config
 }
 
+/// The official OpenAI SDK for Node in `.node`, installed on first use: `true` when it is there,
+/// `false` (with the reason printed) only where node or npm is missing.
+pub fn sdk_node() -> bool {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let present = || std::path::Path::new(&format!("{root}/.node/node_modules/openai")).is_dir();
+    if !present() {
+        let installed = std::process::Command::new(format!("{root}/scripts/install-test-deps.sh"))
+            .arg("node")
+            .status()
+            .expect("run scripts/install-test-deps.sh");
+        assert!(installed.success(), "scripts/install-test-deps.sh failed");
+    }
+    if !present() {
+        eprintln!("SKIPPED: node or npm is not installed, so the Node SDK test cannot run");
+    }
+    present()
+}
+
 /// The Python with the pinned OpenAI SDK (`.venv`, installed by scripts/install-test-deps.sh
 /// when it cannot import the SDK); `None` only where python3 itself is missing. The import is
 /// what is checked, not the interpreter's file: a venv being made by a test running beside this
