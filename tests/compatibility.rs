@@ -734,23 +734,7 @@ async fn the_official_openai_node_sdk_works_against_the_gateway() {
     // A token every 70 ms: 30 of them outlast the SDK's 1 s timeout.
     let backends = sims(vec![paced(70)]).await;
     let gw = gateway(config(&backends)).await;
-    let url = format!("{}/v1", gw.url());
-    let script = format!("{}/tests/openai_sdk.mjs", env!("CARGO_MANIFEST_DIR"));
-    let output = actix_rt::task::spawn_blocking(move || {
-        std::process::Command::new("node")
-            .arg(script)
-            .arg(url)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("run tests/openai_sdk.mjs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "openai-node checks failed:\n{stdout}\n{stderr}"
-    );
+    run_sdk_script("node", "openai_sdk.mjs", &[&format!("{}/v1", gw.url())]).await;
     gw.stop(false).await;
 }
 

@@ -221,23 +221,7 @@ async fn the_official_openai_python_sdk_works_against_the_gateway() {
     };
     let backends = sims(vec![fast(), fast()]).await;
     let gw = gateway(config(&backends)).await;
-    let url = format!("{}/v1", gw.url());
-    let script = format!("{}/tests/openai_sdk.py", env!("CARGO_MANIFEST_DIR"));
-    let output = actix_rt::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(script)
-            .arg(url)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("run tests/openai_sdk.py");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "openai SDK checks failed:\n{stdout}\n{stderr}"
-    );
+    run_sdk_script(&python, "openai_sdk.py", &[&format!("{}/v1", gw.url())]).await;
     gw.stop(false).await;
 }
 

@@ -895,28 +895,14 @@ async fn the_openai_sdk_sees_401_403_and_429_and_backs_off_as_told() {
     });
     let gw = gateway(c).await;
     let url = format!("{}/v1", gw.url());
-    let script = format!("{}/tests/openai_sdk_keys.py", env!("CARGO_MANIFEST_DIR"));
-    let output = actix_rt::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .args([
-                script.as_str(),
-                url.as_str(),
-                "ng-good-secret",
-                "ng-limited-secret",
-                "sim",
-                "forbidden-model",
-            ])
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("run tests/openai_sdk_keys.py");
-    assert!(
-        output.status.success(),
-        "openai SDK key checks failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let args = [
+        url.as_str(),
+        "ng-good-secret",
+        "ng-limited-secret",
+        "sim",
+        "forbidden-model",
+    ];
+    run_sdk_script(&python, "openai_sdk_keys.py", &args).await;
     gw.stop(false).await;
 }
 

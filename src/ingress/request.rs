@@ -483,52 +483,41 @@ fn wrong_field(body: &[u8]) -> GatewayError {
         #[serde(borrow)]
         user: Option<&'a RawValue>,
     }
-    let looks_like =
-        |raw: &str, first: &[u8]| raw.bytes().next().is_some_and(|b| first.contains(&b));
     let Some(members) = object_fields::<Members>(body) else {
         return invalid("body", "must be a JSON object");
     };
-    let digits = b"-0123456789";
-    let checks: [(&'static str, Option<&RawValue>, bool, &str); 5] = [
-        (
-            "model",
-            members.model,
-            members.model.is_some_and(|r| looks_like(r.get(), b"\"")),
-            "expected a string",
-        ),
+    // What each member's raw JSON must look like (a `null` member reads as absent).
+    type Check<'a> = (
+        &'static str,
+        Option<&'a RawValue>,
+        fn(&str) -> bool,
+        &'static str,
+    );
+    let string = |raw: &str| raw.starts_with('"');
+    let checks: [Check; 5] = [
+        ("model", members.model, string, "expected a string"),
         (
             "stream",
             members.stream,
-            members
-                .stream
-                .is_some_and(|r| matches!(r.get(), "true" | "false")),
+            |raw| matches!(raw, "true" | "false"),
             "expected true or false",
         ),
         (
             "temperature",
             members.temperature,
-            members
-                .temperature
-                .is_some_and(|r| looks_like(r.get(), digits)),
+            |raw| raw.starts_with(|c: char| c == '-' || c.is_ascii_digit()),
             "expected a number",
         ),
         (
             "seed",
             members.seed,
-            members
-                .seed
-                .is_some_and(|r| r.get().parse::<i64>().is_ok() || r.get().parse::<u64>().is_ok()),
+            |raw| raw.parse::<i64>().is_ok() || raw.parse::<u64>().is_ok(),
             "expected an integer",
         ),
-        (
-            "user",
-            members.user,
-            members.user.is_some_and(|r| looks_like(r.get(), b"\"")),
-            "expected a string",
-        ),
+        ("user", members.user, string, "expected a string"),
     ];
     for (field, raw, ok, reason) in checks {
-        if raw.is_some() && !ok {
+        if raw.is_some_and(|raw| !ok(raw.get())) {
             return invalid(field, reason);
         }
     }

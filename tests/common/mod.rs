@@ -228,6 +228,24 @@ pub fn config_for(url: &str) -> Config {
     config
 }
 
+/// Runs `program tests/<script> <args>` (an SDK's checks) off the runtime's threads and asserts
+/// that it succeeded, showing what it printed otherwise.
+pub async fn run_sdk_script(program: &str, script: &str, args: &[&str]) {
+    let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
+    let mut command = std::process::Command::new(program);
+    command.arg(&path).args(args);
+    let output = actix_rt::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("run {path}: {e}"));
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// The official OpenAI SDK for Node in `.node`, installed on first use: `true` when it is there,
 /// `false` (with the reason printed) only where node or npm is missing.
 pub fn sdk_node() -> bool {
