@@ -803,7 +803,8 @@ impl RoutingTable {
         }
     }
 
-    fn picked(&self, slot: usize, blocks: &[u64]) -> Picked<'_> {
+    /// The endpoint at `slot`, as a pick of it for a prompt of `blocks` (a request bound to it).
+    pub fn picked(&self, slot: usize, blocks: &[u64]) -> Picked<'_> {
         Picked {
             slot,
             endpoint: &self.endpoints[slot],

@@ -141,11 +141,7 @@ pub(crate) async fn connect(
     let mut attempt = 1;
     while attempt <= attempts {
         let picked = match home.filter(|&slot| !pick.exclude.contains(slot)) {
-            Some(slot) => Some(Picked {
-                slot,
-                endpoint: &table.endpoints[slot],
-                cached: 0,
-            }),
+            Some(slot) => Some(table.picked(slot, &request.blocks)),
             None => table.pick(&pick, &mut rand::thread_rng()),
         };
         let Some(picked) = picked else {
