@@ -179,14 +179,15 @@ pub(crate) async fn connect(
             .then(|| hedge_after(shared, &request, picked.endpoint))
             .flatten();
         let first = start(&picked, &request);
-        // Whether the client's limit, not the gateway's, ends the wait for a head: then running
-        // out of it is the client's timeout, on the first attempt and on a hedge alike.
-        let client_bound = clients < own_first_byte;
+        let head_wait = HeadWait {
+            wait: first_byte,
+            clients: clients < own_first_byte,
+        };
         let tried = run(
             shared,
             &request,
             first,
-            (first_byte, client_bound),
+            head_wait,
             limits,
             hedge_at.map(|after| (after, &table, pick.exclude)),
         )
@@ -498,26 +499,30 @@ fn hedge_after(
     ))
 }
 
+/// How long an attempt waits for its answer's head, and whether that wait is the client's own
+/// limit (its deadline or read timeout) rather than the gateway's: running out of it is then the
+/// client's timeout, not the backend's failure, on the first attempt and on a hedge alike (a
+/// hedge waits only what is left of the first attempt's wait, so its own length says nothing of
+/// whose limit it is).
+#[derive(Debug, Clone, Copy)]
+struct HeadWait {
+    wait: Duration,
+    clients: bool,
+}
+
 /// Runs the first attempt, watched for hangs, and (with `hedge`) races a hedge against it once
 /// its first token is late. Returns how it ended, the attempt it ended on, and the hedge's slot
-/// when one was sent (a failure then means both failed). `first_byte` is the wait for a head and
-/// whether it is the client's own limit.
+/// when one was sent (a failure then means both failed).
 async fn run(
     shared: &WorkerShared,
     request: &UpstreamRequest,
     first: Attempt,
-    (first_byte, client_bound): (Duration, bool),
+    head_wait: HeadWait,
     limits: RelayLimits,
     hedge: Option<(Duration, &Arc<RoutingTable>, Bits)>,
 ) -> (Tried, Attempt, Option<usize>) {
     let first_endpoint = first.endpoint.clone();
-    let primary = watched(
-        shared,
-        request,
-        &first_endpoint,
-        (first_byte, client_bound),
-        limits,
-    );
+    let primary = watched(shared, request, &first_endpoint, head_wait, limits);
     let mut primary = pin!(primary);
     let Some((after, table, exclude)) = hedge else {
         return (primary.await, first, None);
@@ -556,15 +561,12 @@ async fn run(
     );
     let second = start(&picked, request);
     let hedge_slot = Some(second.slot);
-    let left = first_byte.saturating_sub(first.started.elapsed());
+    let left = HeadWait {
+        wait: head_wait.wait.saturating_sub(first.started.elapsed()),
+        ..head_wait
+    };
     let second_endpoint = second.endpoint.clone();
-    let hedged = watched(
-        shared,
-        request,
-        &second_endpoint,
-        (left, client_bound),
-        limits,
-    );
+    let hedged = watched(shared, request, &second_endpoint, left, limits);
     let mut hedged = pin!(hedged);
     tokio::select! {
         tried = &mut primary => match tried {
@@ -611,10 +613,10 @@ async fn watched(
     shared: &WorkerShared,
     request: &UpstreamRequest,
     endpoint: &Endpoint,
-    first_byte: (Duration, bool),
+    head_wait: HeadWait,
     limits: RelayLimits,
 ) -> Tried {
-    let mut attempt = pin!(send(shared, request, endpoint, first_byte, limits));
+    let mut attempt = pin!(send(shared, request, endpoint, head_wait, limits));
     let overdue = overdue_after(shared, endpoint, request.stream);
     tokio::select! {
         tried = &mut attempt => return tried,
@@ -657,13 +659,15 @@ fn overdue_after(shared: &WorkerShared, endpoint: &Endpoint, stream: bool) -> Du
 }
 
 /// Sends the request to `endpoint` and judges the answer, reading a small body whole and a
-/// stream's first event, waiting at most `first_byte` for its head (`client_bound`: that wait
-/// is the client's own limit).
+/// stream's first event, waiting at most `head_wait` for its head.
 async fn send(
     shared: &WorkerShared,
     request: &UpstreamRequest,
     endpoint: &Endpoint,
-    (first_byte, client_bound): (Duration, bool),
+    HeadWait {
+        wait: first_byte,
+        clients: client_bound,
+    }: HeadWait,
     limits: RelayLimits,
 ) -> Tried {
     let started = Instant::now();
@@ -681,9 +685,8 @@ async fn send(
     };
     let response = match sent {
         Ok(response) => response,
-        // The client's own limit ran out (its deadline or read timeout): it would not wait any
-        // longer, and the backend was not necessarily at fault. A hedge waits only for what is
-        // left of the first attempt's wait, so its own length says nothing of whose limit it is.
+        // The client's own limit ran out: it would not wait any longer, and the backend was not
+        // necessarily at fault.
         Err(SendRequestError::Timeout) if client_bound => {
             let left = request.deadline.saturating_duration_since(started);
             let budget = if first_byte >= left {
