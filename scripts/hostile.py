@@ -274,7 +274,8 @@ def status_999(conn):
 def events_after_done(conn):
     conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
     event = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
-    for piece in [event, b"data: [DONE]\n\n"] + [event] * 100_000:
+    # The first chunk carries `[DONE]` and 1,000 events after it; 100,000 more follow in chunks of one.
+    for piece in [event + b"data: [DONE]\n\n" + event * 1000] + [event] * 100_000:
         conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
 
 
@@ -752,7 +753,7 @@ def probe_bad_answers(ctx):
 
 
 def probe_after_done(ctx):
-    """A backend that streams on after `data: [DONE]`: the client's stream ends at `[DONE]`."""
+    """A backend that streams on after `data: [DONE]`, in its chunk and after: the client's stream ends at `[DONE]`."""
     rogue = Rogue(events_after_done)
     gw = Gateway(ctx["bin"], [(rogue.url(), ["sim"])], "[health]\ninterval_ms = 60000\n")
     try:
@@ -841,7 +842,7 @@ PROBES = [
     ("head-never-ends", "backend: response head never finishes", probe_head_never_ends),
     ("broken-line", "backend: stream cut mid-line", probe_broken_line),
     ("bad-answers", "backend: body cut short, framed twice, huge head, status 999", probe_bad_answers),
-    ("after-done", "backend: 100,000 events after [DONE]", probe_after_done),
+    ("after-done", "backend: 100,000 events after [DONE], 1,000 in its chunk", probe_after_done),
     ("sigterm", "SIGTERM with an endless stream in flight", probe_sigterm_endless),
     ("admin", "bad URLs, short token, 50 dead endpoints", probe_admin),
     ("log-flood", "2,000 malformed requests", probe_log_flood),

@@ -8,10 +8,12 @@
 #                  every policy, ROUNDS rounds interleaved, medians -> OUT/summary.md (+ raw JSON per run)
 #   calibrate      only the knees, printed per cell
 # Environment: FLEETS ("unequal equal"), WORKLOADS ("p16 p40 z128 turns unique"), POLICIES (nanogate, default
-#   "cache_aware round_robin p2c least_load affinity weighted"), SG_POLICIES (sglang-router, "round_robin power_of_two
-#   cache_aware"), REQUESTS per run (900), ROUNDS (3, odd), CAL_REQUESTS per calibration step (450), CACHE_BLOCKS per
-#   simulator (768), RATE_<fleet>_<workload> (skip that cell's calibration), ARRIVALS (fixed: one start every 1/rate;
-#   poisson: exponential gaps), NANOGATE_BIN, PEERS_VENV, OUT.
+#   "cache_aware round_robin p2c least_load affinity weighted"; POLICY@LABEL runs that policy on the binary in
+#   BIN_<LABEL>, to compare builds in one interleaved run, e.g. POLICIES="p2c p2c@before" BIN_before=/tmp/old),
+#   SG_POLICIES (sglang-router, "round_robin power_of_two cache_aware"), REQUESTS per run (900), ROUNDS (3, odd),
+#   CAL_REQUESTS per calibration step (450), CACHE_BLOCKS per simulator (768), RATE_<fleet>_<workload> (skip that
+#   cell's calibration), ARRIVALS (fixed: one start every 1/rate; poisson: exponential gaps), NANOGATE_BIN, PEERS_VENV,
+#   OUT.
 #
 # Fleets (4 simulators, --max-batch 16, --prefix-cache-blocks CACHE_BLOCKS):
 #   unequal  fast (speed 1), fast, half speed, fast with latency spikes (5 % of requests wait 1 s before the first token)
@@ -129,7 +131,12 @@ flush_fleet() { local p; for p in "${SIM_PORTS[@]}"; do curl -fsS -m 5 -o /dev/n
 start_router() { # kind policy: sets ROUTER_PORT; 1 if it does not come up
   local kind=$1 pol=$2
   if [ "$kind" = nanogate ]; then
-    NANOGATE__BALANCER__POLICY=$pol RUST_LOG=warn start_bg router "$BIN" serve --listen "127.0.0.1:$NG_PORT" --backends "$URL_CSV"
+    local gateway=$BIN
+    if [[ $pol == *@* ]]; then
+      local build="BIN_${pol#*@}"; gateway=${!build:-}; pol=${pol%@*}
+      [ -x "$gateway" ] || { log "$build is not an executable"; return 1; }
+    fi
+    NANOGATE__BALANCER__POLICY=$pol RUST_LOG=warn start_bg router "$gateway" serve --listen "127.0.0.1:$NG_PORT" --backends "$URL_CSV"
     ROUTER_PORT=$NG_PORT
   else
     start_bg router "$V/bin/python" -m sglang_router.launch_router --host 127.0.0.1 --port "$SG_PORT" \

@@ -2,7 +2,7 @@
 """Summary of a routing-bench.sh run: one table per fleet x workload cell (medians over rounds), then whether the
 default policy met its targets in every cell: p50 TTFT at or below sglang-router cache_aware's, p99 TTFT at or below
 both round robin's (nanogate's) and sglang-router cache_aware's; and whether p2c and least_load kept their p99 TTFT at or
-below round robin's.
+below round robin's (each build of them, where POLICY@LABEL named builds).
 
 Usage: routing-summary.py OUT REQUESTS ROUNDS CACHE_BLOCKS kind:policy...
 """
@@ -38,6 +38,7 @@ def main():
     print(f"4 simulators per fleet, --max-batch 16, --prefix-cache-blocks {blocks}; 32 tokens out.\n")
     verdicts = []
     spreads = []
+    spread_policies = [p for kind, p in targets if kind == "nanogate" and p.split("@")[0] in ("p2c", "least_load")]
     for cell, rate in rates.items():
         rate = rate.strip()
         fleet, workload = cell.split("-", 1)
@@ -74,7 +75,7 @@ def main():
         print()
         own, sg, rr = figures.get(DEFAULT), figures.get(("sglang", "cache_aware")), figures.get(("nanogate", "round_robin"))
         if rr:
-            spreads.append((cell, rr[1], [figures.get(("nanogate", p), (None, None))[1] for p in ("p2c", "least_load")]))
+            spreads.append((cell, rr[1], [figures.get(("nanogate", p), (None, None))[1] for p in spread_policies]))
         if own and sg and rr:
             # Failed requests leave the latency percentiles: a router that fails its slowest
             # requests would look faster, so ours meets no target with any failure.
@@ -92,8 +93,8 @@ def main():
         print()
     if spreads:
         print("## p2c and least_load against round robin (p99 TTFT ms)\n")
-        print("| cell | round robin | p2c | met | least_load | met |")
-        print("|---|---:|---:|---|---:|---|")
+        print("| cell | round robin | " + " | ".join(f"{p} | met" for p in spread_policies) + " |")
+        print("|---|---:|" + "---:|---|" * len(spread_policies))
         for cell, rr99, others in spreads:
             row = f"| {cell} | {rr99:.1f} |"
             for v in others:

@@ -489,22 +489,46 @@ async fn an_answer_cut_short_framed_twice_or_with_no_valid_status_is_a_bad_gatew
 
 #[actix_rt::test]
 async fn a_stream_ends_at_its_done_whatever_the_backend_sends_after_it() {
-    // Chunked: an event, `[DONE]`, then more events and no end of the body (the connection
-    // closes, which the HTTP client reads as a failure).
-    const RAW: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+    // An event, `[DONE]`, then more events and no end of the body (the connection closes, which
+    // the HTTP client reads as a failure): in chunks of their own, in the same chunk as the
+    // `[DONE]`, and with the `[DONE]` line split over two chunks.
+    const APART: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
         transfer-encoding: chunked\r\n\r\n\
         2f\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\r\n\
         e\r\ndata: [DONE]\n\n\r\n\
         2f\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n\r\n";
-    let rogue = Rogue::start(Behaviour::Raw(RAW));
-    let gw = gateway(config_for(&rogue.url)).await;
-    let answer = post(&client(), &chat_url(&gw), &chat_stream(2)).await;
-    assert_eq!(answer.status, 200);
-    assert_eq!(
-        answer.text(),
-        "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n"
-    );
-    gw.stop(false).await;
+    const TOGETHER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+        transfer-encoding: chunked\r\n\r\n\
+        6c\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
+        data: [DONE]\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n\r\n";
+    const SPLIT: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+        transfer-encoding: chunked\r\n\r\n\
+        34\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata:\r\n\
+        38\r\n [DONE]\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n\r\n";
+    // `[DONE]`, then the connection held open with nothing more: the answer is whole, and no
+    // error event follows when the silence outlasts the idle timeout.
+    const HELD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+        transfer-encoding: chunked\r\n\r\n\
+        3d\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n\r\n";
+    for (name, behaviour) in [
+        ("apart", Behaviour::Raw(APART)),
+        ("together", Behaviour::Raw(TOGETHER)),
+        ("split", Behaviour::Raw(SPLIT)),
+        ("held", Behaviour::RawThenSilence(HELD)),
+    ] {
+        let rogue = Rogue::start(behaviour);
+        let mut config = config_for(&rogue.url);
+        config.upstream.idle_timeout_ms = 500;
+        let gw = gateway(config).await;
+        let answer = post(&client(), &chat_url(&gw), &chat_stream(2)).await;
+        assert_eq!(answer.status, 200, "{name}");
+        assert_eq!(
+            answer.text(),
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n",
+            "{name}"
+        );
+        gw.stop(false).await;
+    }
 }
 
 #[actix_rt::test]

@@ -378,6 +378,7 @@ impl Balancer {
             Verdict::Success(sample) => {
                 entry.estimator.observe(sample, now, tau);
                 endpoint.set_latency_ms(entry.estimator.first_byte_ms());
+                endpoint.set_latency_mean_ms(entry.estimator.first_byte_mean_ms());
                 entry.breaker.record(true, now, &breaker)
             }
             Verdict::Failure => entry.breaker.record(false, now, &breaker),
@@ -425,6 +426,9 @@ impl Balancer {
             entry
                 .endpoint
                 .set_latency_ms(entry.estimator.first_byte_ms());
+            entry
+                .endpoint
+                .set_latency_mean_ms(entry.estimator.first_byte_mean_ms());
             publish_estimate(entry, now, slow_start);
         }
     }

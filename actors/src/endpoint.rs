@@ -137,6 +137,7 @@ pub struct Endpoint {
     /// Times live failures ejected it, since it was added.
     ejections: AtomicU64,
     latency_ms_bits: AtomicU64,
+    latency_mean_ms_bits: AtomicU64,
     reported_running_bits: AtomicU64,
     reported_waiting_bits: AtomicU64,
     others_bits: AtomicU64,
@@ -232,6 +233,7 @@ impl Endpoint {
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU64::new(0),
             latency_ms_bits: AtomicU64::new(0f64.to_bits()),
+            latency_mean_ms_bits: AtomicU64::new(0f64.to_bits()),
             reported_running_bits: AtomicU64::new(0f64.to_bits()),
             reported_waiting_bits: AtomicU64::new(0f64.to_bits()),
             others_bits: AtomicU64::new(0f64.to_bits()),
@@ -382,6 +384,16 @@ impl Endpoint {
 
     pub(crate) fn set_latency_ms(&self, ms: f64) {
         store_f64(&self.latency_ms_bits, ms);
+    }
+
+    /// The long-run average time to first byte, in milliseconds (0 until measured): what the
+    /// peak-EWMA returns to, without its peaks.
+    pub fn latency_mean_ms(&self) -> f64 {
+        load_f64(&self.latency_mean_ms_bits)
+    }
+
+    pub(crate) fn set_latency_mean_ms(&self, ms: f64) {
+        store_f64(&self.latency_mean_ms_bits, ms);
     }
 
     /// What the backend says it runs and queues (from its `/metrics`), and its KV-cache use.

@@ -119,6 +119,15 @@ impl Learned {
             0.0
         }
     }
+
+    /// The long-run value: an average of the samples (each weighing at least 1 %), no peaks.
+    fn mean(&self) -> f64 {
+        if self.at.is_some() {
+            self.slow
+        } else {
+            0.0
+        }
+    }
 }
 
 /// The weight an old value keeps after `elapsed`, with time constant `tau`.
@@ -437,6 +446,11 @@ impl Estimator {
     /// The peak-EWMA time to first byte, ms (0: not measured).
     pub fn first_byte_ms(&self) -> f64 {
         self.first_byte.value()
+    }
+
+    /// The long-run average time to first byte, ms (0: not measured).
+    pub fn first_byte_mean_ms(&self) -> f64 {
+        self.first_byte.mean()
     }
 
     /// The estimate as the request path reads it, with `ramp` the slow-start share,

@@ -427,7 +427,8 @@ pub(crate) async fn relay(
     let mut tail = StreamTail::default();
     let mut last_event = LastEvent::default();
     let follow_events = sse && limits.stream_end.follows_events();
-    let mut scan = UsageScan::new(sse && held.account.strip_usage);
+    let ends_at_done = sse && limits.stream_end == StreamEnd::Done;
+    let mut scan = UsageScan::new(sse && held.account.strip_usage, ends_at_done);
     let mut body_tail = BodyTail::default();
     // One timer for the whole relay, re-armed only when it fires early (a chunk came since it
     // was set), not on every chunk; one `closed` future, polled whenever the relay waits.
@@ -442,7 +443,6 @@ pub(crate) async fn relay(
     let mut last_activity = Instant::now();
     // Whether the stream's `data: [DONE]` has passed: it is over, whatever the backend sends on.
     let mut done = false;
-    let ends_at_done = sse && limits.stream_end == StreamEnd::Done;
     // What was read while waiting for the first event goes first.
     let mut first = first.into_iter();
     if let Some(at) = first_at {
@@ -453,12 +453,12 @@ pub(crate) async fn relay(
         if let Some(chunk) = first.next() {
             received += chunk.len() as u64;
             tail.push(&chunk);
-            done = ends_at_done && tail.is_done();
             if follow_events {
                 last_event.push(&chunk);
             }
             timing.chunks += 1;
             let chunk = scan.pass(chunk);
+            done = ends_at_done && (scan.done() || tail.is_done());
             if chunk.is_empty() {
                 continue;
             }
@@ -483,16 +483,22 @@ pub(crate) async fn relay(
                         idle.as_mut().reset(wake.into());
                         continue;
                     }
-                    let (why, ending) = if now >= limits.deadline {
-                        ("the request's deadline passed", Ending::Expired)
-                    } else if limits.idle_is_clients {
-                        ("the client's read timeout passed", Ending::Expired)
+                    // A backend that keeps a stream open after its `[DONE]` has still answered
+                    // it whole.
+                    if done {
+                        None
                     } else {
-                        ("the backend went silent", Ending::Broken)
-                    };
-                    log::warn!("{why} after {} chunks; ending the response", timing.chunks);
-                    link.end_with(Some(failure(sse, &tail, limits.stream_end, why)));
-                    break ending;
+                        let (why, ending) = if now >= limits.deadline {
+                            ("the request's deadline passed", Ending::Expired)
+                        } else if limits.idle_is_clients {
+                            ("the client's read timeout passed", Ending::Expired)
+                        } else {
+                            ("the backend went silent", Ending::Broken)
+                        };
+                        log::warn!("{why} after {} chunks; ending the response", timing.chunks);
+                        link.end_with(Some(failure(sse, &tail, limits.stream_end, why)));
+                        break ending;
+                    }
                 }
             },
         };
@@ -513,11 +519,12 @@ pub(crate) async fn relay(
                 received += chunk.len() as u64;
                 let chunk = if sse {
                     tail.push(&chunk);
-                    done = ends_at_done && tail.is_done();
                     if follow_events {
                         last_event.push(&chunk);
                     }
-                    scan.pass(chunk)
+                    let chunk = scan.pass(chunk);
+                    done = ends_at_done && (scan.done() || tail.is_done());
+                    chunk
                 } else {
                     body_tail.push(&chunk);
                     chunk
@@ -547,7 +554,11 @@ pub(crate) async fn relay(
                 )));
                 break Ending::Broken;
             }
-            None if sse && status < 300 && !limits.stream_end.reached(&tail, &last_event) => {
+            None if sse
+                && status < 300
+                && !done
+                && !limits.stream_end.reached(&tail, &last_event) =>
+            {
                 log::warn!(
                     "upstream stream ended before its final event ({:?}) after {} chunks",
                     limits.stream_end,

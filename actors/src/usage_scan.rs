@@ -70,12 +70,20 @@ pub struct UsageScan {
     removed: bool,
     usage: Option<TokenUsage>,
     events: u32,
+    /// The stream ends at its `data: [DONE]` (OpenAI's streams), and whether that line was read:
+    /// from then on only the line ends that close its event go to the client. A backend that
+    /// sends events after it in the same chunk had them relayed (the relay ends the response at
+    /// the next chunk), and a client that does not stop at `[DONE]` took them for the stream's.
+    ends_at_done: bool,
+    done: bool,
+    /// The blank line that ends the `[DONE]` event has passed too.
+    closed: bool,
 }
 
 impl UsageScan {
     /// A scan that removes the usage chunk from the stream when `strip`, and only reads it
-    /// otherwise.
-    pub fn new(strip: bool) -> Self {
+    /// otherwise; with `ends_at_done`, nothing after `data: [DONE]` is passed on.
+    pub fn new(strip: bool, ends_at_done: bool) -> Self {
         Self {
             strip,
             line: BytesMut::new(),
@@ -83,7 +91,15 @@ impl UsageScan {
             removed: false,
             usage: None,
             events: 0,
+            ends_at_done,
+            done: false,
+            closed: false,
         }
+    }
+
+    /// Whether the stream's `data: [DONE]` line has been read (with `ends_at_done`).
+    pub fn done(&self) -> bool {
+        self.done
     }
 
     /// Reads the next chunk of the stream and returns what goes to the client now: the same
@@ -93,6 +109,9 @@ impl UsageScan {
     pub fn pass(&mut self, chunk: Bytes) -> Bytes {
         let mut kept = Kept::default();
         let mut start = 0;
+        if self.done {
+            return self.after_done(chunk, 0, kept);
+        }
         if !self.line.is_empty() || self.overlong.is_some() {
             let Some(end) = memchr::memchr(b'\n', &chunk) else {
                 self.grow(&chunk, 0..chunk.len(), &mut kept);
@@ -100,6 +119,9 @@ impl UsageScan {
             };
             self.end_line(&chunk, end, &mut kept);
             start = end + 1;
+            if self.done {
+                return self.after_done(chunk, start, kept);
+            }
         }
         while let Some(at) = memchr::memchr(b'\n', &chunk[start..]) {
             let end = start + at;
@@ -113,6 +135,9 @@ impl UsageScan {
                 }
             }
             start = end + 1;
+            if self.done {
+                return self.after_done(chunk, start, kept);
+            }
         }
         if start < chunk.len() {
             self.grow(&chunk, start..chunk.len(), &mut kept);
@@ -199,6 +224,25 @@ impl UsageScan {
         self.line = line;
     }
 
+    /// What goes to the client of a chunk whose bytes from `start` on come after the
+    /// `data: [DONE]` line: what `kept` holds of it, then the line end that closes the `[DONE]`
+    /// event (if it has not passed yet), and nothing more.
+    fn after_done(&mut self, chunk: Bytes, start: usize, mut kept: Kept) -> Bytes {
+        let mut end = start;
+        while !self.closed && end < chunk.len() {
+            match chunk[end] {
+                b'\r' => end += 1,
+                b'\n' => {
+                    end += 1;
+                    self.closed = true;
+                }
+                _ => break,
+            }
+        }
+        kept.keep(&chunk, start..end);
+        kept.into_bytes(chunk)
+    }
+
     /// In strip mode, where a kept line (without its `\n`) ends its event's object with
     /// OpenAI's `,"usage":null`: OpenAI puts that member in every chunk only because
     /// `include_usage` is set, so a client that did not ask gets its chunks without it.
@@ -229,6 +273,7 @@ impl UsageScan {
         };
         let data = data.trim_ascii();
         if data == b"[DONE]" {
+            self.done = self.ends_at_done;
             return false;
         }
         let usage_chunk = has_usage_object(data) && self.parse(data);
@@ -499,7 +544,7 @@ mod tests {
 
     /// Feeds the chunks through a scan; what the client got, and the scan.
     fn run<'a>(strip: bool, chunks: impl IntoIterator<Item = &'a [u8]>) -> (Vec<u8>, UsageScan) {
-        let mut scan = UsageScan::new(strip);
+        let mut scan = UsageScan::new(strip, true);
         let mut out = Vec::new();
         for chunk in chunks {
             out.extend_from_slice(&scan.pass(Bytes::copy_from_slice(chunk)));
@@ -548,7 +593,7 @@ mod tests {
     #[test]
     fn whole_events_pass_uncopied_and_the_usage_event_yields_nothing() {
         let (stream, _) = vllm_stream();
-        let mut scan = UsageScan::new(true);
+        let mut scan = UsageScan::new(true, true);
         for raw in stream.split_inclusive("\n\n") {
             let chunk = Bytes::copy_from_slice(raw.as_bytes());
             let out = scan.pass(chunk.clone());
@@ -567,7 +612,7 @@ mod tests {
     fn usage_chunk_and_done_in_one_chunk_keep_done_as_a_slice() {
         let done = "data: [DONE]\n\n";
         let chunk = Bytes::from(format!("{}{done}", event(USAGE_CHUNK)));
-        let mut scan = UsageScan::new(true);
+        let mut scan = UsageScan::new(true, true);
         let out = scan.pass(chunk.clone());
         assert_eq!(&out[..], done.as_bytes());
         assert_eq!(out.as_ptr(), chunk[chunk.len() - done.len()..].as_ptr());
@@ -576,11 +621,44 @@ mod tests {
     }
 
     #[test]
+    fn nothing_after_done_passes_at_every_split() {
+        let (stream, without) = vllm_stream();
+        let after = format!(
+            "{}: keep-alive\n\n",
+            event(r#"{"choices":[{"delta":{"content":"x"}}]}"#)
+        );
+        for strip in [false, true] {
+            let expected = if strip { &without } else { &stream };
+            assert_every_split(
+                strip,
+                &format!("{stream}{after}"),
+                expected,
+                Some(VLLM_USAGE),
+            );
+            assert_every_split(
+                strip,
+                &crlf(&format!("{stream}{after}")),
+                &crlf(expected),
+                Some(VLLM_USAGE),
+            );
+        }
+        let (_, scan) = run(false, [format!("{stream}{after}").as_bytes()]);
+        assert!(scan.done());
+        assert_eq!(scan.events(), 4, "the event after [DONE] is not counted");
+        // A stream that does not end at `[DONE]` (not OpenAI's) passes whole.
+        let mut scan = UsageScan::new(false, false);
+        let whole = format!("{stream}{after}");
+        let out = scan.pass(Bytes::from(whole.clone()));
+        assert_eq!(&out[..], whole.as_bytes());
+        assert!(!scan.done());
+    }
+
+    #[test]
     fn without_strip_every_chunk_passes_unchanged() {
         let (stream, _) = vllm_stream();
         let bytes = stream.as_bytes();
         for at in 0..=bytes.len() {
-            let mut scan = UsageScan::new(false);
+            let mut scan = UsageScan::new(false, true);
             for part in [&bytes[..at], &bytes[at..]] {
                 let chunk = Bytes::copy_from_slice(part);
                 let out = scan.pass(chunk.clone());
@@ -734,7 +812,7 @@ mod tests {
         );
         let stream = format!("{long}{stream}");
         let without = format!("{long}{without}");
-        let mut scan = UsageScan::new(true);
+        let mut scan = UsageScan::new(true, true);
         let mut out = Vec::new();
         let (mut fed, mut most_held) = (0, 0);
         for chunk in stream.as_bytes().chunks(1000) {
@@ -789,7 +867,7 @@ mod tests {
 
     #[test]
     fn an_unfinished_last_line_is_delivered_by_finish() {
-        let mut scan = UsageScan::new(true);
+        let mut scan = UsageScan::new(true, true);
         assert_eq!(
             &scan.pass(Bytes::from_static(b"data: {}\n\ndata: [DO"))[..],
             b"data: {}\n\n"

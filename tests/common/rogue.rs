@@ -29,6 +29,8 @@ pub enum Behaviour {
     Record,
     /// These bytes, then the connection closes.
     Raw(&'static [u8]),
+    /// These bytes, then silence until the gateway closes the connection.
+    RawThenSilence(&'static [u8]),
 }
 
 #[derive(Default)]
@@ -190,6 +192,12 @@ fn answer(
         }
         Behaviour::Raw(bytes) => {
             write(bytes);
+            false
+        }
+        Behaviour::RawThenSilence(bytes) => {
+            if write(bytes) {
+                let _ = reader.read(&mut [0u8; 1]);
+            }
             false
         }
         Behaviour::Record => write(

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use rand::RngCore;
 
 use super::p2c::{cost_with, pick_two};
+use super::rotation::Rotation;
 use super::{Policy, PolicyKind};
 use crate::endpoint::{Bits, Eligible, Endpoint};
 
@@ -25,6 +26,8 @@ pub struct Affinity {
     /// (point, slot), sorted by point.
     ring: Vec<(u64, usize)>,
     load_factor: f64,
+    /// Turns for the requests without a key (p2c's).
+    turns: Rotation,
 }
 
 /// A stable 64-bit hash for ring points and affinity keys, the same in every process and run.
@@ -74,6 +77,7 @@ impl Affinity {
         Self {
             ring,
             load_factor: load_factor.max(1.0),
+            turns: Rotation::default(),
         }
     }
 }
@@ -85,7 +89,7 @@ impl Policy for Affinity {
 
     fn pick(&self, eligible: &Eligible<'_>, rng: &mut dyn RngCore) -> Option<usize> {
         let Some(key) = eligible.affinity else {
-            return pick_two(eligible, rng);
+            return pick_two(eligible, &self.turns, rng);
         };
         let n = eligible.slots.len();
         // An endpoint not measured yet is taken to be as fast as the measured ones on average,
@@ -129,7 +133,7 @@ impl Policy for Affinity {
         }
         least
             .map(|(_, slot)| slot)
-            .or_else(|| pick_two(eligible, rng))
+            .or_else(|| pick_two(eligible, &self.turns, rng))
     }
 }
 

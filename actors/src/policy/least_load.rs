@@ -3,20 +3,25 @@
 //! (requests waiting, KV-cache use, scraped by the health checker every
 //! `health.load_interval_ms`), and what it can run is its batch capacity. The backend's queue is
 //! seen as soon as it forms, before it shows up as latency; the in-flight count is exact at the
-//! moment of a pick. Of two endpoints drawn at
-//! random, the one with more free batch slots wins: load counted in requests, not slots, filled
-//! the largest batches first and queued on the smaller, and taking the least loaded of all sent
-//! every request between two scrapes to the one that looked idle in the last (herding on stale
-//! load), which made its queue the fleet's slowest percent.
+//! moment of a pick. Of two endpoints, the one with more free batch slots wins: load counted in
+//! requests, not slots, filled the largest batches first and queued on the smaller, and taking
+//! the least loaded of all sent every request between two scrapes to the one that looked idle in
+//! the last (herding on stale load), which made its queue the fleet's slowest percent. One of the
+//! two is the endpoint whose turn it is, the other is drawn at random and takes the turn only when
+//! clearly less loaded ([`super::rotation`]): equal backends then take turns, as round robin's
+//! evenly spaced arrivals keep their prefills apart.
 
 use rand::RngCore;
 
 use super::cache_aware::DEFAULT_CAPACITY;
-use super::{below, Policy, PolicyKind};
+use super::rotation::Rotation;
+use super::{Policy, PolicyKind};
 use crate::endpoint::{Eligible, Endpoint};
 
-#[derive(Debug)]
-pub struct LeastLoad;
+#[derive(Debug, Default)]
+pub struct LeastLoad {
+    turns: Rotation,
+}
 
 /// How full a new request would find `e`: the gateway's requests on it and the queue the backend
 /// reported (counted twice: a queued request also waits for a slot) over its batch capacity,
@@ -45,33 +50,9 @@ impl Policy for LeastLoad {
     }
 
     fn pick(&self, eligible: &Eligible<'_>, rng: &mut dyn RngCore) -> Option<usize> {
-        let (first, second) = two(eligible, rng)?;
-        let Some(second) = second else {
-            return Some(first);
-        };
-        let (a, b) = (
-            load(eligible.endpoint(first)),
-            load(eligible.endpoint(second)),
-        );
-        Some(if b < a { second } else { first })
+        self.turns
+            .pick(eligible, rng, |slot| load(eligible.endpoint(slot)))
     }
-}
-
-/// Two different slots of `eligible` drawn at random (the second absent when there is one).
-pub(crate) fn two(
-    eligible: &Eligible<'_>,
-    rng: &mut dyn RngCore,
-) -> Option<(usize, Option<usize>)> {
-    let n = eligible.slots.len();
-    if n <= 1 {
-        return eligible.slots.iter().next().map(|slot| (slot, None));
-    }
-    let a = below(rng, n);
-    let mut b = below(rng, n - 1);
-    if b >= a {
-        b += 1;
-    }
-    Some((eligible.slots.iter().nth(a)?, eligible.slots.iter().nth(b)))
 }
 
 #[cfg(test)]
@@ -88,23 +69,43 @@ mod tests {
         t.endpoints[1].set_reported_load(2.0, 0.0, 0.2);
         t.endpoints[2].set_reported_load(3.0, 0.0, 0.2);
         let mut rng = SmallRng::seed_from_u64(4);
-        assert_eq!(t.pick(&request("m"), &mut rng).unwrap().slot, 1);
+        let mut picks = [0; 3];
+        for _ in 0..30 {
+            picks[t.pick(&request("m"), &mut rng).unwrap().slot] += 1;
+        }
+        assert_eq!(picks[0], 0, "its queue gives every turn away: {picks:?}");
         let _held: Vec<_> = (0..4).map(|_| t.endpoints[1].begin()).collect();
-        assert_eq!(
-            t.pick(&request("m"), &mut rng).unwrap().slot,
-            2,
-            "in-flight blends in"
+        let mut picks = [0; 3];
+        for _ in 0..30 {
+            picks[t.pick(&request("m"), &mut rng).unwrap().slot] += 1;
+        }
+        // Of the two (the turn and one drawn), the one with room wins, so the busier one is
+        // taken only where the other drawn was the queued one.
+        assert!(
+            picks[0] == 0 && picks[2] > picks[1] + 5,
+            "in-flight blends in: {picks:?}"
         );
     }
 
     #[test]
-    fn ties_are_broken_at_random() {
-        let t = table_with(PolicyKind::LeastLoad, &[1.0, 1.0], &[None, None]);
+    fn equal_loads_take_turns_and_a_loaded_endpoint_gives_its_turn_away() {
+        let t = table_with(PolicyKind::LeastLoad, &[1.0; 3], &[None, None, None]);
         let mut rng = SmallRng::seed_from_u64(5);
-        let mut seen = [false; 2];
-        for _ in 0..50 {
-            seen[t.pick(&request("m"), &mut rng).unwrap().slot] = true;
+        let picks: Vec<usize> = (0..6)
+            .map(|_| t.pick(&request("m"), &mut rng).unwrap().slot)
+            .collect();
+        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2], "as round robin");
+        // With half a batch (of 8) on each, a request or two more is no reason to skip a turn; a
+        // queue is.
+        let _half: Vec<_> = (0..12).map(|i| t.endpoints[i % 3].begin()).collect();
+        let _few: Vec<_> = (0..2).map(|_| t.endpoints[0].begin()).collect();
+        let picks: Vec<usize> = (0..6)
+            .map(|_| t.pick(&request("m"), &mut rng).unwrap().slot)
+            .collect();
+        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+        let _full: Vec<_> = (0..8).map(|_| t.endpoints[0].begin()).collect();
+        for _ in 0..30 {
+            assert_ne!(t.pick(&request("m"), &mut rng).unwrap().slot, 0);
         }
-        assert_eq!(seen, [true, true]);
     }
 }

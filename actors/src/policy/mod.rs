@@ -5,9 +5,12 @@
 //!
 //! - [`weighted`]: weighted random on the balancer's success/failure weights (the seed policy).
 //! - [`round_robin`]: each endpoint in turn.
-//! - [`p2c`]: power of two choices on peak-EWMA latency × (in-flight + 1).
-//! - [`least_load`]: the least loaded by what the backends report about their own queues and
-//!   running batch, blended with the gateway's in-flight count.
+//! - [`p2c`]: power of two choices on the average time to first byte, the price of latency
+//!   spikes and the wait for a batch slot.
+//! - [`least_load`]: the less loaded of two by what the backends report about their own queues,
+//!   blended with the gateway's in-flight count.
+//!
+//! Both weigh the endpoint whose turn it is against one drawn at random ([`rotation`]).
 //! - [`affinity`]: consistent hashing with bounded load on a session/user/prompt-prefix key, so a
 //!   backend's prefix cache is reused; falls back to p2c for requests without a key.
 //! - [`cache_aware`]: the least expected time to first token, from what each backend probably
@@ -21,6 +24,7 @@ pub mod affinity;
 pub mod cache_aware;
 pub mod least_load;
 pub mod p2c;
+pub mod rotation;
 pub mod round_robin;
 pub mod weighted;
 
@@ -87,8 +91,8 @@ pub fn build(settings: &PolicySettings, endpoints: &[Arc<Endpoint>]) -> Box<dyn 
     match settings.policy {
         PolicyKind::Weighted => Box::new(weighted::Weighted),
         PolicyKind::RoundRobin => Box::new(round_robin::RoundRobin::default()),
-        PolicyKind::P2c => Box::new(p2c::P2c),
-        PolicyKind::LeastLoad => Box::new(least_load::LeastLoad),
+        PolicyKind::P2c => Box::new(p2c::P2c::default()),
+        PolicyKind::LeastLoad => Box::new(least_load::LeastLoad::default()),
         PolicyKind::Affinity => Box::new(affinity::Affinity::new(
             endpoints,
             settings.affinity_load_factor,

@@ -1,16 +1,15 @@
 //! Round robin: each eligible endpoint in turn, whatever its speed: the baseline the other
 //! policies are measured against.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use rand::RngCore;
 
+use super::rotation::Rotation;
 use super::{Policy, PolicyKind};
 use crate::endpoint::Eligible;
 
 #[derive(Debug, Default)]
 pub struct RoundRobin {
-    next: AtomicUsize,
+    turns: Rotation,
 }
 
 impl Policy for RoundRobin {
@@ -19,9 +18,7 @@ impl Policy for RoundRobin {
     }
 
     fn pick(&self, eligible: &Eligible<'_>, _rng: &mut dyn RngCore) -> Option<usize> {
-        let n = eligible.slots.len();
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
-        eligible.slots.iter().nth(turn)
+        self.turns.turn(eligible)
     }
 }
 
