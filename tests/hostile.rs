@@ -505,6 +505,12 @@ async fn a_stream_ends_at_its_done_whatever_the_backend_sends_after_it() {
         transfer-encoding: chunked\r\n\r\n\
         34\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata:\r\n\
         38\r\n [DONE]\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n\r\n";
+    // The `[DONE]` line's end in one chunk, the blank line that closes its event and another
+    // event in the next.
+    const CLOSED_LATER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+        transfer-encoding: chunked\r\n\r\n\
+        3c\r\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\r\n\
+        30\r\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n\r\n";
     // `[DONE]`, then the connection held open with nothing more: the answer is whole, and no
     // error event follows when the silence outlasts the idle timeout.
     const HELD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
@@ -514,6 +520,7 @@ async fn a_stream_ends_at_its_done_whatever_the_backend_sends_after_it() {
         ("apart", Behaviour::Raw(APART)),
         ("together", Behaviour::Raw(TOGETHER)),
         ("split", Behaviour::Raw(SPLIT)),
+        ("closed later", Behaviour::Raw(CLOSED_LATER)),
         ("held", Behaviour::RawThenSilence(HELD)),
     ] {
         let rogue = Rogue::start(behaviour);

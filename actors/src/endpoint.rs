@@ -574,6 +574,18 @@ impl Bits {
         i < MAX_ENDPOINTS && self.0[i / 64] & (1 << (i % 64)) != 0
     }
 
+    /// A hash of the set, the same for equal sets (splitmix64's finalizer over the words).
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = self.0.iter().fold(0x9E37_79B9_7F4A_7C15u64, |h, &w| {
+            (h ^ w).wrapping_mul(0x100_0000_01B3)
+        });
+        h ^= h >> 30;
+        h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        h ^= h >> 27;
+        h = h.wrapping_mul(0x94D0_49BB_1331_11EB);
+        h ^ (h >> 31)
+    }
+
     pub fn len(&self) -> usize {
         self.0.iter().map(|w| w.count_ones() as usize).sum()
     }

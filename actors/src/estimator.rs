@@ -18,7 +18,8 @@
 //! - recent 95th percentiles of time to first token and of whole non-streamed answers, for
 //!   deciding when a request is overdue (and when to hedge);
 //! - its batch capacity, from the running and waiting requests it reports;
-//! - the peak-EWMA time to first byte that `p2c` and `affinity` weigh.
+//! - the peak-EWMA time to first byte that `affinity` weighs, and the average it returns to, which
+//!   `p2c` weighs.
 //!
 //! Every estimate decays with time, not only with new samples: without traffic it returns to its
 //! long-run value, so one slow answer cannot keep a backend out of rotation for good.

@@ -458,7 +458,7 @@ pub(crate) async fn relay(
             }
             timing.chunks += 1;
             let chunk = scan.pass(chunk);
-            done = ends_at_done && (scan.done() || tail.is_done());
+            done = done || (ends_at_done && (scan.done() || tail.is_done()));
             if chunk.is_empty() {
                 continue;
             }
@@ -502,14 +502,12 @@ pub(crate) async fn relay(
                 }
             },
         };
-        // After `[DONE]` nothing more is part of the stream: more bytes (a backend that sends
-        // on, which would hold the response open for as long as it liked) or a failure end it
-        // there, as complete, without relaying them or an error event.
+        // After `[DONE]` nothing more is part of the stream: a failure ends it there, as
+        // complete, without an error event; more bytes (a backend that sends on, which would hold
+        // the response open for as long as it liked) end it once the scan has passed what of them
+        // closes the `[DONE]` event (its blank line may come in this chunk).
+        let ends_here = done && matches!(&next, Some(Ok(chunk)) if !chunk.trim_ascii().is_empty());
         let next = match next {
-            Some(Ok(chunk)) if done && !chunk.trim_ascii().is_empty() => {
-                log::debug!("the backend sent more after [DONE]; the response ends there");
-                None
-            }
             Some(Err(_)) if done => None,
             next => next,
         };
@@ -523,22 +521,26 @@ pub(crate) async fn relay(
                         last_event.push(&chunk);
                     }
                     let chunk = scan.pass(chunk);
-                    done = ends_at_done && (scan.done() || tail.is_done());
+                    done = done || (ends_at_done && (scan.done() || tail.is_done()));
                     chunk
                 } else {
                     body_tail.push(&chunk);
                     chunk
                 };
-                if chunk.is_empty() {
-                    continue;
-                }
-                match link.deliver(chunk, closed.as_mut(), &limits).await {
-                    Delivery::Delivered => last_activity = Instant::now(),
-                    Delivery::Gone => break Ending::Cancelled,
-                    Delivery::Stalled(why) => {
-                        log::debug!("{why}; cutting the response off");
-                        break Ending::Stalled;
+                if !chunk.is_empty() {
+                    match link.deliver(chunk, closed.as_mut(), &limits).await {
+                        Delivery::Delivered => last_activity = Instant::now(),
+                        Delivery::Gone => break Ending::Cancelled,
+                        Delivery::Stalled(why) => {
+                            log::debug!("{why}; cutting the response off");
+                            break Ending::Stalled;
+                        }
                     }
+                }
+                if ends_here {
+                    log::debug!("the backend sent more after [DONE]; the response ends there");
+                    link.end_with(None);
+                    break Ending::Complete;
                 }
             }
             Some(Err(error)) => {

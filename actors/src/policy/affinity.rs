@@ -4,10 +4,10 @@
 //! endpoint clockwise whose cost stays within `load_factor` × the average cost, so requests
 //! sharing a prefix keep landing on the backend whose prefix cache holds it, until that backend
 //! is loaded beyond the bound and the excess spills to the next one on the ring (which then warms
-//! its own cache for those keys). The cost is p2c's (in-flight + 1) × peak-EWMA time to first
-//! byte rather than the in-flight count alone: with equal backends the bound is the paper's,
+//! its own cache for those keys). The cost is (in-flight + 1) × the peak-EWMA time to first byte
+//! rather than the in-flight count alone: with equal backends the bound is the paper's,
 //! while a slow or stalling backend (its estimate jumps at once on a slow answer) gives its keys
-//! up to the next one until it recovers. Requests without a key go to power of two choices.
+//! up to the next one until it recovers. Requests without a key go to p2c's pick.
 
 use std::sync::Arc;
 

@@ -9,12 +9,13 @@
 //!   spikes and the wait for a batch slot.
 //! - [`least_load`]: the less loaded of two by what the backends report about their own queues,
 //!   blended with the gateway's in-flight count.
-//!
-//! Both weigh the endpoint whose turn it is against one drawn at random ([`rotation`]).
 //! - [`affinity`]: consistent hashing with bounded load on a session/user/prompt-prefix key, so a
 //!   backend's prefix cache is reused; falls back to p2c for requests without a key.
 //! - [`cache_aware`]: the least expected time to first token, from what each backend probably
 //!   caches of the prompt, its measured speed and its queue (the default).
+//!
+//! `p2c` and `least_load` (and `affinity` for requests without a key) weigh the endpoint whose
+//! turn it is against one drawn at random ([`rotation`]).
 //!
 //! `p2c`, `least_load` and `cache_aware` weigh a backend's queue by its batch capacity
 //! ([`cache_aware::queue_ms`]): a backend with room costs nothing extra, one whose batch is full

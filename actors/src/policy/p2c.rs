@@ -13,8 +13,8 @@
 //! One of the two is the endpoint whose turn it is and the other is drawn at random, and the drawn
 //! one must be clearly cheaper to take the turn's place ([`super::rotation`]). Comparing two
 //! choices instead of scanning all avoids herding every request onto the momentarily best
-//! endpoint, and still keeps the maximum load within O(log log n) of the mean (Mitzenmacher, "The
-//! Power of Two Choices in Randomized Load Balancing", 2001).
+//! endpoint, as in Mitzenmacher's "The Power of Two Choices in Randomized Load Balancing" (2001),
+//! whose bound on the maximum load is for two drawn at random, not for this pair.
 
 use rand::RngCore;
 

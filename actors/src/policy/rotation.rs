@@ -25,17 +25,29 @@ use crate::endpoint::Eligible;
 /// robin at p99 by 2–9 %; with a half it ties.
 const TAKEN_BELOW: f64 = 0.5;
 
+/// Rotations kept apart by the set of candidates (a hash of it picks one).
+const ROTATIONS: usize = 16;
+
+/// Turns are counted per set of candidates: with one count for all, requests for a model served by
+/// two endpoints, alternating with requests for another model, always found the same one's turn;
+/// and a retry that excludes an endpoint, or a second pick after slow start passed over a ramping
+/// one, took a turn of the full set, so the endpoint after it got two in a row (75 % and 25 %
+/// between two endpoints while a third ramped).
 #[derive(Debug, Default)]
 pub struct Rotation {
-    next: AtomicUsize,
+    next: [AtomicUsize; ROTATIONS],
 }
 
 impl Rotation {
     /// The slot of `eligible` whose turn it is; it moves on with each call.
     pub fn turn(&self, eligible: &Eligible<'_>) -> Option<usize> {
         let n = eligible.slots.len();
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        let turn = self.count(eligible).fetch_add(1, Ordering::Relaxed) % n.max(1);
         eligible.slots.iter().nth(turn)
+    }
+
+    fn count(&self, eligible: &Eligible<'_>) -> &AtomicUsize {
+        &self.next[(eligible.slots.fingerprint() % ROTATIONS as u64) as usize]
     }
 
     /// The slot whose turn it is, and unless it is the only one, another drawn at random.
@@ -45,7 +57,7 @@ impl Rotation {
         rng: &mut dyn RngCore,
     ) -> Option<(usize, Option<usize>)> {
         let n = eligible.slots.len();
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        let turn = self.count(eligible).fetch_add(1, Ordering::Relaxed) % n.max(1);
         let slot = eligible.slots.iter().nth(turn)?;
         if n <= 1 {
             return Some((slot, None));
@@ -80,6 +92,37 @@ fn clearly_cheaper(other: f64, turn: f64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::tests::table_with;
+    use crate::endpoint::Bits;
+    use crate::policy::PolicyKind;
+
+    #[test]
+    fn each_set_of_candidates_keeps_its_own_turns() {
+        let t = table_with(PolicyKind::RoundRobin, &[1.0; 4], &[None, None, None, None]);
+        let set = |slots: &[usize]| {
+            let mut bits = Bits::default();
+            for &s in slots {
+                bits.insert(s);
+            }
+            bits
+        };
+        let eligible = |slots: Bits| Eligible {
+            table: &t,
+            slots,
+            affinity: None,
+            blocks: &[],
+        };
+        let (a, b) = (set(&[0, 1]), set(&[2, 3]));
+        let rotation = Rotation::default();
+        let mut picks = Vec::new();
+        // Two models' requests alternating, and a retry of the first that excludes slot 0.
+        for _ in 0..4 {
+            picks.push(rotation.turn(&eligible(a)).unwrap());
+            picks.push(rotation.turn(&eligible(b)).unwrap());
+            rotation.turn(&eligible(set(&[1]))).unwrap();
+        }
+        assert_eq!(picks, vec![0, 2, 1, 3, 0, 2, 1, 3]);
+    }
 
     #[test]
     fn only_a_clearly_cheaper_endpoint_takes_the_turn() {
