@@ -49,6 +49,12 @@ pub struct Exchange {
 /// saves the relay and the extra wake-ups of the client connection per request.
 pub const INLINE_BODY_MAX: u64 = 256 * 1024;
 
+/// How long a stream's response stays open after its `data: [DONE]` for the backend to end the
+/// body: a backend that held the stream open after it held the client's response open for the
+/// whole idle timeout (60 s by default), though the client had every event. Backends end the body
+/// with the `[DONE]` chunk, so a normal stream never waits for this.
+const AFTER_DONE: Duration = Duration::from_millis(500);
+
 /// The body was cut off mid-way: the client's connection is closed rather than the response
 /// ended as if it were complete.
 #[derive(Debug, thiserror::Error)]
@@ -443,6 +449,7 @@ pub(crate) async fn relay(
     let mut last_activity = Instant::now();
     // Whether the stream's `data: [DONE]` has passed: it is over, whatever the backend sends on.
     let mut done = false;
+    let mut done_at: Option<Instant> = None;
     // What was read while waiting for the first event goes first.
     let mut first = first.into_iter();
     if let Some(at) = first_at {
@@ -459,6 +466,12 @@ pub(crate) async fn relay(
             timing.chunks += 1;
             let chunk = scan.pass(chunk);
             done = done || (ends_at_done && (scan.done() || tail.is_done()));
+            if done && done_at.is_none() {
+                let at = Instant::now();
+                done_at = Some(at);
+                idle.as_mut()
+                    .reset((at + AFTER_DONE).min(limits.deadline).into());
+            }
             if chunk.is_empty() {
                 continue;
             }
@@ -479,12 +492,13 @@ pub(crate) async fn relay(
                 () = &mut idle => {
                     let now = Instant::now();
                     let wake = (last_activity + limits.idle).min(limits.deadline);
+                    let wake = done_at.map_or(wake, |at| wake.min(at + AFTER_DONE));
                     if now < wake {
                         idle.as_mut().reset(wake.into());
                         continue;
                     }
-                    // A backend that keeps a stream open after its `[DONE]` has still answered
-                    // it whole.
+                    // A backend that keeps a stream open after its `[DONE]` (past `AFTER_DONE`)
+                    // has still answered it whole.
                     if done {
                         None
                     } else {
@@ -522,6 +536,12 @@ pub(crate) async fn relay(
                     }
                     let chunk = scan.pass(chunk);
                     done = done || (ends_at_done && (scan.done() || tail.is_done()));
+                    if done && done_at.is_none() {
+                        let at = Instant::now();
+                        done_at = Some(at);
+                        idle.as_mut()
+                            .reset((at + AFTER_DONE).min(limits.deadline).into());
+                    }
                     chunk
                 } else {
                     body_tail.push(&chunk);
