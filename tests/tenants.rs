@@ -621,14 +621,20 @@ async fn records_past_the_retention_are_pruned_and_the_rest_kept() {
     c.usage.retention_days = 1;
     let gw = gateway(c).await;
     let client = client();
-    let pruned = eventually(Duration::from_secs(10), || async {
-        stats(&client, &gw).await["usage_log"]["pruned"] == json!(12_000)
-    })
-    .await;
-    assert!(pruned, "{}", stats(&client, &gw).await["usage_log"]);
+    usage_log_reaches(&client, &gw, "pruned", 12_000).await;
     let total = usage_totals(&client, &gw, "").await;
     assert_eq!(total["rows"][0]["requests"], 5, "{total}");
     gw.stop(false).await;
+}
+
+/// Waits up to 10 s for the usage log's `counter` in `/stats` to read `value`, and fails showing
+/// the usage log's counters if it does not.
+async fn usage_log_reaches(client: &awc::Client, gw: &Gateway, counter: &str, value: u64) {
+    let reached = eventually(Duration::from_secs(10), || async {
+        stats(client, gw).await["usage_log"][counter] == json!(value)
+    })
+    .await;
+    assert!(reached, "{}", stats(client, gw).await["usage_log"]);
 }
 
 /// The store settings a config's `[usage]` gives for `database`.
@@ -648,11 +654,7 @@ async fn the_usage_log_in_sqlite_matches_what_the_clients_saw() {
     let seen = mixed_load(&gw.url(), 1000).await;
     let client = client();
     // Records reach the log through the threads' report batches and the metrics actor.
-    let logged = eventually(Duration::from_secs(10), || async {
-        stats(&client, &gw).await["usage_log"]["written"] == json!(1000)
-    })
-    .await;
-    assert!(logged, "{}", stats(&client, &gw).await["usage_log"]);
+    usage_log_reaches(&client, &gw, "written", 1000).await;
     let total = usage_totals(&client, &gw, "").await;
     let row = &total["rows"][0];
     assert_eq!(row["requests"], seen.requests, "{total}");

@@ -377,8 +377,7 @@ impl Balancer {
         let changed = match outcome.verdict {
             Verdict::Success(sample) => {
                 entry.estimator.observe(sample, now, tau);
-                endpoint.set_latency_ms(entry.estimator.first_byte_ms());
-                endpoint.set_latency_mean_ms(entry.estimator.first_byte_mean_ms());
+                publish_latency(entry);
                 entry.breaker.record(true, now, &breaker)
             }
             Verdict::Failure => entry.breaker.record(false, now, &breaker),
@@ -423,15 +422,20 @@ impl Balancer {
                 now,
                 tau,
             );
-            entry
-                .endpoint
-                .set_latency_ms(entry.estimator.first_byte_ms());
-            entry
-                .endpoint
-                .set_latency_mean_ms(entry.estimator.first_byte_mean_ms());
+            publish_latency(entry);
             publish_estimate(entry, now, slow_start);
         }
     }
+}
+
+/// Publishes an endpoint's time to first byte: the peak-EWMA (`affinity`) and its average (`p2c`).
+fn publish_latency(entry: &Entry) {
+    entry
+        .endpoint
+        .set_latency_ms(entry.estimator.first_byte_ms());
+    entry
+        .endpoint
+        .set_latency_mean_ms(entry.estimator.first_byte_mean_ms());
 }
 
 /// Publishes an endpoint's estimates, with its slow-start share at `now`.

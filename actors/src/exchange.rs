@@ -447,79 +447,60 @@ pub(crate) async fn relay(
     let closed = link.chunks.closed();
     tokio::pin!(closed);
     let mut last_activity = Instant::now();
-    // Whether the stream's `data: [DONE]` has passed: it is over, whatever the backend sends on.
-    let mut done = false;
+    // When the stream's `data: [DONE]` passed: it is over, whatever the backend sends on.
     let mut done_at: Option<Instant> = None;
-    // What was read while waiting for the first event goes first.
     let mut first = first.into_iter();
     if let Some(at) = first_at {
         timing.first_chunk = Some(at - started);
         timing.last_chunk = Some(at);
     }
     let ending = loop {
-        if let Some(chunk) = first.next() {
-            received += chunk.len() as u64;
-            tail.push(&chunk);
-            if follow_events {
-                last_event.push(&chunk);
-            }
-            timing.chunks += 1;
-            let chunk = scan.pass(chunk);
-            done = done || (ends_at_done && (scan.done() || tail.is_done()));
-            if done && done_at.is_none() {
-                let at = Instant::now();
-                done_at = Some(at);
-                idle.as_mut()
-                    .reset((at + AFTER_DONE).min(limits.deadline).into());
-            }
-            if chunk.is_empty() {
-                continue;
-            }
-            match link.deliver(chunk, closed.as_mut(), &limits).await {
-                Delivery::Delivered => continue,
-                Delivery::Gone => break Ending::Cancelled,
-                Delivery::Stalled(_) => break Ending::Stalled,
-            }
-        }
+        // What was read while waiting for the first event goes first (timed when it was read).
         // A chunk the upstream already has buffered is taken without arming any wake-up; only
         // when it has none does the relay wait on the upstream, the client and the timer.
-        let next = match upstream.next().now_or_never() {
-            Some(next) => next,
-            None => tokio::select! {
-                biased;
-                next = upstream.next() => next,
-                () = &mut closed => break Ending::Cancelled,
-                () = &mut idle => {
-                    let now = Instant::now();
-                    let wake = (last_activity + limits.idle).min(limits.deadline);
-                    let wake = done_at.map_or(wake, |at| wake.min(at + AFTER_DONE));
-                    if now < wake {
-                        idle.as_mut().reset(wake.into());
-                        continue;
-                    }
-                    // A backend that keeps a stream open after its `[DONE]` (past `AFTER_DONE`)
-                    // has still answered it whole.
-                    if done {
-                        None
-                    } else {
-                        let (why, ending) = if now >= limits.deadline {
-                            ("the request's deadline passed", Ending::Expired)
-                        } else if limits.idle_is_clients {
-                            ("the client's read timeout passed", Ending::Expired)
+        let early = first.next();
+        let read_early = early.is_some();
+        let next = match early {
+            Some(chunk) => Some(Ok(chunk)),
+            None => match upstream.next().now_or_never() {
+                Some(next) => next,
+                None => tokio::select! {
+                    biased;
+                    next = upstream.next() => next,
+                    () = &mut closed => break Ending::Cancelled,
+                    () = &mut idle => {
+                        let now = Instant::now();
+                        let wake = (last_activity + limits.idle).min(limits.deadline);
+                        let wake = done_at.map_or(wake, |at| wake.min(at + AFTER_DONE));
+                        if now < wake {
+                            idle.as_mut().reset(wake.into());
+                            continue;
+                        }
+                        // A backend that keeps a stream open after its `[DONE]` (past
+                        // `AFTER_DONE`) has still answered it whole.
+                        if done_at.is_some() {
+                            None
                         } else {
-                            ("the backend went silent", Ending::Broken)
-                        };
-                        log::warn!("{why} after {} chunks; ending the response", timing.chunks);
-                        link.end_with(Some(failure(sse, &tail, limits.stream_end, why)));
-                        break ending;
+                            let (why, ending) = if now >= limits.deadline {
+                                ("the request's deadline passed", Ending::Expired)
+                            } else if limits.idle_is_clients {
+                                ("the client's read timeout passed", Ending::Expired)
+                            } else {
+                                ("the backend went silent", Ending::Broken)
+                            };
+                            log::warn!("{why} after {} chunks; ending the response", timing.chunks);
+                            link.end_with(Some(failure(sse, &tail, limits.stream_end, why)));
+                            break ending;
+                        }
                     }
-                }
+                },
             },
         };
         // After `[DONE]` nothing more is part of the stream: a failure ends it there, as
         // complete, without an error event; more bytes (a backend that sends on, which would hold
         // the response open for as long as it liked) end it once the scan has passed what of them
         // closes the `[DONE]` event (its blank line may come in this chunk).
+        let done = done_at.is_some();
         let ends_here = done && matches!(&next, Some(Ok(chunk)) if !chunk.trim_ascii().is_empty());
         let next = match next {
             Some(Err(_)) if done => None,
@@ -527,7 +508,11 @@ pub(crate) async fn relay(
         };
         match next {
             Some(Ok(chunk)) => {
-                timing.chunk(started);
+                if read_early {
+                    timing.chunks += 1;
+                } else {
+                    timing.chunk(started);
+                }
                 received += chunk.len() as u64;
                 let chunk = if sse {
                     tail.push(&chunk);
@@ -535,8 +520,7 @@ pub(crate) async fn relay(
                         last_event.push(&chunk);
                     }
                     let chunk = scan.pass(chunk);
-                    done = done || (ends_at_done && (scan.done() || tail.is_done()));
-                    if done && done_at.is_none() {
+                    if !done && ends_at_done && (scan.done() || tail.is_done()) {
                         let at = Instant::now();
                         done_at = Some(at);
                         idle.as_mut()

@@ -4,9 +4,9 @@
 //! nothing kept its connection, and its connection place, for good: after a refusal given before
 //! the body is read (unknown route, bad path, missing key, admin token), after a body that timed
 //! out (408) or outgrew its limit (413), on a route that reads no body (`GET /v1/models` with
-//! one), and on what the CORS layer answers itself (a preflight). Held until the answer is handed over, the body is still wanted, and actix closes
-//! the connection instead. Bodies with a `Content-Length` are not drained after a refusal, so
-//! only chunked ones are held.
+//! one), and on what the CORS layer answers itself (a preflight). Held until the answer is handed
+//! over, the body is still wanted, and actix closes the connection instead. Bodies with a
+//! `Content-Length` are not drained after a refusal, so only chunked ones are held.
 
 use std::cell::RefCell;
 use std::pin::Pin;

@@ -41,13 +41,13 @@ pub struct Rotation {
 impl Rotation {
     /// The slot of `eligible` whose turn it is; it moves on with each call.
     pub fn turn(&self, eligible: &Eligible<'_>) -> Option<usize> {
-        let n = eligible.slots.len();
-        let turn = self.count(eligible).fetch_add(1, Ordering::Relaxed) % n.max(1);
-        eligible.slots.iter().nth(turn)
+        eligible.slots.iter().nth(self.next_index(eligible))
     }
 
-    fn count(&self, eligible: &Eligible<'_>) -> &AtomicUsize {
-        &self.next[(eligible.slots.fingerprint() % ROTATIONS as u64) as usize]
+    /// The index among `eligible`'s slots whose turn it is, moving its set's count on.
+    fn next_index(&self, eligible: &Eligible<'_>) -> usize {
+        let count = &self.next[(eligible.slots.fingerprint() % ROTATIONS as u64) as usize];
+        count.fetch_add(1, Ordering::Relaxed) % eligible.slots.len().max(1)
     }
 
     /// The slot whose turn it is, and unless it is the only one, another drawn at random.
@@ -57,7 +57,7 @@ impl Rotation {
         rng: &mut dyn RngCore,
     ) -> Option<(usize, Option<usize>)> {
         let n = eligible.slots.len();
-        let turn = self.count(eligible).fetch_add(1, Ordering::Relaxed) % n.max(1);
+        let turn = self.next_index(eligible);
         let slot = eligible.slots.iter().nth(turn)?;
         if n <= 1 {
             return Some((slot, None));
