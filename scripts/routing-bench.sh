@@ -11,14 +11,15 @@
 #   "cache_aware round_robin p2c least_load affinity weighted"; POLICY@LABEL runs that policy on the binary in
 #   BIN_<LABEL>, to compare builds in one interleaved run, e.g. POLICIES="p2c p2c@before" BIN_before=/tmp/old),
 #   SG_POLICIES (sglang-router, "round_robin power_of_two cache_aware"), REQUESTS per run (900), ROUNDS (3, odd),
-#   CAL_REQUESTS per calibration step (450), CACHE_BLOCKS per simulator (768), RATE_<fleet>_<workload> (skip that
+#   CAL_REQUESTS per calibration step (450), CACHE_BLOCKS per simulator (768), SEED of the workload's prompts and
+#   picks (42; round robin's figures are one fixed draw per seed, so vary it), RATE_<fleet>_<workload> (skip that
 #   cell's calibration), ARRIVALS (fixed: one start every 1/rate; poisson: exponential gaps), NANOGATE_BIN, PEERS_VENV,
 #   OUT.
 #
 # Fleets (4 simulators, --max-batch 16, --prefix-cache-blocks CACHE_BLOCKS):
 #   unequal  fast (speed 1), fast, half speed, fast with latency spikes (5 % of requests wait 1 s before the first token)
 #   equal    four at speed 1
-# Workloads (streamed, 32 tokens out, seed 42):
+# Workloads (streamed, 32 tokens out, seed SEED):
 #   p16      16 system prompts of 8,000 chars (~2,000 tokens), picked uniformly, plus a unique question
 #   p40      the same with 40 prompts: more than the fleet's caches hold (see CACHE_BLOCKS)
 #   z128     128 prompts with Zipf(1.0) popularity: a few hot prompts, a long cold tail
@@ -55,7 +56,7 @@ SG_POLICIES=${SG_POLICIES:-round_robin power_of_two cache_aware}
 CACHE_BLOCKS=${CACHE_BLOCKS:-768}
 CAL_RATES_unequal=${CAL_RATES_unequal:-30 40 50 60 70 80 90 100}
 CAL_RATES_equal=${CAL_RATES_equal:-40 55 70 85 100 115 130 145}
-MAX_TOKENS=32; SEED=42
+MAX_TOKENS=32; SEED=${SEED:-42}
 SIM_PORTS=(19301 19302 19303 19304)
 NG_PORT=18190; SG_PORT=18191; SG_PROM=29185
 URLS=(); for p in "${SIM_PORTS[@]}"; do URLS+=("http://127.0.0.1:$p"); done

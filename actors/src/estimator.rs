@@ -31,6 +31,8 @@ use crate::policy::cache_aware::DEFAULT_CAPACITY;
 
 /// Samples kept for the percentiles.
 const WINDOW: usize = 256;
+/// Answers before the average time to first byte counts as measured.
+const MEAN_SAMPLES: u64 = 8;
 /// A first token later than twice the prompt's cold prefill plus this is a spike: it counts as
 /// lateness, not as what warm or cold prefills take.
 const OUTLIER_MS: f64 = 250.0;
@@ -449,9 +451,17 @@ impl Estimator {
         self.first_byte.value()
     }
 
-    /// The long-run average time to first byte, ms (0: not measured).
+    /// The long-run average time to first byte, ms; 0 (not measured) until [`MEAN_SAMPLES`]
+    /// answers came, since the first few stand for the whole backend: the gateway's readiness
+    /// probe through it (one token, 7 ms) made one of four equal simulators look eight times
+    /// faster than the others until their answers came, and `p2c` gave it their turns meanwhile
+    /// (20 requests in flight on it against 12–14 on each of the others).
     pub fn first_byte_mean_ms(&self) -> f64 {
-        self.first_byte.mean()
+        if self.first_byte.samples < MEAN_SAMPLES {
+            0.0
+        } else {
+            self.first_byte.mean()
+        }
     }
 
     /// The estimate as the request path reads it, with `ramp` the slow-start share,
@@ -542,6 +552,20 @@ mod tests {
         );
         assert_eq!(plain.service_ms, 400.0);
         assert!(probed.service_ms > 390.0, "{}", probed.service_ms);
+    }
+
+    #[test]
+    fn the_average_time_to_first_byte_waits_for_enough_answers() {
+        let clock = ManualClock::default();
+        let mut e = Estimator::default();
+        e.observe(stream(7, 1, 0), clock.now(), TAU);
+        assert_eq!(e.first_byte_mean_ms(), 0.0, "one probe is not a measure");
+        for _ in 1..MEAN_SAMPLES {
+            clock.advance(Duration::from_millis(20));
+            e.observe(stream(60, 60, 0), clock.now(), TAU);
+        }
+        let mean = e.first_byte_mean_ms();
+        assert!(mean > 50.0 && mean < 60.0, "{mean}");
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! counts how often they come, not only the last one.
 //!
 //! One of the two is the endpoint whose turn it is and the other is drawn at random, and the drawn
-//! one must be clearly cheaper to take the turn's place ([`super::rotation`]). Comparing two
+//! one must be clearly cheaper to take the turn's place ([`super::rotation`]), and either less
+//! loaded or clearly faster by itself ([`pick_two`]). Comparing two
 //! choices instead of scanning all avoids herding every request onto the momentarily best
 //! endpoint, as in Mitzenmacher's "The Power of Two Choices in Randomized Load Balancing" (2001),
 //! whose bound on the maximum load is for two drawn at random, not for this pair.
@@ -19,9 +20,9 @@
 use rand::RngCore;
 
 use super::cache_aware::queue_ms;
-use super::rotation::Rotation;
+use super::rotation::{clearly_cheaper, Rotation};
 use super::{Policy, PolicyKind};
-use crate::endpoint::{Eligible, Endpoint};
+use crate::endpoint::{Eligible, Endpoint, Estimate};
 
 #[derive(Debug, Default)]
 pub struct P2c {
@@ -32,18 +33,38 @@ pub struct P2c {
 /// adding this to every estimate keeps them from deciding a pick.
 const LATENCY_FLOOR_MS: f64 = 5.0;
 
-/// The time one more request on `e` should expect to its first byte, ms: its average (the floor
-/// for an unmeasured one, so new endpoints get traffic and are measured), its spikes' price and
-/// the wait for a slot once its batch is full.
-pub fn cost(e: &Endpoint) -> f64 {
-    let estimate = e.estimate();
+/// How many times faster by itself ([`own_ms`]) the drawn endpoint must be to take the turn of
+/// one with fewer requests ahead.
+const FASTER_BY: f64 = 4.0;
+
+/// The time one more request on `e` should expect to its first byte, ms, were its batch
+/// `capacity` requests: its own time ([`own_ms`]; the floor for an unmeasured endpoint, so new
+/// endpoints get traffic and are measured) and the wait for a slot once that batch is full.
+fn cost(e: &Endpoint, estimate: &Estimate, capacity: u32) -> f64 {
     let latency = e.latency_mean_ms();
     let service = if estimate.service_ms > 0.0 {
         estimate.service_ms
     } else {
         latency.max(LATENCY_FLOOR_MS)
     };
-    latency + LATENCY_FLOOR_MS + estimate.tail_ms + queue_ms(e, &estimate, service)
+    let batch = Estimate {
+        capacity,
+        ..*estimate
+    };
+    own_ms(e, estimate) + queue_ms(e, &batch, service)
+}
+
+/// What a request on `e` should expect to its first byte whatever the load: its average time to
+/// first byte and the price of its spikes.
+fn own_ms(e: &Endpoint, estimate: &Estimate) -> f64 {
+    e.latency_mean_ms() + LATENCY_FLOOR_MS + estimate.tail_ms
+}
+
+/// The requests a new one would find ahead of it on `e`: the gateway's in flight and the queue
+/// the backend reported (twice, as `least_load` counts it: a queued request also waits for a
+/// slot).
+fn ahead(e: &Endpoint) -> f64 {
+    f64::from(e.in_flight()) + 2.0 * e.reported_load().1
 }
 
 /// The cost of one more request to `e` if its latency estimate were `latency_ms`.
@@ -61,13 +82,40 @@ impl Policy for P2c {
     }
 }
 
-/// The turn of `turns` or a clearly cheaper endpoint drawn at random, by [`cost`].
+/// The turn of `turns`, or the endpoint drawn beside it where that one is clearly cheaper by
+/// [`cost`] and the saving is real: either fewer requests are ahead of a new one there, or the
+/// drawn endpoint is [`FASTER_BY`] times faster by itself ([`own_ms`], once both are measured).
+///
+/// Both costs price the wait for a slot at the smaller of the two batch capacities. A capacity
+/// the estimator has not seen yet is a guess (a quarter more than the backend has been seen to
+/// run), and on four equal simulators two guessed 22 while two knew 16: at 17 requests in flight
+/// the guessed ones had no queue and the others two slots of one, so the guessed ones took
+/// turns, queued beyond their real batch and set the fleet's p99. And a cheaper cost alone is not
+/// enough: on equal backends at the knee every turn given away stacks two prefills on the taker,
+/// so it must at least leave that one less loaded than the turn's. The second way in is for
+/// endpoints that differ by themselves (a backend many times slower, or one whose spikes cost
+/// several times the other's whole wait), which must lose turns even where their load is no
+/// higher. Four times rather than twice: averages of equal backends differ by which prompts each
+/// found cached, and the matrix did not tell the two apart (BENCHMARKS.md, section 2), so the one
+/// that gives fewer turns away on such noise. It waits for both averages to be
+/// measured ([`crate::estimator::Estimator::first_byte_mean_ms`]): the first answers of a
+/// backend (a one-token probe) made it look several times faster than it was.
 pub(crate) fn pick_two(
     eligible: &Eligible<'_>,
     turns: &Rotation,
     rng: &mut dyn RngCore,
 ) -> Option<usize> {
-    turns.pick(eligible, rng, |slot| cost(eligible.endpoint(slot)))
+    turns.pick_where(eligible, rng, |turn, other| {
+        let (t, o) = (eligible.endpoint(turn), eligible.endpoint(other));
+        let (te, oe) = (t.estimate(), o.estimate());
+        let capacity = match (te.capacity, oe.capacity) {
+            (0, c) | (c, 0) => c,
+            (a, b) => a.min(b),
+        };
+        let measured = t.latency_mean_ms() > 0.0 && o.latency_mean_ms() > 0.0;
+        clearly_cheaper(cost(o, &oe, capacity), cost(t, &te, capacity))
+            && (ahead(o) < ahead(t) || measured && own_ms(o, &oe) * FASTER_BY < own_ms(t, &te))
+    })
 }
 
 #[cfg(test)]
@@ -86,20 +134,7 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(t.pick(&request("m"), &mut rng).unwrap().slot, 1);
         }
-        let estimate = crate::endpoint::Estimate {
-            warm_ms: 0.0,
-            block_ms: 0.0,
-            jitter_ms: 0.0,
-            spikes: 0.0,
-            share: 0.5,
-            tail_ms: 0.0,
-            reuse: 0.0,
-            service_ms: 1000.0,
-            capacity: 4,
-            residence_ms: f64::INFINITY,
-            ramp: 1.0,
-        };
-        t.endpoints[1].publish_estimate(estimate);
+        t.endpoints[1].publish_estimate(estimate(1000.0, 4, 0.0));
         let _batch: Vec<_> = (0..3).map(|_| t.endpoints[1].begin()).collect();
         assert_eq!(
             t.pick(&request("m"), &mut rng).unwrap().slot,
@@ -112,6 +147,72 @@ mod tests {
             0,
             "one beyond a full batch of 4 waits 250 ms for a slot: 550 ms"
         );
+    }
+
+    /// An estimate as the balancer publishes it for an endpoint answering in `service_ms` whose
+    /// batch holds `capacity`, with spikes priced at `tail_ms`.
+    fn estimate(service_ms: f64, capacity: u32, tail_ms: f64) -> crate::endpoint::Estimate {
+        crate::endpoint::Estimate {
+            warm_ms: 0.0,
+            block_ms: 0.0,
+            jitter_ms: 0.0,
+            spikes: 0.0,
+            share: 0.5,
+            tail_ms,
+            reuse: 0.0,
+            service_ms,
+            capacity,
+            residence_ms: f64::INFINITY,
+            ramp: 1.0,
+        }
+    }
+
+    fn picks(t: &crate::endpoint::RoutingTable, n: usize) -> Vec<usize> {
+        let mut rng = SmallRng::seed_from_u64(5);
+        (0..n)
+            .map(|_| t.pick(&request("m"), &mut rng).unwrap().slot)
+            .collect()
+    }
+
+    #[test]
+    fn a_guessed_batch_capacity_does_not_take_turns() {
+        // Equal backends: one has queued at a scrape (its batch is known: 16), the other has not
+        // (the estimator guesses 22). At 18 and 17 in flight the guess alone showed no queue on
+        // the second, which then took the first's turns.
+        let t = table_with(PolicyKind::P2c, &[1.0, 1.0], &[None, None]);
+        for (e, capacity) in t.endpoints.iter().zip([16, 22]) {
+            e.set_latency_mean_ms(70.0);
+            e.publish_estimate(estimate(460.0, capacity, 0.0));
+        }
+        let _known: Vec<_> = (0..18).map(|_| t.endpoints[0].begin()).collect();
+        let _guessed: Vec<_> = (0..17).map(|_| t.endpoints[1].begin()).collect();
+        assert_eq!(picks(&t, 6), vec![0, 1, 0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn a_cheaper_estimate_does_not_take_turns_to_a_busier_endpoint() {
+        // The second's requests have been shorter of late, so its queue looks cheaper, but a new
+        // request would find more ahead of it there.
+        let t = table_with(PolicyKind::P2c, &[1.0, 1.0], &[None, None]);
+        for (e, service) in t.endpoints.iter().zip([900.0, 100.0]) {
+            e.set_latency_mean_ms(60.0);
+            e.publish_estimate(estimate(service, 16, 0.0));
+        }
+        let _first: Vec<_> = (0..16).map(|_| t.endpoints[0].begin()).collect();
+        let _second: Vec<_> = (0..18).map(|_| t.endpoints[1].begin()).collect();
+        assert_eq!(picks(&t, 6), vec![0, 1, 0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn spikes_give_turns_away_even_to_a_busier_endpoint() {
+        let t = table_with(PolicyKind::P2c, &[1.0, 1.0], &[None, None]);
+        for (e, tail) in t.endpoints.iter().zip([450.0, 1.0]) {
+            e.set_latency_mean_ms(110.0);
+            e.publish_estimate(estimate(400.0, 16, tail));
+        }
+        let _spiky: Vec<_> = (0..4).map(|_| t.endpoints[0].begin()).collect();
+        let _busier: Vec<_> = (0..6).map(|_| t.endpoints[1].begin()).collect();
+        assert_eq!(picks(&t, 6), vec![1; 6]);
     }
 
     #[test]

@@ -76,16 +76,28 @@ impl Rotation {
         rng: &mut dyn RngCore,
         cost: impl Fn(usize) -> f64,
     ) -> Option<usize> {
+        self.pick_where(eligible, rng, |turn, other| {
+            clearly_cheaper(cost(other), cost(turn))
+        })
+    }
+
+    /// The turn's slot, or the drawn one if `takes(turn, drawn)`.
+    pub fn pick_where(
+        &self,
+        eligible: &Eligible<'_>,
+        rng: &mut dyn RngCore,
+        takes: impl Fn(usize, usize) -> bool,
+    ) -> Option<usize> {
         let (turn, other) = self.turn_and_other(eligible, rng)?;
         Some(match other {
-            Some(other) if clearly_cheaper(cost(other), cost(turn)) => other,
+            Some(other) if takes(turn, other) => other,
             _ => turn,
         })
     }
 }
 
 /// Whether a cost of `other` beats one of `turn` by enough to take its turn.
-fn clearly_cheaper(other: f64, turn: f64) -> bool {
+pub(super) fn clearly_cheaper(other: f64, turn: f64) -> bool {
     other < turn * TAKEN_BELOW
 }
 
