@@ -172,6 +172,7 @@ struct Estimates {
     ttft_p95_ms: AtomicU64,
     full_p95_ms: AtomicU64,
     capacity: AtomicU32,
+    capacity_known: AtomicBool,
     ramp: AtomicU64,
 }
 
@@ -197,6 +198,9 @@ pub struct Estimate {
     pub service_ms: f64,
     /// Requests it runs at once before it queues (0: not known).
     pub capacity: u32,
+    /// Whether `capacity` is what the backend was seen to run while others waited, rather than
+    /// a guess above what it ran so far.
+    pub capacity_known: bool,
     /// How long its prefix cache keeps a block it is sent: its size over the rate new blocks
     /// arrive, ms (infinite while nothing arrives).
     pub residence_ms: f64,
@@ -251,6 +255,7 @@ impl Endpoint {
                 ttft_p95_ms: AtomicU64::new(0f64.to_bits()),
                 full_p95_ms: AtomicU64::new(0f64.to_bits()),
                 capacity: AtomicU32::new(0),
+                capacity_known: AtomicBool::new(false),
                 ramp: AtomicU64::new(1f64.to_bits()),
             },
             probe_pending: AtomicBool::new(false),
@@ -280,6 +285,7 @@ impl Endpoint {
             reuse: load_f64(&e.reuse),
             service_ms: load_f64(&e.service_ms),
             capacity: e.capacity.load(Ordering::Relaxed),
+            capacity_known: e.capacity_known.load(Ordering::Relaxed),
             residence_ms: load_f64(&e.residence_ms),
             ramp: load_f64(&e.ramp),
         }
@@ -297,6 +303,8 @@ impl Endpoint {
         store_f64(&e.service_ms, estimate.service_ms);
         store_f64(&e.residence_ms, estimate.residence_ms);
         e.capacity.store(estimate.capacity, Ordering::Relaxed);
+        e.capacity_known
+            .store(estimate.capacity_known, Ordering::Relaxed);
         store_f64(&e.ramp, estimate.ramp);
     }
 
@@ -386,7 +394,7 @@ impl Endpoint {
         store_f64(&self.latency_ms_bits, ms);
     }
 
-    /// The long-run average time to first byte, in milliseconds (0 until measured): what the
+    /// The long-run average time to first byte, in milliseconds (0 until 8 answers): what the
     /// peak-EWMA returns to, without its peaks.
     pub fn latency_mean_ms(&self) -> f64 {
         load_f64(&self.latency_mean_ms_bits)

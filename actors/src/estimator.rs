@@ -493,6 +493,7 @@ impl Estimator {
             } else {
                 (self.most_running + self.most_running / 4 + 2).max(DEFAULT_CAPACITY)
             },
+            capacity_known: self.capacity > 0,
             residence_ms,
             ramp,
         };
@@ -560,10 +561,12 @@ mod tests {
         let mut e = Estimator::default();
         e.observe(stream(7, 1, 0), clock.now(), TAU);
         assert_eq!(e.first_byte_mean_ms(), 0.0, "one probe is not a measure");
-        for _ in 1..MEAN_SAMPLES {
+        for _ in 2..MEAN_SAMPLES {
             clock.advance(Duration::from_millis(20));
             e.observe(stream(60, 60, 0), clock.now(), TAU);
         }
+        assert_eq!(e.first_byte_mean_ms(), 0.0, "{} answers", MEAN_SAMPLES - 1);
+        e.observe(stream(60, 60, 0), clock.now(), TAU);
         let mean = e.first_byte_mean_ms();
         assert!(mean > 50.0 && mean < 60.0, "{mean}");
     }

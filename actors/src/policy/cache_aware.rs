@@ -477,6 +477,7 @@ mod tests {
             reuse: 0.0,
             service_ms: 400.0,
             capacity,
+            capacity_known: true,
             residence_ms: f64::INFINITY,
             ramp: 1.0,
         });

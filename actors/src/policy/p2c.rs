@@ -12,14 +12,14 @@
 //!
 //! One of the two is the endpoint whose turn it is and the other is drawn at random, and the drawn
 //! one must be clearly cheaper to take the turn's place ([`super::rotation`]), and either less
-//! loaded or clearly faster by itself ([`pick_two`]). Comparing two
+//! loaded or four times faster by itself ([`pick_two`]). Comparing two
 //! choices instead of scanning all avoids herding every request onto the momentarily best
 //! endpoint, as in Mitzenmacher's "The Power of Two Choices in Randomized Load Balancing" (2001),
 //! whose bound on the maximum load is for two drawn at random, not for this pair.
 
 use rand::RngCore;
 
-use super::cache_aware::queue_ms;
+use super::cache_aware::{queue_ms, DEFAULT_CAPACITY};
 use super::rotation::{clearly_cheaper, Rotation};
 use super::{Policy, PolicyKind};
 use crate::endpoint::{Eligible, Endpoint, Estimate};
@@ -33,38 +33,63 @@ pub struct P2c {
 /// adding this to every estimate keeps them from deciding a pick.
 const LATENCY_FLOOR_MS: f64 = 5.0;
 
-/// How many times faster by itself ([`own_ms`]) the drawn endpoint must be to take the turn of
-/// one with fewer requests ahead.
+/// How many times faster by itself ([`Side::own_ms`]) the drawn endpoint must be to take the turn
+/// of one with no more requests ahead.
 const FASTER_BY: f64 = 4.0;
 
-/// The time one more request on `e` should expect to its first byte, ms, were its batch
-/// `capacity` requests: its own time ([`own_ms`]; the floor for an unmeasured endpoint, so new
-/// endpoints get traffic and are measured) and the wait for a slot once that batch is full.
-fn cost(e: &Endpoint, estimate: &Estimate, capacity: u32) -> f64 {
-    let latency = e.latency_mean_ms();
-    let service = if estimate.service_ms > 0.0 {
-        estimate.service_ms
-    } else {
-        latency.max(LATENCY_FLOOR_MS)
-    };
-    let batch = Estimate {
-        capacity,
-        ..*estimate
-    };
-    own_ms(e, estimate) + queue_ms(e, &batch, service)
+/// One endpoint of a pick, read once: its estimate, its average time to first byte and the
+/// batch capacity its queue is priced at.
+struct Side<'a> {
+    endpoint: &'a Endpoint,
+    estimate: Estimate,
+    mean_ms: f64,
+    capacity: u32,
 }
 
-/// What a request on `e` should expect to its first byte whatever the load: its average time to
-/// first byte and the price of its spikes.
-fn own_ms(e: &Endpoint, estimate: &Estimate) -> f64 {
-    e.latency_mean_ms() + LATENCY_FLOOR_MS + estimate.tail_ms
-}
+impl<'a> Side<'a> {
+    fn new(endpoint: &'a Endpoint) -> Self {
+        let estimate = endpoint.estimate();
+        Side {
+            endpoint,
+            estimate,
+            mean_ms: endpoint.latency_mean_ms(),
+            capacity: estimate.capacity,
+        }
+    }
 
-/// The requests a new one would find ahead of it on `e`: the gateway's in flight and the queue
-/// the backend reported (twice, as `least_load` counts it: a queued request also waits for a
-/// slot).
-fn ahead(e: &Endpoint) -> f64 {
-    f64::from(e.in_flight()) + 2.0 * e.reported_load().1
+    /// What a request should expect to its first byte whatever the load: the average time to
+    /// first byte (the floor for an unmeasured endpoint, so new endpoints get traffic and are
+    /// measured) and the price of its spikes.
+    fn own_ms(&self) -> f64 {
+        self.mean_ms + LATENCY_FLOOR_MS + self.estimate.tail_ms
+    }
+
+    /// The time one more request should expect to its first byte, ms: its own time and the wait
+    /// for a slot once its batch is full.
+    fn cost(&self) -> f64 {
+        let service = if self.estimate.service_ms > 0.0 {
+            self.estimate.service_ms
+        } else {
+            self.mean_ms.max(LATENCY_FLOOR_MS)
+        };
+        let batch = Estimate {
+            capacity: self.capacity,
+            ..self.estimate
+        };
+        self.own_ms() + queue_ms(self.endpoint, &batch, service)
+    }
+
+    /// The requests a new one would find ahead of it, per batch slot: the gateway's in flight,
+    /// other clients' and the queue the backend reported (twice, as `least_load` counts it: a
+    /// queued request also waits for a slot).
+    fn ahead(&self) -> f64 {
+        let e = self.endpoint;
+        let capacity = match self.capacity {
+            0 => DEFAULT_CAPACITY,
+            n => n,
+        };
+        (f64::from(e.in_flight()) + e.others() + 2.0 * e.reported_load().1) / f64::from(capacity)
+    }
 }
 
 /// The cost of one more request to `e` if its latency estimate were `latency_ms`.
@@ -83,38 +108,45 @@ impl Policy for P2c {
 }
 
 /// The turn of `turns`, or the endpoint drawn beside it where that one is clearly cheaper by
-/// [`cost`] and the saving is real: either fewer requests are ahead of a new one there, or the
-/// drawn endpoint is [`FASTER_BY`] times faster by itself ([`own_ms`], once both are measured).
+/// [`Side::cost`] and the saving is real: either fewer requests per batch slot are ahead of a
+/// new one there, or the drawn endpoint is [`FASTER_BY`] times faster by itself (once both
+/// averages are measured).
 ///
-/// Both costs price the wait for a slot at the smaller of the two batch capacities. A capacity
-/// the estimator has not seen yet is a guess (a quarter more than the backend has been seen to
-/// run), and on four equal simulators two guessed 22 while two knew 16: at 17 requests in flight
-/// the guessed ones had no queue and the others two slots of one, so the guessed ones took
-/// turns, queued beyond their real batch and set the fleet's p99. And a cheaper cost alone is not
-/// enough: on equal backends at the knee every turn given away stacks two prefills on the taker,
-/// so it must at least leave that one less loaded than the turn's. The second way in is for
-/// endpoints that differ by themselves (a backend many times slower, or one whose spikes cost
-/// several times the other's whole wait), which must lose turns even where their load is no
-/// higher. Four times rather than twice: averages of equal backends differ by which prompts each
-/// found cached, and the matrix did not tell the two apart (BENCHMARKS.md, section 2), so the one
-/// that gives fewer turns away on such noise. It waits for both averages to be
-/// measured ([`crate::estimator::Estimator::first_byte_mean_ms`]): the first answers of a
-/// backend (a one-token probe) made it look several times faster than it was.
+/// Where either batch capacity is a guess, both are priced at the smaller of the two. The
+/// estimator guesses a quarter more than a backend has been seen to run until it queues at a
+/// scrape, and on four equal simulators two guessed 22 while two knew 16: at 17 requests in
+/// flight the guessed ones had no queue and the others two slots of one, so the guessed ones
+/// took turns, queued beyond their real batch and set the fleet's p99. Known capacities stay
+/// each its own, so a large batch is not priced as a small one. A cheaper cost alone is not
+/// enough: on equal backends at the knee every turn given away stacks two prefills on the
+/// taker, so it must at least leave that one less loaded than the turn's. The second way in is
+/// for endpoints that differ by themselves (a backend many times slower, or one whose spikes
+/// cost several times the other's whole wait), which must lose turns even where their load is
+/// no higher. Four times rather than twice: averages of equal backends differ by which prompts
+/// each found cached, and the matrix did not tell the two factors apart (BENCHMARKS.md,
+/// section 2), so the one that moves fewer turns on such noise. That way waits for both
+/// averages to be measured ([`crate::estimator::Estimator::first_byte_mean_ms`]): a backend's
+/// first answers (a one-token probe) made it look several times faster than it was.
 pub(crate) fn pick_two(
     eligible: &Eligible<'_>,
     turns: &Rotation,
     rng: &mut dyn RngCore,
 ) -> Option<usize> {
     turns.pick_where(eligible, rng, |turn, other| {
-        let (t, o) = (eligible.endpoint(turn), eligible.endpoint(other));
-        let (te, oe) = (t.estimate(), o.estimate());
-        let capacity = match (te.capacity, oe.capacity) {
-            (0, c) | (c, 0) => c,
-            (a, b) => a.min(b),
-        };
-        let measured = t.latency_mean_ms() > 0.0 && o.latency_mean_ms() > 0.0;
-        clearly_cheaper(cost(o, &oe, capacity), cost(t, &te, capacity))
-            && (ahead(o) < ahead(t) || measured && own_ms(o, &oe) * FASTER_BY < own_ms(t, &te))
+        let (mut t, mut o) = (
+            Side::new(eligible.endpoint(turn)),
+            Side::new(eligible.endpoint(other)),
+        );
+        if !(t.estimate.capacity_known && o.estimate.capacity_known) {
+            let smaller = match (t.capacity, o.capacity) {
+                (0, c) | (c, 0) => c,
+                (a, b) => a.min(b),
+            };
+            (t.capacity, o.capacity) = (smaller, smaller);
+        }
+        let measured = t.mean_ms > 0.0 && o.mean_ms > 0.0;
+        clearly_cheaper(o.cost(), t.cost())
+            && (o.ahead() < t.ahead() || measured && o.own_ms() * FASTER_BY < t.own_ms())
     })
 }
 
@@ -145,7 +177,7 @@ mod tests {
         assert_eq!(
             t.pick(&request("m"), &mut rng).unwrap().slot,
             0,
-            "one beyond a full batch of 4 waits 250 ms for a slot: 550 ms"
+            "two beyond a full batch of 4 wait for slots: 1,367 ms against 505"
         );
     }
 
@@ -162,6 +194,7 @@ mod tests {
             reuse: 0.0,
             service_ms,
             capacity,
+            capacity_known: true,
             residence_ms: f64::INFINITY,
             ramp: 1.0,
         }
@@ -180,13 +213,31 @@ mod tests {
         // (the estimator guesses 22). At 18 and 17 in flight the guess alone showed no queue on
         // the second, which then took the first's turns.
         let t = table_with(PolicyKind::P2c, &[1.0, 1.0], &[None, None]);
-        for (e, capacity) in t.endpoints.iter().zip([16, 22]) {
+        for e in &t.endpoints {
             e.set_latency_mean_ms(70.0);
-            e.publish_estimate(estimate(460.0, capacity, 0.0));
         }
+        t.endpoints[0].publish_estimate(estimate(460.0, 16, 0.0));
+        t.endpoints[1].publish_estimate(crate::endpoint::Estimate {
+            capacity_known: false,
+            ..estimate(460.0, 22, 0.0)
+        });
         let _known: Vec<_> = (0..18).map(|_| t.endpoints[0].begin()).collect();
         let _guessed: Vec<_> = (0..17).map(|_| t.endpoints[1].begin()).collect();
         assert_eq!(picks(&t, 6), vec![0, 1, 0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn known_batch_capacities_are_each_its_own() {
+        // A backend running 64 at once with 30 in flight has room; one running 8 with 10 in
+        // flight queues. Priced at the smaller batch, the large one looked queued 23 deep.
+        let t = table_with(PolicyKind::P2c, &[1.0, 1.0], &[None, None]);
+        for (e, capacity) in t.endpoints.iter().zip([64, 8]) {
+            e.set_latency_mean_ms(60.0);
+            e.publish_estimate(estimate(400.0, capacity, 0.0));
+        }
+        let _large: Vec<_> = (0..30).map(|_| t.endpoints[0].begin()).collect();
+        let _small: Vec<_> = (0..10).map(|_| t.endpoints[1].begin()).collect();
+        assert_eq!(picks(&t, 6), vec![0; 6]);
     }
 
     #[test]

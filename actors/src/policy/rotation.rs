@@ -1,7 +1,8 @@
 //! Turns of a rotation, for the policies that weigh two endpoints (`p2c`, `least_load` and
 //! `affinity`'s requests without a key): one of the two is the endpoint whose turn it is, as
 //! round robin would pick it, the other is drawn at random, and the other is taken only when it is
-//! clearly cheaper ([`clearly_cheaper`]). Two endpoints drawn at random and the cheaper taken by
+//! clearly cheaper ([`clearly_cheaper`]; `p2c` adds its own tests, [`Rotation::pick_where`]).
+//! Two endpoints drawn at random and the cheaper taken by
 //! any margin (the textbook power of two choices) lost to round robin at p99 on every cell of
 //! four equal simulators (every request its own prompt: 312 ms for `p2c` and 1,010 for
 //! `least_load` against round robin's 84; BENCHMARKS.md, section 2): where
