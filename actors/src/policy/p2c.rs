@@ -1,21 +1,21 @@
 //! Power of two choices: of two endpoints, take the cheaper, where the cost is the time a new
-//! request should expect to its first byte: the endpoint's average time to first byte, the price
-//! of its latency spikes (the estimator's tail, [`crate::endpoint::Estimate::tail_ms`]) and the
-//! wait for a batch slot once its batch is full ([`super::cache_aware::queue_ms`]). Weighing
-//! in-flight requests by latency alone, as tower does for services without batches, piles
-//! requests onto a fast backend long after its batch is full. The average, not the peak-EWMA that
-//! `affinity` weighs (tower's `PeakEwma`): on four equal simulators each one's peak was its worst
-//! answer of the last seconds, so the peaks differed by noise that lasted seconds, and the one
-//! with the highest gave its turns away for as long (p99 time to first token 140–600 ms against
-//! round robin's 83 on every request its own prompt). Spikes are priced by the tail instead, which
-//! counts how often they come, not only the last one.
+//! request should expect to its first byte: the endpoint's average time to first byte, the price of
+//! its latency spikes (the estimator's tail, [`crate::endpoint::Estimate::tail_ms`]) and the wait
+//! for a batch slot once its batch is full ([`super::cache_aware::queue_ms`]). Weighing in-flight
+//! requests by latency alone, as tower does for services without batches, piles requests onto a
+//! fast backend long after its batch is full. The average, not the peak-EWMA that `affinity` weighs
+//! (tower's `PeakEwma`): on four equal simulators each one's peak was its worst answer of the last
+//! seconds, so the peaks differed by noise that lasted seconds, and the one with the highest gave
+//! its turns away for as long (p99 time to first token 140–600 ms against round robin's 83 on every
+//! request its own prompt). Spikes are priced by the tail instead, which counts how often they
+//! come, not only the last one.
 //!
 //! One of the two is the endpoint whose turn it is and the other is drawn at random, and the drawn
 //! one must be clearly cheaper to take the turn's place ([`super::rotation`]), and either less
-//! loaded or four times faster by itself ([`pick_two`]). Comparing two
-//! choices instead of scanning all avoids herding every request onto the momentarily best
-//! endpoint, as in Mitzenmacher's "The Power of Two Choices in Randomized Load Balancing" (2001),
-//! whose bound on the maximum load is for two drawn at random, not for this pair.
+//! loaded or four times faster by itself ([`pick_two`]). Comparing two choices instead of scanning
+//! all avoids herding every request onto the momentarily best endpoint, as in Mitzenmacher's "The
+//! Power of Two Choices in Randomized Load Balancing" (2001), whose bound on the maximum load is
+//! for two drawn at random, not for this pair.
 
 use rand::RngCore;
 

@@ -1,15 +1,14 @@
 //! Turns of a rotation, for the policies that weigh two endpoints (`p2c`, `least_load` and
-//! `affinity`'s requests without a key): one of the two is the endpoint whose turn it is, as
-//! round robin would pick it, the other is drawn at random, and the other is taken only when it is
-//! clearly cheaper ([`clearly_cheaper`]; `p2c` adds its own tests, [`Rotation::pick_where`]).
-//! Two endpoints drawn at random and the cheaper taken by
-//! any margin (the textbook power of two choices) lost to round robin at p99 on every cell of
-//! four equal simulators (every request its own prompt: 312 ms for `p2c` and 1,010 for
-//! `least_load` against round robin's 84; BENCHMARKS.md, section 2): where
-//! the costs are alike, the cheaper of two is decided by noise, so a backend gets bursts of
-//! arrivals and their prefills stack, while round robin spaces each backend's arrivals evenly. So
-//! where nothing tells the endpoints apart they take turns, and a backend whose queue, latency or
-//! load stands out gives its turn away.
+//! `affinity`'s requests without a key): one of the two is the endpoint whose turn it is, as round
+//! robin would pick it, the other is drawn at random, and the other is taken only when it is
+//! clearly cheaper ([`clearly_cheaper`]; `p2c` adds its own tests, [`Rotation::pick_where`]). Two
+//! endpoints drawn at random and the cheaper taken by any margin (the textbook power of two
+//! choices) lost to round robin at p99 on every cell of four equal simulators (every request its
+//! own prompt: 312 ms for `p2c` and 1,010 for `least_load` against round robin's 84; BENCHMARKS.md,
+//! section 2): where the costs are alike, the cheaper of two is decided by noise, so a backend gets
+//! bursts of arrivals and their prefills stack, while round robin spaces each backend's arrivals
+//! evenly. So where nothing tells the endpoints apart they take turns, and a backend whose queue,
+//! latency or load stands out gives its turn away.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
