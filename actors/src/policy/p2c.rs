@@ -207,22 +207,36 @@ mod tests {
             .collect()
     }
 
+    /// Two endpoints of average time to first byte `mean_ms`, publishing `estimates`, with
+    /// `in_flight` requests each (held as long as the returned guards).
+    fn pair(
+        mean_ms: f64,
+        estimates: [crate::endpoint::Estimate; 2],
+        in_flight: [usize; 2],
+    ) -> (
+        crate::endpoint::RoutingTable,
+        Vec<crate::endpoint::InFlight>,
+    ) {
+        let t = table_with(PolicyKind::P2c, &[1.0, 1.0], &[None, None]);
+        let mut held = Vec::new();
+        for ((e, estimate), n) in t.endpoints.iter().zip(estimates).zip(in_flight) {
+            e.set_latency_mean_ms(mean_ms);
+            e.publish_estimate(estimate);
+            held.extend((0..n).map(|_| e.begin()));
+        }
+        (t, held)
+    }
+
     #[test]
     fn a_guessed_batch_capacity_does_not_take_turns() {
         // Equal backends: one has queued at a scrape (its batch is known: 16), the other has not
         // (the estimator guesses 22). At 18 and 17 in flight the guess alone showed no queue on
         // the second, which then took the first's turns.
-        let t = table_with(PolicyKind::P2c, &[1.0, 1.0], &[None, None]);
-        for e in &t.endpoints {
-            e.set_latency_mean_ms(70.0);
-        }
-        t.endpoints[0].publish_estimate(estimate(460.0, 16, 0.0));
-        t.endpoints[1].publish_estimate(crate::endpoint::Estimate {
+        let guessed = crate::endpoint::Estimate {
             capacity_known: false,
             ..estimate(460.0, 22, 0.0)
-        });
-        let _known: Vec<_> = (0..18).map(|_| t.endpoints[0].begin()).collect();
-        let _guessed: Vec<_> = (0..17).map(|_| t.endpoints[1].begin()).collect();
+        };
+        let (t, _held) = pair(70.0, [estimate(460.0, 16, 0.0), guessed], [18, 17]);
         assert_eq!(picks(&t, 6), vec![0, 1, 0, 1, 0, 1]);
     }
 
@@ -230,13 +244,8 @@ mod tests {
     fn known_batch_capacities_are_each_its_own() {
         // A backend running 64 at once with 30 in flight has room; one running 8 with 10 in
         // flight queues. Priced at the smaller batch, the large one looked queued 23 deep.
-        let t = table_with(PolicyKind::P2c, &[1.0, 1.0], &[None, None]);
-        for (e, capacity) in t.endpoints.iter().zip([64, 8]) {
-            e.set_latency_mean_ms(60.0);
-            e.publish_estimate(estimate(400.0, capacity, 0.0));
-        }
-        let _large: Vec<_> = (0..30).map(|_| t.endpoints[0].begin()).collect();
-        let _small: Vec<_> = (0..10).map(|_| t.endpoints[1].begin()).collect();
+        let estimates = [estimate(400.0, 64, 0.0), estimate(400.0, 8, 0.0)];
+        let (t, _held) = pair(60.0, estimates, [30, 10]);
         assert_eq!(picks(&t, 6), vec![0; 6]);
     }
 
@@ -244,25 +253,15 @@ mod tests {
     fn a_cheaper_estimate_does_not_take_turns_to_a_busier_endpoint() {
         // The second's requests have been shorter of late, so its queue looks cheaper, but a new
         // request would find more ahead of it there.
-        let t = table_with(PolicyKind::P2c, &[1.0, 1.0], &[None, None]);
-        for (e, service) in t.endpoints.iter().zip([900.0, 100.0]) {
-            e.set_latency_mean_ms(60.0);
-            e.publish_estimate(estimate(service, 16, 0.0));
-        }
-        let _first: Vec<_> = (0..16).map(|_| t.endpoints[0].begin()).collect();
-        let _second: Vec<_> = (0..18).map(|_| t.endpoints[1].begin()).collect();
+        let estimates = [estimate(900.0, 16, 0.0), estimate(100.0, 16, 0.0)];
+        let (t, _held) = pair(60.0, estimates, [16, 18]);
         assert_eq!(picks(&t, 6), vec![0, 1, 0, 1, 0, 1]);
     }
 
     #[test]
     fn spikes_give_turns_away_even_to_a_busier_endpoint() {
-        let t = table_with(PolicyKind::P2c, &[1.0, 1.0], &[None, None]);
-        for (e, tail) in t.endpoints.iter().zip([450.0, 1.0]) {
-            e.set_latency_mean_ms(110.0);
-            e.publish_estimate(estimate(400.0, 16, tail));
-        }
-        let _spiky: Vec<_> = (0..4).map(|_| t.endpoints[0].begin()).collect();
-        let _busier: Vec<_> = (0..6).map(|_| t.endpoints[1].begin()).collect();
+        let estimates = [estimate(400.0, 16, 450.0), estimate(400.0, 16, 1.0)];
+        let (t, _held) = pair(110.0, estimates, [4, 6]);
         assert_eq!(picks(&t, 6), vec![1; 6]);
     }
 
