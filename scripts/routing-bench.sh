@@ -12,8 +12,9 @@
 #   BIN_<LABEL>, to compare builds in one interleaved run, e.g. POLICIES="p2c p2c@before" BIN_before=/tmp/old),
 #   SG_POLICIES (sglang-router, "round_robin power_of_two cache_aware"), REQUESTS per run (900), ROUNDS (3, odd),
 #   CAL_REQUESTS per calibration step (450), CACHE_BLOCKS per simulator (768), SEED of the workload's prompts and
-#   picks (42; round robin's figures are one fixed draw per seed, so vary it), RATE_<fleet>_<workload> (skip that
-#   cell's calibration), ARRIVALS (fixed: one start every 1/rate; poisson: exponential gaps), NANOGATE_BIN, PEERS_VENV,
+#   picks (42), SEED_STEP (1: round r runs seed SEED + (r - 1) x SEED_STEP, every router the same in a round; 0
+#   repeats one draw, and then round robin's figures are that one draw every round, since it sends the same request to
+#   the same simulator each time), RATE_<fleet>_<workload> (skip that cell's calibration), ARRIVALS (fixed: one start every 1/rate; poisson: exponential gaps), NANOGATE_BIN, PEERS_VENV,
 #   OUT.
 #
 # Fleets (4 simulators, --max-batch 16, --prefix-cache-blocks CACHE_BLOCKS):
@@ -56,7 +57,7 @@ SG_POLICIES=${SG_POLICIES:-round_robin power_of_two cache_aware}
 CACHE_BLOCKS=${CACHE_BLOCKS:-768}
 CAL_RATES_unequal=${CAL_RATES_unequal:-30 40 50 60 70 80 90 100}
 CAL_RATES_equal=${CAL_RATES_equal:-40 55 70 85 100 115 130 145}
-MAX_TOKENS=32; SEED=${SEED:-42}
+MAX_TOKENS=32; SEED=${SEED:-42}; SEED_STEP=${SEED_STEP:-1}
 SIM_PORTS=(19301 19302 19303 19304)
 NG_PORT=18190; SG_PORT=18191; SG_PROM=29185
 URLS=(); for p in "${SIM_PORTS[@]}"; do URLS+=("http://127.0.0.1:$p"); done
@@ -150,32 +151,43 @@ start_router() { # kind policy: sets ROUTER_PORT; 1 if it does not come up
 run_load() { # cell kind policy round rate requests -> raw JSON file, one summary line; 1 if the router did not start
   local cell=$1 kind=$2 pol=$3 r=$4 rate=$5 n=$6 f
   f="$out/raw/$cell-$kind-$pol-rate$rate-r$r.json"
+  local seed=$SEED; [[ $r =~ ^[0-9]+$ ]] && seed=$((SEED + (r - 1) * SEED_STEP))
   start_router "$kind" "$pol" || return 1
   flush_fleet || { log "flush failed"; stop router; return 1; }
   # shellcheck disable=SC2046 # workload_args is a flag list
   timeout $((n / ${rate%.*} + 120)) "$BIN" loadtest --url "http://127.0.0.1:$ROUTER_PORT/v1/chat/completions" --stream \
     --rate "$rate" --requests "$n" --concurrency 5000 $(workload_args "${cell#*-}") --max-tokens "$MAX_TOKENS" \
-    --seed "$SEED" --arrivals "$ARRIVALS" --timeout 30 --json --quiet > "$out/logs/load.json" 2>> "$out/logs/load.err"
+    --seed "$seed" --arrivals "$ARRIVALS" --timeout 30 --json --quiet > "$out/logs/load.json" 2>> "$out/logs/load.err"
+  # What the balancer had learned by the end (batch capacities, estimates): why a policy picked as it did.
+  local balancer=null
+  [ "$kind" = nanogate ] && balancer=$(curl -fsS -m 5 "http://127.0.0.1:$ROUTER_PORT/stats/balancer" || echo null)
   stop router
   local sims=() p
   for p in "${SIM_PORTS[@]}"; do sims+=("$(curl -fsS -m 5 "http://127.0.0.1:$p/sim/stats" || echo null)"); done
-  python3 - "$cell" "$kind" "$pol" "$r" "$rate" "$out/logs/load.json" "${sims[@]}" > "$f" <<'PY'
+  python3 - "$cell" "$kind" "$pol" "$r" "$rate" "$out/logs/load.json" "$balancer" "${sims[@]}" > "$f" <<'PY'
 import json, sys
-cell, kind, pol, rnd, rate, load = sys.argv[1:7]
+cell, kind, pol, rnd, rate, load, balancer = sys.argv[1:8]
 try:
     summary = json.load(open(load))
 except ValueError:
     summary = None
+try:
+    balancer = json.loads(balancer)
+except ValueError:
+    balancer = None
 print(json.dumps({"cell": cell, "router": kind, "policy": pol, "round": int(rnd) if rnd.isdigit() else rnd, "rate": float(rate),
-                  "loadtest": summary, "sims": [json.loads(s) for s in sys.argv[7:]]}))
+                  "loadtest": summary, "balancer": balancer, "sims": [json.loads(s) for s in sys.argv[8:]]}))
 PY
-  python3 - "$f" <<'PY' | tee -a "$out/run.log" >&2
+  python3 - "$f" "$seed" <<'PY' | tee -a "$out/run.log" >&2
 import json, sys
 d = json.load(open(sys.argv[1])); s = d["loadtest"] or {}; t = s.get("ttft_ms") or {}; sims = [x or {} for x in d["sims"]]
 q = sum(x.get("prefix_query_tokens", 0) for x in sims); h = sum(x.get("prefix_hit_tokens", 0) for x in sims)
-print(f'  {d["cell"]} {d["router"]} {d["policy"]} r{d["round"]} rate {d["rate"]:g}: ok={s.get("ok")} failed={s.get("failed")} '
-      f'ttft p50={t.get("p50")} p90={t.get("p90")} p99={t.get("p99")} ok/s={s.get("ok_rps", 0):.1f} '
-      f'hit={100 * h / q if q else 0:.0f}% split={[x.get("requests") for x in sims]}')
+# Batch capacities the balancer ended with, "?" where still a guess.
+caps = [f'{e["estimate"]["capacity"]}{"" if e["estimate"]["capacity_known"] else "?"}'
+        for e in (d.get("balancer") or {}).get("endpoints", [])]
+print(f'  {d["cell"]} {d["router"]} {d["policy"]} r{d["round"]} seed {sys.argv[2]} rate {d["rate"]:g}: ok={s.get("ok")} '
+      f'failed={s.get("failed")} ttft p50={t.get("p50")} p90={t.get("p90")} p99={t.get("p99")} ok/s={s.get("ok_rps", 0):.1f} '
+      f'hit={100 * h / q if q else 0:.0f}% split={[x.get("requests") for x in sims]}' + (f' capacity={caps}' if caps else ''))
 PY
 }
 
