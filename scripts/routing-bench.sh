@@ -10,12 +10,12 @@
 # Environment: FLEETS ("unequal equal"), WORKLOADS ("p16 p40 z128 turns unique"), POLICIES (nanogate, default
 #   "cache_aware round_robin p2c least_load affinity weighted"; POLICY@LABEL runs that policy on the binary in
 #   BIN_<LABEL>, to compare builds in one interleaved run, e.g. POLICIES="p2c p2c@before" BIN_before=/tmp/old),
-#   SG_POLICIES (sglang-router, "round_robin power_of_two cache_aware"), REQUESTS per run (900), ROUNDS (3, odd),
-#   CAL_REQUESTS per calibration step (450), CACHE_BLOCKS per simulator (768), SEED of the workload's prompts and
-#   picks (42), SEED_STEP (1: round r runs seed SEED + (r - 1) x SEED_STEP, every router the same in a round; 0
-#   repeats one draw, and then round robin's figures are that one draw every round, since it sends the same request to
-#   the same simulator each time), RATE_<fleet>_<workload> (skip that cell's calibration), ARRIVALS (fixed: one start every 1/rate; poisson: exponential gaps), NANOGATE_BIN, PEERS_VENV,
-#   OUT.
+#   SG_POLICIES (sglang-router, "round_robin power_of_two cache_aware"; empty for none), REQUESTS per run (900),
+#   ROUNDS (3, odd), CAL_REQUESTS per calibration step (450), CACHE_BLOCKS per simulator (768), SEED of the workload's
+#   prompts and picks (42), SEED_STEP (1: round r runs seed SEED + (r - 1) x SEED_STEP, every router the same seed in a
+#   round; 0 repeats one draw, and then round robin's figures are that one draw every round, since it sends the same
+#   request to the same simulator each time), RATE_<fleet>_<workload> (skip that cell's calibration), ARRIVALS (fixed:
+#   one start every 1/rate; poisson: exponential gaps), NANOGATE_BIN, PEERS_VENV, OUT.
 #
 # Fleets (4 simulators, --max-batch 16, --prefix-cache-blocks CACHE_BLOCKS):
 #   unequal  fast (speed 1), fast, half speed, fast with latency spikes (5 % of requests wait 1 s before the first token)
@@ -53,7 +53,7 @@ FLEETS=${FLEETS:-unequal equal}
 WORKLOADS=${WORKLOADS:-p16 p40 z128 turns unique}
 ARRIVALS=${ARRIVALS:-fixed}
 POLICIES=${POLICIES:-cache_aware round_robin p2c least_load affinity weighted}
-SG_POLICIES=${SG_POLICIES:-round_robin power_of_two cache_aware}
+SG_POLICIES=${SG_POLICIES-round_robin power_of_two cache_aware}
 CACHE_BLOCKS=${CACHE_BLOCKS:-768}
 CAL_RATES_unequal=${CAL_RATES_unequal:-30 40 50 60 70 80 90 100}
 CAL_RATES_equal=${CAL_RATES_equal:-40 55 70 85 100 115 130 145}

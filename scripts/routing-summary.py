@@ -95,7 +95,7 @@ def main():
                   f"| {own[1]:.1f} / {min(rr[1], sg[1]):.1f} | {'yes' if p99_ok else '**no**'} "
                   f"| {own[4]}; {sg[4]} | {own[5]}; {rr[5]}; {sg[5]} | {own[3]:.1f} / {sg[3]:.1f} |")
         print()
-    if spreads:
+    if spreads and spread_policies:
         print("## p2c and least_load against round robin (p99 TTFT ms)\n")
         print("| cell | round robin | " + " | ".join(f"{p} | met" for p in spread_policies) + " |")
         print("|---|---:|" + "---:|---|" * len(spread_policies))
