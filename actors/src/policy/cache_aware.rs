@@ -71,6 +71,16 @@ pub struct CacheAware;
 /// more than this: low, so an unknown backend is not flooded before its queue shows (a scrape
 /// later), and a larger batch is learned as soon as the backend reports running more.
 pub const DEFAULT_CAPACITY: u32 = 8;
+
+/// The batch capacity a published `capacity` stands for: itself, or [`DEFAULT_CAPACITY`] before
+/// the balancer has published one (0).
+pub fn batch_capacity(capacity: u32) -> u32 {
+    if capacity > 0 {
+        capacity
+    } else {
+        DEFAULT_CAPACITY
+    }
+}
 /// Priors until the fleet has measured anything: a cached prompt's first token, the prefill of a
 /// 64-byte block (16 tokens at about 20,000 tokens a second), and a request's slot time.
 const PRIOR_WARM_MS: f64 = 20.0;
@@ -192,11 +202,7 @@ pub fn expected_prefill(estimate: &Estimate, blocks: u32) -> Duration {
 /// also delays every later request); plus a small share of a slot time for each request it
 /// already runs ([`OCCUPANCY_SHARE`]).
 pub fn queue_ms(e: &Endpoint, estimate: &Estimate, service_ms: f64) -> f64 {
-    let capacity = f64::from(if estimate.capacity > 0 {
-        estimate.capacity
-    } else {
-        DEFAULT_CAPACITY
-    });
+    let capacity = f64::from(batch_capacity(estimate.capacity));
     let in_flight = f64::from(e.in_flight());
     let ahead = (in_flight + e.others() + 1.0 - capacity).max(0.0);
     (2.0 * ahead + OCCUPANCY_SHARE * in_flight) * service_ms / capacity

@@ -13,7 +13,7 @@
 
 use rand::RngCore;
 
-use super::cache_aware::DEFAULT_CAPACITY;
+use super::cache_aware::batch_capacity;
 use super::rotation::Rotation;
 use super::{Policy, PolicyKind};
 use crate::endpoint::{Eligible, Endpoint};
@@ -32,11 +32,8 @@ pub struct LeastLoad {
 /// a full cache, rarer and longer-lived, are worth it.
 pub fn load(e: &Endpoint) -> f64 {
     let (_, waiting, kv_cache) = e.reported_load();
-    let capacity = match e.estimate().capacity {
-        0 => DEFAULT_CAPACITY,
-        n => n,
-    };
-    (f64::from(e.in_flight()) + 2.0 * waiting + 1.0) / f64::from(capacity)
+    let capacity = f64::from(batch_capacity(e.estimate().capacity));
+    (f64::from(e.in_flight()) + 2.0 * waiting + 1.0) / capacity
         + (kv_cache - KV_CACHE_FULL).max(0.0) / (1.0 - KV_CACHE_FULL)
 }
 
