@@ -930,6 +930,7 @@ async fn usage_log_throughput() {
             prompt: 812,
             completion: 64,
             cached: 512,
+            cached_known: true,
             estimated: false,
         },
         ttft_ms: Some(41.5),

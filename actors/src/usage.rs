@@ -13,6 +13,11 @@ pub struct TokenUsage {
     /// Prompt tokens the backend served from its prefix cache
     /// (`usage.prompt_tokens_details.cached_tokens` and its equivalents).
     pub cached: u64,
+    /// Whether the backend said how many prompt tokens it had cached: vLLM leaves
+    /// `prompt_tokens_details` out unless started with `--enable-prompt-tokens-details`, and a
+    /// `cached` of 0 then means nothing.
+    #[serde(default)]
+    pub cached_known: bool,
     /// Counted by the gateway's estimate, not reported by the backend.
     pub estimated: bool,
 }

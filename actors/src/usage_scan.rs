@@ -310,6 +310,7 @@ impl UsageScan {
         merged.prompt = merged.prompt.max(usage.prompt);
         merged.completion = merged.completion.max(usage.completion);
         merged.cached = merged.cached.max(usage.cached);
+        merged.cached_known |= usage.cached_known;
     }
 }
 
@@ -414,6 +415,7 @@ pub fn estimate(prompt_bytes: usize, completion: u64) -> TokenUsage {
         completion,
         cached: 0,
         estimated: true,
+        cached_known: false,
     }
 }
 
@@ -494,6 +496,7 @@ impl RawUsage {
             prompt: count(prompt),
             completion: count(completion),
             cached: count(cached),
+            cached_known: cached.is_some(),
             estimated: false,
         })
     }
@@ -520,6 +523,7 @@ mod tests {
         completion: 3,
         cached: 4,
         estimated: false,
+        cached_known: true,
     };
 
     /// A vLLM chat stream with `include_usage`, and the same stream without it. One delta says
@@ -701,6 +705,7 @@ mod tests {
             completion: 2,
             cached: 0,
             estimated: false,
+            cached_known: true,
         };
         assert_every_split(true, &with_usage, &without, Some(expected));
         assert_every_split(false, &with_usage, &with_usage, Some(expected));
@@ -726,6 +731,7 @@ mod tests {
             completion: 3,
             cached: 0,
             estimated: false,
+            cached_known: false,
         };
         assert_every_split(true, &stream, &stream, Some(expected));
         let (_, scan) = run(true, [stream.as_bytes()]);
@@ -764,6 +770,7 @@ mod tests {
             completion: 5,
             cached: 16,
             estimated: false,
+            cached_known: true,
         };
         assert_every_split(true, stream, stream, Some(expected));
         let (_, scan) = run(true, [stream.as_bytes()]);
@@ -797,6 +804,7 @@ mod tests {
             completion: 15,
             cached: 0,
             estimated: false,
+            cached_known: false,
         };
         assert_every_split(true, stream, stream, Some(expected));
         let (_, scan) = run(true, [stream.as_bytes()]);
@@ -860,6 +868,7 @@ mod tests {
             completion: 12,
             cached: 29000,
             estimated: false,
+            cached_known: true,
         };
         assert_eq!(scan.usage(), Some(expected));
         assert_eq!(scan.events(), 1);
@@ -886,6 +895,7 @@ mod tests {
             completion: 14,
             cached: 16,
             estimated: false,
+            cached_known: true,
         };
         assert_eq!(usage_of_body(body), Some(expected));
     }
@@ -898,6 +908,7 @@ mod tests {
             completion: 3,
             cached: MAX_REPORTED_TOKENS,
             estimated: false,
+            cached_known: true,
         };
         assert_eq!(usage_of_body(body), Some(expected));
     }
@@ -910,6 +921,7 @@ mod tests {
             completion: 2,
             cached: 0,
             estimated: false,
+            cached_known: false,
         };
         assert_eq!(usage_of_body(body), Some(expected));
     }
@@ -924,6 +936,7 @@ mod tests {
                 completion: 0,
                 cached: 0,
                 estimated: false,
+                cached_known: false,
             })
         );
         let responses = br#"{"id":"resp_1","object":"response","status":"completed","output":[],"tools":[{"type":"function","name":"f","parameters":{"type":"object","properties":{"usage":{"type":"string"}}}}],"usage":{"input_tokens":40,"input_tokens_details":{"cached_tokens":32},"output_tokens":6,"output_tokens_details":{"reasoning_tokens":2},"total_tokens":46},"user":null,"metadata":{}}"#;
@@ -934,6 +947,7 @@ mod tests {
                 completion: 6,
                 cached: 32,
                 estimated: false,
+                cached_known: true,
             })
         );
         let messages = br#"{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"text","text":"Hi"}],"model":"m","stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":5,"cache_creation_input_tokens":10,"cache_read_input_tokens":100,"output_tokens":7}}"#;
@@ -944,6 +958,7 @@ mod tests {
                 completion: 7,
                 cached: 100,
                 estimated: false,
+                cached_known: true,
             })
         );
     }
@@ -965,6 +980,7 @@ mod tests {
                 completion: 3,
                 cached: 0,
                 estimated: true,
+                cached_known: false,
             }
         );
         assert_eq!(estimate(0, 0).total(), 0);

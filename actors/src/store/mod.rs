@@ -490,6 +490,7 @@ pub(crate) mod tests {
                 completion: 2,
                 cached: if i.is_multiple_of(3) { 5 } else { 0 },
                 estimated: i.is_multiple_of(7),
+                cached_known: false,
             },
             ttft_ms: i.is_multiple_of(2).then_some((i % 100 + 1) as f64),
             latency_ms: (i % 100 + 1) as f64,

@@ -502,6 +502,7 @@ mod tests {
                 completion: 3,
                 cached: 8,
                 estimated: true,
+                cached_known: false,
             },
             ttft_ms: None,
             latency_ms: 1.5,
