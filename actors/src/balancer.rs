@@ -791,6 +791,7 @@ impl Handler<Fail> for Balancer {
 mod tests {
     use super::*;
     use crate::clock::{system, ManualClock};
+    use crate::estimator::CacheReport;
 
     fn budget() -> Arc<RetryBudget> {
         RetryBudget::new(0.2, 10)
@@ -820,6 +821,7 @@ mod tests {
                 total: Duration::from_millis(400),
                 blocks: 0,
                 cached: 0,
+                report: CacheReport::Unknown,
                 load: 0.0,
             })
         } else {

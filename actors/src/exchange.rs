@@ -24,7 +24,7 @@ use crate::account::Account;
 use crate::balancer::Verdict;
 use crate::buffers::RelayBytes;
 use crate::endpoint::InFlight;
-use crate::estimator::Sample;
+use crate::estimator::{CacheReport, Sample};
 use crate::metrics::{Cause, Observe, RequestFacts};
 use crate::pool_supervisor::Permit;
 use crate::report::ThreadReports;
@@ -803,7 +803,8 @@ fn report(
                         first: timing.first_chunk.unwrap_or(total),
                         total,
                         blocks: held.dispatch.blocks,
-                        cached: cached_blocks(&held.dispatch, usage.as_ref()),
+                        cached: held.dispatch.cached,
+                        report: cache_report(&held.dispatch, usage.as_ref()),
                         load: held.dispatch.load,
                     })
                 };
@@ -833,18 +834,19 @@ fn report(
     });
 }
 
-/// The prompt blocks the backend had cached: the share of the prompt's tokens its usage said it
-/// served from its cache, or, when it did not say, the blocks the prefix index expected when the
-/// request was sent. The index is optimistic (it takes for cached what the backend has since let
-/// go), and learning from it alone the estimator put a cached prompt's first token at 55–70 ms
-/// where the simulator took 7, which made a cache hit look worth a third of what it saves.
-fn cached_blocks(dispatch: &Dispatch, usage: Option<&TokenUsage>) -> u32 {
+/// What `usage` says the backend had cached of the request's prompt, in prompt blocks: the share
+/// of the prompt's tokens it reported cached.
+fn cache_report(dispatch: &Dispatch, usage: Option<&TokenUsage>) -> CacheReport {
     match usage {
-        Some(u) if u.cached_known && u.prompt > 0 => {
-            let share = u.cached.min(u.prompt) as f64 / u.prompt as f64;
-            (f64::from(dispatch.blocks) * share).round() as u32
+        Some(u) if !u.estimated && u.prompt > 0 => {
+            if u.cached_known {
+                let share = u.cached.min(u.prompt) as f64 / u.prompt as f64;
+                CacheReport::Blocks((f64::from(dispatch.blocks) * share).round() as u32)
+            } else {
+                CacheReport::Silent
+            }
         }
-        _ => dispatch.cached,
+        _ => CacheReport::Unknown,
     }
 }
 
@@ -858,7 +860,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_backends_cached_tokens_teach_over_the_index_guess() {
+    fn the_usage_says_what_share_of_the_prompt_was_cached() {
         let dispatch = Dispatch {
             blocks: 100,
             cached: 90,
@@ -871,21 +873,18 @@ mod tests {
             cached_known,
             estimated: false,
         };
-        assert_eq!(cached_blocks(&dispatch, Some(&reported(500, true))), 25);
-        assert_eq!(cached_blocks(&dispatch, Some(&reported(0, true))), 0);
+        let report = |usage: Option<TokenUsage>| cache_report(&dispatch, usage.as_ref());
+        assert_eq!(report(Some(reported(500, true))), CacheReport::Blocks(25));
+        assert_eq!(report(Some(reported(0, true))), CacheReport::Blocks(0));
         assert_eq!(
-            cached_blocks(&dispatch, Some(&reported(9_999, true))),
-            100,
+            report(Some(reported(9_999, true))),
+            CacheReport::Blocks(100),
             "more than the prompt is all of it"
         );
-        assert_eq!(
-            cached_blocks(&dispatch, Some(&reported(0, false))),
-            90,
-            "no prompt_tokens_details: the index's guess"
-        );
-        assert_eq!(cached_blocks(&dispatch, None), 90);
+        assert_eq!(report(Some(reported(0, false))), CacheReport::Silent);
+        assert_eq!(report(None), CacheReport::Unknown);
         let estimated = crate::usage_scan::estimate(8000, 16);
-        assert_eq!(cached_blocks(&dispatch, Some(&estimated)), 90);
+        assert_eq!(report(Some(estimated)), CacheReport::Unknown);
     }
 
     #[test]

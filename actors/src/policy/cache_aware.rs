@@ -871,7 +871,7 @@ mod tests {
     #[test]
     fn a_backend_priced_out_by_one_slow_answer_gets_traffic_back_as_it_fades() {
         use crate::clock::{Clock, ManualClock};
-        use crate::estimator::{Estimator, Sample};
+        use crate::estimator::{CacheReport, Estimator, Sample};
         use std::time::Duration;
 
         let tau = Duration::from_secs(10);
@@ -884,6 +884,7 @@ mod tests {
             total: Duration::from_millis(first_ms + 200),
             blocks: 40,
             cached: 0,
+            report: CacheReport::Unknown,
             load: 0.0,
         };
         estimators[0].observe(sample(5000), clock.now(), tau);
