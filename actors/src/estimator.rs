@@ -79,10 +79,11 @@ pub enum CacheReport {
     /// No usage from the backend (the gateway estimated it): the index's guess stands.
     #[default]
     Unknown,
-    /// A usage without `prompt_tokens_details`: vLLM (with `--enable-prompt-tokens-details`) and
-    /// SGLang write them only when the cache served part of the prompt, so none was cached if
-    /// this backend has written them before; one that never has may not write them at all (vLLM
-    /// without the flag), and the index's guess stands.
+    /// A usage without `prompt_tokens_details`: vLLM (with `--enable-prompt-tokens-details`)
+    /// writes them only when the cache served part of the prompt, as the simulator does, so none
+    /// was cached if this backend has written them before; one that never has may not write them
+    /// at all (vLLM without the flag, SGLang without `--enable-cache-report`), and the index's
+    /// guess stands. llama.cpp writes them always.
     Silent,
     /// This many of the prompt's blocks (the reported share of its tokens).
     Blocks(u32),
