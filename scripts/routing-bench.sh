@@ -15,7 +15,10 @@
 #   prompts and picks (42), SEED_STEP (1: round r runs seed SEED + (r - 1) x SEED_STEP, every router the same seed in a
 #   round; 0 repeats one draw, and then round robin's figures are that one draw every round, since it sends the same
 #   request to the same simulator each time), RATE_<fleet>_<workload> (skip that cell's calibration), ARRIVALS (fixed:
-#   one start every 1/rate; poisson: exponential gaps), NANOGATE_BIN, PEERS_VENV, OUT.
+#   one start every 1/rate; poisson: exponential gaps), REQUEST_LOG (1: each simulator writes a line per request,
+#   `simulate --request-log`, kept per run as OUT/requests/<run>-sim<i>.jsonl; `scripts/routing-requests.py OUT`
+#   then says per run where each prompt went: prompts per simulator, prompts on several, moves), NANOGATE_BIN,
+#   PEERS_VENV, OUT.
 #
 # Fleets (4 simulators, --max-batch 16, --prefix-cache-blocks CACHE_BLOCKS):
 #   unequal  fast (speed 1), fast, half speed, fast with latency spikes (5 % of requests wait 1 s before the first token)
@@ -94,6 +97,9 @@ fi
 if ! "$BIN" loadtest --help | grep -q -- --arrivals || ! "$BIN" simulate --help | grep -q -- --prefix-cache-blocks; then
   echo "$BIN predates the --arrivals option of loadtest: rebuild it (cargo build --release)" >&2; exit 1
 fi
+if [ "${REQUEST_LOG:-0}" = 1 ] && ! "$BIN" simulate --help | grep -q -- --request-log; then
+  echo "$BIN predates the --request-log option of simulate: rebuild it (cargo build --release)" >&2; exit 1
+fi
 command -v curl >/dev/null && command -v python3 >/dev/null || { echo "needs curl and python3" >&2; exit 1; }
 # Run a private copy: a rebuild of target/release during the run must not change what is measured half-way.
 cp "$BIN" "$out/nanogate" && BIN=$out/nanogate || exit 1
@@ -121,8 +127,9 @@ start_fleet() { # fleet
   for i in "${!SIM_PORTS[@]}"; do stop "sim$i"; done
   for i in "${!SIM_PORTS[@]}"; do
     # shellcheck disable=SC2046 # fleet_args is a flag list
+    local log=(); [ "${REQUEST_LOG:-0}" = 1 ] && log=(--request-log "$out/logs/sim$i-requests.jsonl")
     RUST_LOG=warn start_bg "sim$i" "$BIN" simulate --listen "127.0.0.1:${SIM_PORTS[$i]}" \
-      --max-batch 16 --prefix-cache-blocks "$CACHE_BLOCKS" $(fleet_args "$1" "$i")
+      --max-batch 16 --prefix-cache-blocks "$CACHE_BLOCKS" "${log[@]}" $(fleet_args "$1" "$i")
   done
   for i in "${!SIM_PORTS[@]}"; do ready "sim$i" "${SIM_PORTS[$i]}" || exit 1; done
 }
@@ -162,8 +169,15 @@ run_load() { # cell kind policy round rate requests -> raw JSON file, one summar
   local balancer=null
   [ "$kind" = nanogate ] && balancer=$(curl -fsS -m 5 "http://127.0.0.1:$ROUTER_PORT/stats/balancer" || echo null)
   stop router
-  local sims=() p
+  local sims=() p i
   for p in "${SIM_PORTS[@]}"; do sims+=("$(curl -fsS -m 5 "http://127.0.0.1:$p/sim/stats" || echo null)"); done
+  # This run's requests (the flush before the next run starts each simulator's file afresh).
+  if [ "${REQUEST_LOG:-0}" = 1 ]; then
+    mkdir -p "$out/requests"
+    for i in "${!SIM_PORTS[@]}"; do
+      mv "$out/logs/sim$i-requests.jsonl" "$out/requests/$(basename "$f" .json)-sim$i.jsonl" 2>/dev/null
+    done
+  fi
   python3 - "$cell" "$kind" "$pol" "$r" "$rate" "$out/logs/load.json" "$balancer" "${sims[@]}" > "$f" <<'PY'
 import json, sys
 cell, kind, pol, rnd, rate, load, balancer = sys.argv[1:8]

@@ -10,7 +10,7 @@
 
 use std::{
     sync::{atomic::Ordering::Relaxed, Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use thiserror::Error;
@@ -22,6 +22,7 @@ use tokio::{
 use super::{
     control::{GaugeGuard, SimControl, Switches, Ticket},
     prefix::{self, PrefixCache, BLOCK_TOKENS},
+    request_log::{Record, RequestLog},
     SimConfig,
 };
 
@@ -61,6 +62,7 @@ pub struct Engine {
     /// A plain mutex: the simulator serves on one thread and holds it for one lookup.
     prefix: Mutex<PrefixCache>,
     control: Arc<SimControl>,
+    request_log: Option<RequestLog>,
 }
 
 impl Engine {
@@ -72,7 +74,13 @@ impl Engine {
             slots,
             prefix,
             control,
+            request_log: None,
         }
+    }
+
+    pub fn with_request_log(mut self, log: Option<RequestLog>) -> Self {
+        self.request_log = log;
+        self
     }
 
     /// Empties the prefix cache and zeroes the counters, so a benchmark run starts cold without
@@ -80,6 +88,9 @@ impl Engine {
     pub fn flush(&self) {
         self.prefix_cache().clear();
         self.control.reset_counters();
+        if let Some(log) = &self.request_log {
+            log.restart();
+        }
     }
 
     /// Prompt tokens already cached for a prompt with these blocks, which stay pinned in the cache
@@ -264,6 +275,10 @@ pub struct Sequence {
     cached: u32,
     produced: u32,
     deadline: Instant,
+    /// When it arrived (for the request log), and how long it waited for a slot, ms.
+    arrived: Instant,
+    arrived_at: SystemTime,
+    wait_ms: f64,
 }
 
 impl Sequence {
@@ -278,6 +293,9 @@ impl Sequence {
             cached: 0,
             produced: 0,
             deadline: Instant::now(),
+            arrived: Instant::now(),
+            arrived_at: SystemTime::now(),
+            wait_ms: 0.0,
         }
     }
 
@@ -333,6 +351,7 @@ impl Sequence {
                 .mul_f64(self.engine.slowdown());
             // Cached blocks another prefill still computes are there once its step ends.
             let now = Instant::now();
+            self.wait_ms = ms(now - self.arrived);
             let start = got.computed_at.map_or(now, |at| at.max(now));
             self.engine.prefix_cache().computing(
                 &self.plan.prefix_blocks[got.blocks.hits..got.blocks.held],
@@ -349,9 +368,36 @@ impl Sequence {
         self.outage.thaw().await?;
         counters.generation_tokens.fetch_add(1, Relaxed);
         let token = self.produced;
+        if token == 0 {
+            self.log_first_token();
+        }
         self.produced += 1;
         Ok(Step::Token(token))
     }
+}
+
+impl Sequence {
+    fn log_first_token(&self) {
+        let Some(log) = &self.engine.request_log else {
+            return;
+        };
+        log.record(&Record {
+            at_ms: self
+                .arrived_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            wait_ms: self.wait_ms,
+            ttft_ms: ms(Instant::now() - self.arrived),
+            prompt_tokens: self.plan.prompt_tokens,
+            cached_tokens: self.cached,
+            spike_ms: ms(self.plan.spike),
+            prompt: self.plan.prefix_blocks.first().map(|k| format!("{k:016x}")),
+        });
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 impl Drop for Sequence {

@@ -12,6 +12,7 @@
 //! - [`wire`]: OpenAI request parsing and non-streaming response shapes.
 //! - [`sse`]: the OpenAI streaming chunk format and the token stream fed to the HTTP body.
 //! - [`metrics`]: vLLM-named Prometheus text.
+//! - [`request_log`]: `--request-log`, one JSON line per request for routing analysis.
 //! - [`routes`]: the HTTP surface and the gate middleware that makes the server look down or hung.
 
 mod control;
@@ -19,6 +20,7 @@ mod engine;
 mod faults;
 mod metrics;
 mod prefix;
+mod request_log;
 mod routes;
 mod sse;
 mod wire;
@@ -26,7 +28,7 @@ mod wire;
 #[cfg(test)]
 mod tests;
 
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{io, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use actix_web::{dev::ServerHandle, middleware, web, App, HttpServer};
 
@@ -82,6 +84,11 @@ pub struct SimConfig {
     /// How much slower prefill and decode are while warming up.
     #[arg(long, default_value_t = 5.0)]
     pub warmup_factor: f64,
+    /// Write one JSON line per request reaching its first token to this file (arrival, wait for
+    /// a slot, cached tokens, time to first token, the prompt's first block); `/sim/flush` starts
+    /// it afresh. Off by default.
+    #[arg(long)]
+    pub request_log: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -102,6 +109,7 @@ impl Default for SimConfig {
             prefix_cache_blocks: 4096,
             warmup_ms: 0,
             warmup_factor: 5.0,
+            request_log: None,
         }
     }
 }
@@ -170,7 +178,13 @@ const BACKLOG: u32 = 4096;
 pub async fn start(listen: SocketAddr, cfg: SimConfig) -> io::Result<SimHandle> {
     cfg.validate()?;
     let control = Arc::new(SimControl::new(cfg.error_rate));
-    let engine = Arc::new(engine::Engine::new(cfg, Arc::clone(&control)));
+    let request_log = cfg
+        .request_log
+        .as_deref()
+        .map(request_log::RequestLog::create)
+        .transpose()?;
+    let engine =
+        Arc::new(engine::Engine::new(cfg, Arc::clone(&control)).with_request_log(request_log));
     let data = web::Data::from(engine);
     let server = HttpServer::new(move || {
         App::new()

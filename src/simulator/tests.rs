@@ -222,6 +222,27 @@ async fn behaves_like_vllm_over_http() {
     sim.stop().await;
 }
 
+/// Sends [`shared_prompt`] with two different questions, one after the other.
+async fn ask_first_two(sim: &SimHandle, max_tokens: u32) {
+    let client = awc::Client::default();
+    for question in ["question 1: first?", "question 2: second?"] {
+        let res = client
+            .post(format!("{}/v1/chat/completions", sim.url()))
+            .send_json(&shared_prompt(max_tokens, question))
+            .await
+            .expect("chat answers");
+        assert_eq!(res.status(), 200);
+    }
+}
+
+/// A chat of ten 64-character blocks of shared system prompt (160 tokens) and `question`.
+fn shared_prompt(max_tokens: u32, question: &str) -> Value {
+    json!({"model": "sim", "max_tokens": max_tokens, "messages": [
+        {"role": "system", "content": "s".repeat(640)},
+        {"role": "user", "content": question},
+    ]})
+}
+
 #[actix_rt::test]
 async fn shared_prefixes_hit_and_flush_starts_cold() {
     let sim = start(([127, 0, 0, 1], 0).into(), fast())
@@ -229,21 +250,8 @@ async fn shared_prefixes_hit_and_flush_starts_cold() {
         .expect("simulator binds");
     let client = awc::Client::default();
     let url = |path: &str| format!("{}{path}", sim.url());
-    let system = "s".repeat(640);
-    let ask = |question: &str| {
-        json!({"model": "sim", "max_tokens": 1, "messages": [
-            {"role": "system", "content": system},
-            {"role": "user", "content": question},
-        ]})
-    };
-    for question in ["question 1: first?", "question 2: second?"] {
-        let res = client
-            .post(url("/v1/chat/completions"))
-            .send_json(&ask(question))
-            .await
-            .expect("chat answers");
-        assert_eq!(res.status(), 200);
-    }
+    let ask = |question: &str| shared_prompt(1, question);
+    ask_first_two(&sim, 1).await;
     // Ten 64-character blocks of system prompt, 16 tokens each, hit the second time.
     let stats = sim.control.snapshot();
     assert_eq!(stats.prefix_hit_tokens, 160, "{stats:?}");
@@ -266,4 +274,72 @@ async fn shared_prefixes_hit_and_flush_starts_cold() {
         .expect("chat answers");
     assert_eq!(sim.control.snapshot().prefix_hit_tokens, 0);
     sim.stop().await;
+}
+
+#[actix_rt::test]
+async fn the_request_log_has_a_line_per_request_and_flush_starts_it_afresh() {
+    let path = std::env::temp_dir().join(format!(
+        "nanogate-sim-requests-{}.jsonl",
+        std::process::id()
+    ));
+    let sim = start(
+        ([127, 0, 0, 1], 0).into(),
+        SimConfig {
+            request_log: Some(path.clone()),
+            ..fast()
+        },
+    )
+    .await
+    .expect("simulator binds");
+    let client = awc::Client::default();
+    let url = |path: &str| format!("{}{path}", sim.url());
+    let ask = |question: &str| shared_prompt(2, question);
+    let lines = || -> Vec<Value> {
+        std::fs::read_to_string(&path)
+            .expect("request log")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON line"))
+            .collect()
+    };
+    ask_first_two(&sim, 2).await;
+    let logged = lines();
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    assert_eq!(logged[0]["cached_tokens"], 0);
+    assert_eq!(logged[1]["cached_tokens"], 160, "{logged:?}");
+    assert_eq!(logged[0]["prompt"], logged[1]["prompt"]);
+    assert!(logged[0]["prompt"].as_str().is_some_and(|k| k.len() == 16));
+    for line in &logged {
+        let ttft = line["ttft_ms"].as_f64().expect("ttft_ms");
+        assert!(ttft >= line["wait_ms"].as_f64().expect("wait_ms"), "{line}");
+        assert!(line["at_ms"]
+            .as_u64()
+            .is_some_and(|at| at > 1_700_000_000_000));
+    }
+
+    let res = client.post(url("/sim/flush")).send().await.expect("flush");
+    assert_eq!(res.status(), 200);
+    assert!(lines().is_empty(), "flush starts the log afresh");
+    client
+        .post(url("/v1/chat/completions"))
+        .send_json(&ask("question 3: third?"))
+        .await
+        .expect("chat answers");
+    let logged = lines();
+    assert_eq!(logged.len(), 1);
+    assert_eq!(logged[0]["cached_tokens"], 0, "cold after the flush");
+    sim.stop().await;
+    let _ = std::fs::remove_file(&path);
+}
+
+#[actix_rt::test]
+async fn a_request_log_that_cannot_be_written_fails_at_start_naming_the_flag() {
+    let cfg = SimConfig {
+        request_log: Some("/nonexistent-dir/requests.jsonl".into()),
+        ..fast()
+    };
+    let err = start(([127, 0, 0, 1], 0).into(), cfg)
+        .await
+        .err()
+        .expect("no simulator without its log");
+    assert!(err.to_string().contains("--request-log"), "{err}");
 }

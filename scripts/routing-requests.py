@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Where each prompt went, run by run, from the simulators' request logs of a routing-bench run
+(REQUEST_LOG=1 scripts/routing-bench.sh; one file per run and simulator in OUT/requests/).
+
+Usage: scripts/routing-requests.py OUT
+
+Per run: the share of requests that found at least 90 % of their prompt cached (warm), the
+distinct prompts each simulator served, how many prompts went to more than one simulator, how
+many times a prompt's request went to another simulator than its previous one (moves, by arrival
+order), and how many requests waited for a batch slot. A prompt is its first 64-byte block, so
+these say something only for workloads of shared system prompts (p16, p40, z128, turns).
+"""
+import glob
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+RUN = re.compile(r"^(?P<run>.+)-sim(?P<sim>\d+)\.jsonl$")
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    runs = defaultdict(list)
+    for path in glob.glob(os.path.join(sys.argv[1], "requests", "*.jsonl")):
+        m = RUN.match(os.path.basename(path))
+        if not m:
+            continue
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                # The next router's readiness probe lands in a run's file after it ends: no prompt.
+                if r.get("prompt") is None:
+                    continue
+                r["sim"] = int(m["sim"])
+                runs[m["run"]].append(r)
+    if not runs:
+        sys.exit(f"no request logs in {sys.argv[1]}/requests (run routing-bench.sh with REQUEST_LOG=1)")
+    print("| run | requests | warm % | prompts per simulator | prompts on 2+ | moves | waited for a slot |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for run in sorted(runs):
+        rs = sorted(runs[run], key=lambda r: r["at_ms"])
+        sims = sorted({r["sim"] for r in rs})
+        per_sim = defaultdict(set)
+        where = defaultdict(set)
+        last = {}
+        moves = 0
+        for r in rs:
+            per_sim[r["sim"]].add(r["prompt"])
+            where[r["prompt"]].add(r["sim"])
+            if last.get(r["prompt"], r["sim"]) != r["sim"]:
+                moves += 1
+            last[r["prompt"]] = r["sim"]
+        warm = sum(r["cached_tokens"] >= 0.9 * r["prompt_tokens"] for r in rs)
+        spread = sum(len(s) > 1 for s in where.values())
+        waited = sum(r["wait_ms"] > 1.0 for r in rs)
+        print(f"| {run} | {len(rs)} | {100 * warm / len(rs):.0f} | {'/'.join(str(len(per_sim[s])) for s in sims)} "
+              f"| {spread} of {len(where)} | {moves} | {waited} |")
+
+
+main()
