@@ -126,8 +126,8 @@ start_fleet() { # fleet
   local i
   for i in "${!SIM_PORTS[@]}"; do stop "sim$i"; done
   for i in "${!SIM_PORTS[@]}"; do
-    # shellcheck disable=SC2046 # fleet_args is a flag list
     local log=(); [ "${REQUEST_LOG:-0}" = 1 ] && log=(--request-log "$out/logs/sim$i-requests.jsonl")
+    # shellcheck disable=SC2046 # fleet_args is a flag list
     RUST_LOG=warn start_bg "sim$i" "$BIN" simulate --listen "127.0.0.1:${SIM_PORTS[$i]}" \
       --max-batch 16 --prefix-cache-blocks "$CACHE_BLOCKS" "${log[@]}" $(fleet_args "$1" "$i")
   done

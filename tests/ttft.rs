@@ -619,3 +619,55 @@ async fn on_llama_cpp_a_request_waits_for_the_end_of_the_one_holding_its_prompt(
         gw.stop(false).await;
     }
 }
+
+/// The prefill line is learned from what the backend says it had cached, not from the gateway's
+/// guess: a backend whose cache is emptied behind the gateway's back (here `/sim/flush`; in life,
+/// evictions the index does not see) answers cold prompts the index takes for cached, and says so
+/// in `usage.prompt_tokens_details` by leaving the details out. Taught by the index alone, every
+/// answer looked cached: the line had no slope, and its warm time was the average of warm and
+/// cold answers, far below what a cold prompt takes.
+#[actix_rt::test]
+async fn the_prefill_line_learns_from_the_cached_tokens_the_backend_reports() {
+    // 8,000 characters, about 2,000 tokens in 126 blocks: ~105 ms of prefill cold.
+    let system: String = (0..1000).map(|i| format!("v{:06} ", i * 3)).collect();
+    let backends = sims(vec![SimConfig::default()]).await;
+    let gw = gateway(config(&backends)).await;
+    let client = client();
+    let url = chat_url(&gw);
+    let flush = format!("{}/sim/flush", backends[0].url());
+    for i in 0..12 {
+        if i % 2 == 0 {
+            let flushed = client.post(&flush).send().await.expect("flush");
+            assert_eq!(flushed.status(), 200);
+        }
+        let body = json!({"model": "sim", "max_tokens": 1, "stream": true, "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": format!("Question {i}?")}]});
+        let answer = post(&client, &url, &body).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let sim = backends[0].control.snapshot();
+    assert!(
+        sim.prefix_hit_tokens > 0,
+        "the odd requests were warm: {sim:?}"
+    );
+    // The cached answers' first tokens, as the gateway measured them.
+    let fastest = stats(&client, &gw).await["metrics"]["overall"]["ttft_ms"]["min"]
+        .as_f64()
+        .expect("a measured first token");
+    let learned = eventually(Duration::from_secs(5), || async {
+        let estimate = stats(&client, &gw).await["balancer"]["endpoints"][0]["estimate"].clone();
+        let (warm, block) = (estimate["warm_ms"].as_f64(), estimate["block_ms"].as_f64());
+        // A line that puts cached prompts where the cached answers were and cold ones where the
+        // cold answers were.
+        matches!((warm, block), (Some(w), Some(b))
+            if w > 0.0 && w < fastest + 10.0 && w + 126.0 * b > 90.0)
+    })
+    .await;
+    let estimate = &stats(&client, &gw).await["balancer"]["endpoints"][0]["estimate"];
+    assert!(
+        learned,
+        "cached answers from {fastest} ms, cold ones ~105 ms over 126 blocks: {estimate}"
+    );
+    gw.stop(false).await;
+}

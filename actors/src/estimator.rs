@@ -5,7 +5,8 @@
 //!   block (`block`): the line through (uncached blocks, time to first token) of its recent
 //!   streams, fitted by least squares with old samples fading, so a cold prefill neither reads as
 //!   the backend being slow nor is forgotten as cache value, and a backend that only ever sees
-//!   cold prompts still shows how fast it prefills;
+//!   cold prompts still shows how fast it prefills. A stream's uncached blocks are what its
+//!   backend reported cached where it reports it ([`CacheReport`]), else the prefix index's guess;
 //! - how far its first tokens come later than those two predict (`jitter`, the root mean square
 //!   of the lateness): latency spikes, stalls, a cache that forgets sooner than its index. A
 //!   sample far beyond the prediction (a spike) counts only here, so it neither inflates `warm`

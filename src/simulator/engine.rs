@@ -277,7 +277,6 @@ pub struct Sequence {
     deadline: Instant,
     /// When it arrived (for the request log), and how long it waited for a slot, ms.
     arrived: Instant,
-    arrived_at: SystemTime,
     wait_ms: f64,
 }
 
@@ -294,7 +293,6 @@ impl Sequence {
             produced: 0,
             deadline: Instant::now(),
             arrived: Instant::now(),
-            arrived_at: SystemTime::now(),
             wait_ms: 0.0,
         }
     }
@@ -374,20 +372,19 @@ impl Sequence {
         self.produced += 1;
         Ok(Step::Token(token))
     }
-}
 
-impl Sequence {
     fn log_first_token(&self) {
         let Some(log) = &self.engine.request_log else {
             return;
         };
+        let ttft = Instant::now() - self.arrived;
         log.record(&Record {
-            at_ms: self
-                .arrived_at
-                .duration_since(UNIX_EPOCH)
+            at_ms: SystemTime::now()
+                .checked_sub(ttft)
+                .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             wait_ms: self.wait_ms,
-            ttft_ms: ms(Instant::now() - self.arrived),
+            ttft_ms: ms(ttft),
             prompt_tokens: self.plan.prompt_tokens,
             cached_tokens: self.cached,
             spike_ms: ms(self.plan.spike),
