@@ -16,7 +16,8 @@
 #   round; 0 repeats one draw, and then round robin's figures are that one draw every round, since it sends the same
 #   request to the same simulator each time), RATE_<fleet>_<workload> (skip that cell's calibration), ARRIVALS (fixed:
 #   one start every 1/rate; poisson: exponential gaps), REQUEST_LOG (1: each simulator writes a line per request,
-#   `simulate --request-log`, kept per run as OUT/requests/<run>-sim<i>.jsonl; `scripts/routing-requests.py OUT`
+#   `simulate --request-log`, kept per run as OUT/requests/<run>-sim<i>.jsonl, and the client a line per request,
+#   `loadtest --request-log`, as OUT/requests/<run>-client.jsonl; `scripts/routing-requests.py OUT`
 #   then says per run where each prompt went: prompts per simulator, prompts on several, moves), NANOGATE_BIN,
 #   PEERS_VENV, OUT.
 #
@@ -97,8 +98,8 @@ fi
 if ! "$BIN" loadtest --help | grep -q -- --arrivals || ! "$BIN" simulate --help | grep -q -- --prefix-cache-blocks; then
   echo "$BIN predates the --arrivals option of loadtest: rebuild it (cargo build --release)" >&2; exit 1
 fi
-if [ "${REQUEST_LOG:-0}" = 1 ] && ! "$BIN" simulate --help | grep -q -- --request-log; then
-  echo "$BIN predates the --request-log option of simulate: rebuild it (cargo build --release)" >&2; exit 1
+if [ "${REQUEST_LOG:-0}" = 1 ] && ! "$BIN" loadtest --help | grep -q -- --request-log; then
+  echo "$BIN predates the --request-log options of simulate and loadtest: rebuild it (cargo build --release)" >&2; exit 1
 fi
 command -v curl >/dev/null && command -v python3 >/dev/null || { echo "needs curl and python3" >&2; exit 1; }
 # Run a private copy: a rebuild of target/release during the run must not change what is measured half-way.
@@ -161,10 +162,12 @@ run_load() { # cell kind policy round rate requests -> raw JSON file, one summar
   local seed=$SEED; [[ $r =~ ^[0-9]+$ ]] && seed=$((SEED + (r - 1) * SEED_STEP))
   start_router "$kind" "$pol" || return 1
   flush_fleet || { log "flush failed"; stop router; return 1; }
+  local client_log=(); [ "${REQUEST_LOG:-0}" = 1 ] && client_log=(--request-log "$out/logs/client-requests.jsonl")
   # shellcheck disable=SC2046 # workload_args is a flag list
   timeout $((n / ${rate%.*} + 120)) "$BIN" loadtest --url "http://127.0.0.1:$ROUTER_PORT/v1/chat/completions" --stream \
     --rate "$rate" --requests "$n" --concurrency 5000 $(workload_args "${cell#*-}") --max-tokens "$MAX_TOKENS" \
-    --seed "$seed" --arrivals "$ARRIVALS" --timeout 30 --json --quiet > "$out/logs/load.json" 2>> "$out/logs/load.err"
+    --seed "$seed" --arrivals "$ARRIVALS" --timeout 30 "${client_log[@]}" --json --quiet \
+    > "$out/logs/load.json" 2>> "$out/logs/load.err"
   # What the balancer had learned by the end (batch capacities, estimates): why a policy picked as it did.
   local balancer=null
   [ "$kind" = nanogate ] && balancer=$(curl -fsS -m 5 "http://127.0.0.1:$ROUTER_PORT/stats/balancer" || echo null)
@@ -177,6 +180,7 @@ run_load() { # cell kind policy round rate requests -> raw JSON file, one summar
     for i in "${!SIM_PORTS[@]}"; do
       mv "$out/logs/sim$i-requests.jsonl" "$out/requests/$(basename "$f" .json)-sim$i.jsonl" 2>/dev/null
     done
+    mv "$out/logs/client-requests.jsonl" "$out/requests/$(basename "$f" .json)-client.jsonl" 2>/dev/null
   fi
   python3 - "$cell" "$kind" "$pol" "$r" "$rate" "$out/logs/load.json" "$balancer" "${sims[@]}" > "$f" <<'PY'
 import json, sys

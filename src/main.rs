@@ -127,7 +127,7 @@ async fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Loadtest(args) => {
-            let summary = loadtest::run(&args).await;
+            let summary = loadtest::run(&args).await.map_err(|e| e.to_string())?;
             if args.json {
                 println!(
                     "{}",

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::sse::{self, Kind};
 use super::workload::Workload;
 use super::LoadtestArgs;
+use crate::ingress::proxy::ENDPOINT_HEADER;
 
 /// Non-streamed bodies larger than this are reported as "bad body"; real chat
 /// completions are far smaller and the cap stops a broken server from
@@ -83,8 +84,14 @@ impl Failure {
 /// What happened to one request. Durations count from its scheduled start.
 #[derive(Debug)]
 pub(crate) struct Outcome {
+    /// The request's number in the run.
+    pub n: u64,
+    /// When it was due to start.
+    pub due: Instant,
     pub latency: Duration,
     pub ttft: Option<Duration>,
+    /// The gateway's `x-nanogate-endpoint`, if the answer had one.
+    pub endpoint: Option<String>,
     pub result: Result<(), Failure>,
 }
 
@@ -100,8 +107,10 @@ pub(crate) struct Target {
 
 impl Target {
     pub fn new(args: &LoadtestArgs, timeout: Duration) -> Self {
+        // The gateway's upstream connector: Nagle off, as the asyncio-based clients (the OpenAI
+        // SDK over httpx, aiohttp) have it, so a request's head and body go out together.
         let client = awc::Client::builder()
-            .connector(awc::Connector::new().limit(0))
+            .connector(nanogate_actors::upstream_io::connector().limit(0))
             .timeout(timeout)
             .finish();
         Self {
@@ -119,13 +128,16 @@ impl Target {
     /// and counting from it keeps that queueing in the latency
     /// (no coordinated omission).
     pub async fn send(&self, n: u64, scheduled: Instant) -> Outcome {
-        let mut ttft = None;
+        let (mut ttft, mut endpoint) = (None, None);
         let result = self
-            .exchange(self.workload.body(n), scheduled, &mut ttft)
+            .exchange(self.workload.body(n), scheduled, &mut ttft, &mut endpoint)
             .await;
         Outcome {
+            n,
+            due: scheduled,
             latency: scheduled.elapsed(),
             ttft,
+            endpoint,
             result,
         }
     }
@@ -135,6 +147,7 @@ impl Target {
         body: Bytes,
         scheduled: Instant,
         ttft: &mut Option<Duration>,
+        endpoint: &mut Option<String>,
     ) -> Result<(), Failure> {
         let deadline = Instant::now() + self.timeout;
         let mut req = self
@@ -153,6 +166,11 @@ impl Target {
         // per-request budget so a stream is cut exactly at `--timeout` after
         // the send, never earlier and never hanging forever.
         let mut res = res.timeout(deadline.saturating_duration_since(Instant::now()));
+        *endpoint = res
+            .headers()
+            .get(ENDPOINT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
 
         if !res.status().is_success() {
             let status = res.status().as_u16();

@@ -12,6 +12,7 @@
 
 mod client;
 mod progress;
+mod request_log;
 mod sse;
 mod summary;
 #[cfg(test)]
@@ -19,6 +20,8 @@ mod tests;
 mod workload;
 
 use std::future;
+use std::io;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
@@ -30,6 +33,7 @@ pub use summary::{Percentiles, Summary};
 
 use client::Target;
 use progress::Progress;
+use request_log::RequestLog;
 use summary::Recorder;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -97,6 +101,11 @@ pub struct LoadtestArgs {
     /// No live progress line (for scripts and tests).
     #[arg(long)]
     pub quiet: bool,
+    /// Write a JSON line per request to this file: its number, when it was due (ms since the
+    /// epoch), time to first token, latency, the backend that answered (`x-nanogate-endpoint`)
+    /// and the failure if any. Beside `simulate --request-log`, says where a request's time went.
+    #[arg(long)]
+    pub request_log: Option<PathBuf>,
 }
 
 /// Rejected at parse time so a typo fails fast instead of producing a run
@@ -178,8 +187,9 @@ impl Schedule {
     }
 }
 
-/// Runs the load (on the current actix/tokio runtime) and returns the summary. Shows a live indicatif progress line unless quiet.
-pub async fn run(args: &LoadtestArgs) -> Summary {
+/// Runs the load (on the current actix/tokio runtime) and returns the summary. Shows a live
+/// indicatif progress line unless quiet. Fails only when `--request-log` cannot be created.
+pub async fn run(args: &LoadtestArgs) -> io::Result<Summary> {
     let target = Target::new(args, clamp_secs(args.timeout));
     let total = args.requests;
     // Library callers bypass the CLI parsers: zero concurrency would never
@@ -196,6 +206,11 @@ pub async fn run(args: &LoadtestArgs) -> Summary {
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
 
     let start = Instant::now();
+    let mut log = args
+        .request_log
+        .as_deref()
+        .map(|path| RequestLog::create(path, start))
+        .transpose()?;
     let mut in_flight = FuturesUnordered::new();
     let mut started = 0u64;
     loop {
@@ -221,7 +236,16 @@ pub async fn run(args: &LoadtestArgs) -> Summary {
             break;
         }
         tokio::select! {
-            Some(outcome) = in_flight.next(), if !in_flight.is_empty() => rec.record(&outcome),
+            Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
+                rec.record(&outcome);
+                if let Some(writer) = &mut log {
+                    if let Err(e) = writer.record(&outcome) {
+                        // The run goes on without it: the load matters more than its record.
+                        log::warn!("loadtest: --request-log: {e}; stopped");
+                        log = None;
+                    }
+                }
+            }
             () = sleep_until(next_due) => {}
             _ = ticker.tick() => progress.update(&rec, start.elapsed()),
         }
@@ -229,7 +253,10 @@ pub async fn run(args: &LoadtestArgs) -> Summary {
     let elapsed = start.elapsed();
     progress.update(&rec, elapsed);
     progress.finish();
-    rec.summary(elapsed)
+    if let Some(Err(e)) = log.map(RequestLog::finish) {
+        log::warn!("loadtest: --request-log: {e}");
+    }
+    Ok(rec.summary(elapsed))
 }
 
 /// Waits for the next scheduled start, or forever when nothing is scheduled.

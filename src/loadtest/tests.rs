@@ -162,6 +162,7 @@ fn args(url: String, stream: bool) -> LoadtestArgs {
         unique: false,
         seed: 1,
         arrivals: super::Arrivals::Fixed,
+        request_log: None,
     }
 }
 
@@ -179,12 +180,13 @@ async fn closed_loop_plain_and_streaming() {
         quiet: false,
         ..args(url.clone(), false)
     })
-    .await;
+    .await
+    .expect("no request log to fail");
     assert_eq!((plain.ok, plain.failed), (50, 0), "{plain:?}");
     assert!(plain.ttft_ms.is_none());
     assert!(plain.latency_ms.max >= plain.latency_ms.min && plain.rps > 0.0);
 
-    let streamed = run(&args(url, true)).await;
+    let streamed = run(&args(url, true)).await.expect("no request log to fail");
     assert_eq!((streamed.ok, streamed.failed), (50, 0), "{streamed:?}");
     let ttft = streamed.ttft_ms.as_ref().expect("streams report TTFT");
     assert!(
@@ -199,6 +201,48 @@ async fn closed_loop_plain_and_streaming() {
         "keep-alive not reused: {accepted} connections"
     );
 
+    handle.stop(false).await;
+}
+
+#[actix_rt::test]
+async fn the_request_log_has_a_line_per_request_with_its_time_to_first_token() {
+    let TestServer { base, handle, .. } = start_server().await;
+    let path = std::env::temp_dir().join(format!(
+        "nanogate-loadtest-requests-{}.jsonl",
+        std::process::id()
+    ));
+    let mut a = args(format!("{base}/v1/chat/completions"), true);
+    a.requests = 12;
+    a.request_log = Some(path.clone());
+    let s = run(&a).await.expect("the log is writable");
+    assert_eq!(s.ok, 12, "{s:?}");
+    let text = std::fs::read_to_string(&path).expect("log written");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let mut numbers: Vec<u64> = lines.iter().map(|l| l["n"].as_u64().unwrap()).collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (0..12).collect::<Vec<_>>());
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    for line in &lines {
+        let (ttft, latency) = (line["ttft_ms"].as_f64(), line["latency_ms"].as_f64());
+        assert!(
+            ttft.is_some_and(|t| t > 0.0 && t <= latency.unwrap()),
+            "{line}"
+        );
+        let due = line["due_ms"].as_f64().unwrap();
+        assert!(due <= now_ms && due > now_ms - 60_000.0, "{line}");
+        assert!(line["error"].is_null(), "{line}");
+    }
+
+    let _ = std::fs::remove_file(&path);
+    a.request_log = Some(path.join("not-a-directory"));
+    let err = run(&a).await.expect_err("an unwritable log fails the run");
+    assert!(err.to_string().contains("--request-log"), "{err}");
     handle.stop(false).await;
 }
 
@@ -218,7 +262,7 @@ async fn failures_are_classified_by_cause() {
     for (path, stream, cause) in cases {
         let mut a = args(format!("{base}{path}"), stream);
         a.requests = 10;
-        let s = run(&a).await;
+        let s = run(&a).await.expect("no request log to fail");
         assert_eq!((s.ok, s.failed), (0, 10), "{path}: {s:?}");
         assert_eq!(s.failures.get(cause), Some(&10), "{path}: {s:?}");
         assert!(s.render().contains(cause));
@@ -226,7 +270,7 @@ async fn failures_are_classified_by_cause() {
 
     let mut a = args(format!("http://127.0.0.1:{closed_port}/"), false);
     a.requests = 3;
-    let s = run(&a).await;
+    let s = run(&a).await.expect("no request log to fail");
     assert_eq!(s.failures.get("connect"), Some(&3), "{s:?}");
 
     handle.stop(false).await;
@@ -240,14 +284,14 @@ async fn body_timeout_covers_the_stream_but_no_more() {
     let mut a = args(format!("{base}/long-stream"), true);
     a.requests = 2;
     a.timeout = 1.0;
-    let s = run(&a).await;
+    let s = run(&a).await.expect("no request log to fail");
     assert_eq!(s.ok, 2, "{s:?}");
 
     // A stream that stalls past the budget ends as a timeout, on time.
     let mut a = args(format!("{base}/stalled-stream"), true);
     a.requests = 2;
     a.timeout = 0.3;
-    let s = run(&a).await;
+    let s = run(&a).await.expect("no request log to fail");
     assert_eq!(s.failures.get("timeout"), Some(&2), "{s:?}");
     assert!(s.elapsed_s < 1.0, "{s:?}");
 
@@ -263,7 +307,7 @@ async fn open_loop_counts_queueing_from_the_schedule() {
     a.requests = 10;
     a.concurrency = 1;
     a.rate = Some(100.0);
-    let s = run(&a).await;
+    let s = run(&a).await.expect("no request log to fail");
     assert_eq!(s.ok, 10, "{s:?}");
     assert!(s.latency_ms.max >= 100.0, "{s:?}");
     assert!(s.latency_ms.min >= 20.0, "{s:?}");
@@ -277,7 +321,7 @@ async fn shared_prefix_workload_sends_system_then_user() {
     let mut a = args(format!("{base}/prefixed"), false);
     a.prefixes = 3;
     a.prefix_chars = 300;
-    let s = run(&a).await;
+    let s = run(&a).await.expect("no request log to fail");
     assert_eq!((s.ok, s.failed), (50, 0), "{s:?}");
     handle.stop(false).await;
 }

@@ -323,6 +323,7 @@ mod tests {
             sessions: 64,
             unique: false,
             seed,
+            request_log: None,
         }
     }
 
