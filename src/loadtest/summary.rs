@@ -198,16 +198,22 @@ mod tests {
 
     fn ok(latency_ms: u64, ttft_ms: Option<u64>) -> Outcome {
         Outcome {
+            n: 0,
+            due: tokio::time::Instant::now(),
             latency: Duration::from_millis(latency_ms),
             ttft: ttft_ms.map(Duration::from_millis),
+            endpoint: None,
             result: Ok(()),
         }
     }
 
     fn failed(failure: Failure) -> Outcome {
         Outcome {
+            n: 0,
+            due: tokio::time::Instant::now(),
             latency: Duration::from_millis(1),
             ttft: None,
+            endpoint: None,
             result: Err(failure),
         }
     }
