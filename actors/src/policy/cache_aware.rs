@@ -46,8 +46,9 @@
 //! it), as sglang-router sends an unmatched prompt to its smallest tree. New prompts then fill the
 //! caches evenly instead of crowding the fastest backend's, and each prompt's home is where it
 //! will last. After the pick, the routing table records the request's blocks in
-//! the chosen endpoint's index. A prompt an endpoint caches keeps to it (to one of them,
-//! by rendezvous hashing of its first block, when several do) unless another endpoint, warm or
+//! the chosen endpoint's index. A prompt an endpoint caches keeps to it (when several do, to the
+//! one that caches the longest prefix of it, as sglang-router's tree match does, and among those
+//! by rendezvous hashing of its first block) unless another endpoint, warm or
 //! cold, is cheaper by more than the copy it would make costs the caches: taking the cheapest
 //! copy each time kept every copy warm, and spilling whenever a cold endpoint was a little
 //! cheaper made new copies; either way the copies crowded other prompts out. sglang-router's
@@ -285,9 +286,15 @@ impl Policy for CacheAware {
             let e = eligible.endpoint(slot);
             let cached = e.prefix.matched(blocks).cached;
             let cost = expected_ttft_ms(e, &e.estimate(), blocks, cached, &priors);
+            // The longest copy first: ranked by the first block alone, every conversation over
+            // one system prompt kept to that prompt's favourite endpoint rather than to the one
+            // holding its own history, and moved whenever the favourite was a little cheaper
+            // (unequal fleet, multi-turn, 3 rounds: p99 114/71/115 ms, longest first 64/60/109).
             if cached as f64 >= half && !blocks.is_empty() {
                 let rank = stable_hash_seeded(blocks[0], &slot.to_le_bytes());
-                if primary.is_none_or(|(best_rank, ..)| rank > best_rank) {
+                if primary.is_none_or(|(best_rank, _, _, best_cached)| {
+                    (cached, rank) > (best_cached, best_rank)
+                }) {
                     primary = Some((rank, slot, cost, cached));
                 }
             }
@@ -687,6 +694,40 @@ mod tests {
                 pick(&t, &keys(&conversation), &mut rng),
                 first,
                 "turn {turn}"
+            );
+        }
+    }
+
+    #[test]
+    fn conversations_over_a_system_prompt_every_endpoint_caches_keep_to_their_own_history() {
+        let t = measured_fleet(4, 32);
+        for e in &t.endpoints {
+            // Prompts recur: a copy of a conversation's history costs the caches.
+            e.publish_estimate(Estimate {
+                reuse: 0.9,
+                ..e.estimate()
+            });
+        }
+        let system = "You are a helpful assistant. ".repeat(100);
+        for e in &t.endpoints {
+            e.prefix.insert(&keys(&system));
+        }
+        let mut rng = SmallRng::seed_from_u64(5);
+        for conversation in 0..8 {
+            // Its earlier turns went to `home`, which holds them, and which runs a few more
+            // requests than the others: a little dearer than an endpoint holding only the system
+            // prompt, by less than copying the history there would cost.
+            let home = conversation % 4;
+            let _busy: Vec<_> = (0..4).map(|_| t.endpoints[home].begin()).collect();
+            let mut prompt = format!("{system}user {conversation}: ");
+            prompt.push_str(&"an earlier question and its answer. ".repeat(10));
+            t.endpoints[home].prefix.insert(&keys(&prompt));
+            prompt.push_str("user: and one more question. ");
+            assert_eq!(
+                pick(&t, &keys(&prompt), &mut rng),
+                home,
+                "conversation {conversation}: the longest copy of it, not the system prompt's \
+                 favourite endpoint"
             );
         }
     }
