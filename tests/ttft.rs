@@ -671,3 +671,36 @@ async fn the_prefill_line_learns_from_the_cached_tokens_the_backend_reports() {
     );
     gw.stop(false).await;
 }
+
+/// A gateway that starts under load reads its backends' load as soon as more run on one than its
+/// default guess of a batch, not a load interval later: until then every backend looked queued.
+#[actix_rt::test]
+async fn a_backend_running_more_than_its_guessed_batch_has_its_load_read_at_once() {
+    let backends = sims(vec![paced(20)]).await;
+    let mut cfg = config(&backends);
+    // The interval's reads out of the way: the first at start, the next a minute later.
+    cfg.health.load_interval_ms = 60_000;
+    let gw = gateway(cfg).await;
+    let client = client();
+    let url = chat_url(&gw);
+    let body = json!({"model": "sim", "max_tokens": 100, "stream": true,
+        "messages": [{"role": "user", "content": "a long answer, please"}]});
+    // Twelve streams of ~2 s each, four past the default guess of 8.
+    let streams = burst(&client, &url, 12, &body);
+    let read = async {
+        eventually(Duration::from_millis(1500), || async {
+            let estimate =
+                stats(&client, &gw).await["balancer"]["endpoints"][0]["estimate"].clone();
+            estimate["capacity"].as_u64().is_some_and(|c| c >= 12)
+        })
+        .await
+    };
+    let (answers, read) = futures_util::future::join(streams, read).await;
+    assert!(failures(&answers).is_empty(), "{:?}", failures(&answers));
+    let estimate = &stats(&client, &gw).await["balancer"]["endpoints"][0]["estimate"];
+    assert!(
+        read,
+        "12 running seen well before the next interval's read: {estimate}"
+    );
+    gw.stop(false).await;
+}

@@ -545,12 +545,20 @@ impl Handler<BackendLoad> for Balancer {
     fn handle(&mut self, msg: BackendLoad, _ctx: &mut Self::Context) {
         let cache_aware = self.settings.policy == PolicyKind::CacheAware;
         let max_blocks = self.settings.prefix_index_max_blocks.max(1);
+        let now = self.clock.now();
+        let slow_start = Duration::from_millis(self.settings.slow_start_ms);
         if let Some(entry) = self.entry(msg.endpoint) {
             entry
                 .endpoint
                 .set_reported_load(msg.running, msg.waiting, msg.kv_cache);
             entry.endpoint.set_binds_slots(msg.binds_slots);
+            let capacity = entry.endpoint.estimate().capacity;
             entry.estimator.reported(msg.running, msg.waiting);
+            // A capacity learned or guessed anew counts at once, not at the next tick: it is
+            // what a read asked for by requests past the old guess was for.
+            if entry.estimator.capacity() != capacity {
+                publish_estimate(entry, now, slow_start);
+            }
             let configured = entry.spec.cache_blocks.is_some();
             if let Some(tokens) = msg.cache_tokens.filter(|_| !configured) {
                 let blocks = (tokens / TOKENS_PER_BLOCK) as usize;
@@ -857,6 +865,54 @@ mod tests {
         assert!(!table.endpoints[1].is_healthy());
         assert!(table.knows_model("m"));
         assert_eq!(table.served_models(), vec!["m".to_string()]);
+    }
+
+    #[actix_rt::test]
+    async fn requests_past_a_guessed_capacity_ask_for_a_read_whose_capacity_counts_at_once() {
+        let specs = vec![EndpointSpec::new("http://a")];
+        let balancer = Balancer::new(BalancerSettings::default(), &specs, system(), budget());
+        let view = balancer.view();
+        let addr = balancer.start();
+        let endpoint = view.table().endpoints[0].clone();
+        let load = |running: f64, waiting: f64| BackendLoad {
+            endpoint: 0,
+            running,
+            waiting,
+            kv_cache: 0.1,
+            cache_tokens: None,
+            binds_slots: false,
+        };
+        let mut running: Vec<_> = (0..8).map(|_| endpoint.begin()).collect();
+        assert!(!endpoint.take_wants_load(), "within the default guess of 8");
+        running.extend((0..4).map(|_| endpoint.begin()));
+        assert!(endpoint.take_wants_load(), "12 in flight, past the guess");
+        assert!(!endpoint.take_wants_load(), "asked once");
+
+        addr.send(load(12.0, 0.0)).await.unwrap();
+        let e = endpoint.estimate();
+        assert_eq!(
+            (e.capacity, e.capacity_known),
+            (17, false),
+            "a quarter more than it runs, and 2, before the next tick"
+        );
+        running.extend((0..5).map(|_| endpoint.begin()));
+        assert!(
+            !endpoint.take_wants_load(),
+            "17 in flight: within the new guess"
+        );
+
+        addr.send(load(16.0, 3.0)).await.unwrap();
+        let e = endpoint.estimate();
+        assert_eq!(
+            (e.capacity, e.capacity_known),
+            (16, true),
+            "it queued at 16"
+        );
+        running.extend((0..10).map(|_| endpoint.begin()));
+        assert!(
+            !endpoint.take_wants_load(),
+            "a known capacity needs no read"
+        );
     }
 
     #[actix_rt::test]

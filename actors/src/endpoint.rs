@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::breaker::Circuit;
 use crate::estimator::TAIL_BUDGET;
+use crate::policy::cache_aware::batch_capacity;
 use crate::policy::{self, Policy, PolicyKind};
 
 /// Most endpoints a routing table holds; [`Bits`] has one bit per table slot.
@@ -147,6 +148,10 @@ pub struct Endpoint {
     estimates: Estimates,
     /// A health probe of it is on its way (at most one out-of-band probe at a time).
     probe_pending: AtomicBool,
+    /// A request found more in flight on it than its batch capacity is guessed to be, and that
+    /// capacity is not known yet: the health checker reads its load at once (see
+    /// [`Endpoint::begin_prefill`]).
+    wants_load: AtomicBool,
     /// Woken when a probe's verdict on it arrives, for requests waiting on it.
     verdicts: Notify,
     /// When a pick last chose it, on [`PICK_CLOCK`].
@@ -259,6 +264,7 @@ impl Endpoint {
                 ramp: AtomicU64::new(1f64.to_bits()),
             },
             probe_pending: AtomicBool::new(false),
+            wants_load: AtomicBool::new(false),
             verdicts: Notify::new(),
             last_pick: AtomicU64::new(0),
             prefix: PrefixIndex::new(0),
@@ -325,6 +331,11 @@ impl Endpoint {
     /// Claims the one out-of-band probe of this endpoint; `false` when one is on its way.
     pub fn claim_probe(&self) -> bool {
         !self.probe_pending.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether a request asked for its load to be read at once since the last call.
+    pub(crate) fn take_wants_load(&self) -> bool {
+        self.wants_load.swap(false, Ordering::Relaxed)
     }
 
     /// A probe's verdict arrived: frees the claim and wakes the requests waiting for it.
@@ -470,8 +481,21 @@ impl Endpoint {
     /// Counts a request as running on this endpoint until the returned guard drops, and its
     /// `blocks` uncached prompt blocks as prefill ahead of later requests until its first token
     /// ([`InFlight::first_token`]) or its end.
+    ///
+    /// Past the batch capacity guessed for a backend that has not shown it, it asks for the
+    /// backend's load to be read now rather than at the next interval: until then the guess (the
+    /// default of 8 before the first read) made every backend look queued. A gateway that started
+    /// under load misrouted its first second so (in the routing benchmark, which starts a gateway
+    /// for each run, a tenth of the requests). Each read raises the guess past what the backend
+    /// runs, so this asks again only as the load grows.
     pub fn begin_prefill(self: &Arc<Self>, blocks: u32) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let running = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        let e = &self.estimates;
+        if !e.capacity_known.load(Ordering::Relaxed)
+            && running > batch_capacity(e.capacity.load(Ordering::Relaxed))
+        {
+            self.wants_load.store(true, Ordering::Relaxed);
+        }
         self.prefill_blocks.fetch_add(blocks, Ordering::Relaxed);
         InFlight {
             endpoint: self.clone(),

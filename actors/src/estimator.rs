@@ -497,6 +497,17 @@ impl Estimator {
         }
     }
 
+    /// Its batch capacity: what it ran when others waited, or while that is unknown, a quarter
+    /// more than it has been seen to run, so the gateway feeds it more step by step until its
+    /// queue shows.
+    pub fn capacity(&self) -> u32 {
+        if self.capacity > 0 {
+            self.capacity
+        } else {
+            (self.most_running + self.most_running / 4 + 2).max(DEFAULT_CAPACITY)
+        }
+    }
+
     /// The estimate as the request path reads it, with `ramp` the slow-start share,
     /// `cache_blocks` the size of its prefix cache and `share` its part of the fleet's recent
     /// answers.
@@ -519,13 +530,7 @@ impl Estimator {
             tail_ms: 0.0,
             reuse: self.reuse.value(),
             service_ms: self.service.value(),
-            // Unknown: a quarter more than it has been seen to run, so the gateway feeds it more
-            // step by step until its queue shows (and the capacity is known).
-            capacity: if self.capacity > 0 {
-                self.capacity
-            } else {
-                (self.most_running + self.most_running / 4 + 2).max(DEFAULT_CAPACITY)
-            },
+            capacity: self.capacity(),
             capacity_known: self.capacity > 0,
             residence_ms,
             ramp,

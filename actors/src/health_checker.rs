@@ -190,6 +190,9 @@ pub struct ProbeState {
     pub load_backoff_ms: u64,
     #[serde(skip)]
     next_scrape: Option<std::time::Instant>,
+    /// A read of its `/metrics` is on its way.
+    #[serde(skip)]
+    scraping: bool,
     /// When the next scheduled probe is due (`None`: now), and whether one is on its way.
     #[serde(skip)]
     next_probe: Option<std::time::Instant>,
@@ -213,6 +216,7 @@ impl ProbeState {
             load: None,
             load_backoff_ms: 0,
             next_scrape: None,
+            scraping: false,
             next_probe: None,
             probing: false,
         }
@@ -345,45 +349,67 @@ impl HealthChecker {
     }
 
     fn scrape_all(&mut self, ctx: &mut Context<Self>) {
-        let client = self.client();
         let now = std::time::Instant::now();
-        for endpoint in &self.view.table_arc().endpoints {
-            let due = self
-                .states
-                .get(&endpoint.id)
-                .is_none_or(|s| s.scrape_due(now));
-            if !endpoint.is_healthy() || !due {
-                continue;
-            }
-            let id = endpoint.id;
-            let scrape = scrape(client.clone(), endpoint.url.clone());
-            ctx.spawn(scrape.into_actor(self).map(move |load, this, _| {
-                let found = load.is_some();
-                if let Some(state) = this.states.get_mut(&id) {
-                    state.scraped(found, std::time::Instant::now());
-                    if !found && state.load_backoff_ms == 5_000 {
-                        log::debug!(
-                            "{} has no load gauges on /metrics; reading it less often",
-                            state.url
-                        );
-                    }
-                }
-                let Some(load) = load else {
-                    return;
-                };
-                this.balancer.do_send(BackendLoad {
-                    endpoint: id,
-                    running: load.running,
-                    waiting: load.waiting,
-                    kv_cache: load.kv_cache_usage.unwrap_or(0.0),
-                    cache_tokens: load.cache_tokens,
-                    binds_slots: load.binds_slots,
-                });
-                if let Some(state) = this.states.get_mut(&id) {
-                    state.load = Some(load);
-                }
-            }));
+        let table = self.view.table_arc();
+        for endpoint in &table.endpoints {
+            self.scrape(endpoint, now, ctx);
         }
+    }
+
+    /// Reads the load of the endpoints whose requests asked for it now
+    /// ([`Endpoint::take_wants_load`]), between the interval's reads.
+    fn scrape_wanted(&mut self, ctx: &mut Context<Self>) {
+        let now = std::time::Instant::now();
+        let table = self.view.table_arc();
+        for endpoint in &table.endpoints {
+            if endpoint.take_wants_load() {
+                self.scrape(endpoint, now, ctx);
+            }
+        }
+    }
+
+    /// Reads an endpoint's `/metrics` unless it is out, a read of it is on its way, or it had no
+    /// load gauges lately (then it waits for its back-off).
+    fn scrape(&mut self, endpoint: &Endpoint, now: std::time::Instant, ctx: &mut Context<Self>) {
+        let due = self
+            .states
+            .get(&endpoint.id)
+            .is_none_or(|s| !s.scraping && s.scrape_due(now));
+        if !endpoint.is_healthy() || !due {
+            return;
+        }
+        if let Some(state) = self.states.get_mut(&endpoint.id) {
+            state.scraping = true;
+        }
+        let id = endpoint.id;
+        let scrape = scrape(self.client(), endpoint.url.clone());
+        ctx.spawn(scrape.into_actor(self).map(move |load, this, _| {
+            let found = load.is_some();
+            if let Some(state) = this.states.get_mut(&id) {
+                state.scraping = false;
+                state.scraped(found, std::time::Instant::now());
+                if !found && state.load_backoff_ms == 5_000 {
+                    log::debug!(
+                        "{} has no load gauges on /metrics; reading it less often",
+                        state.url
+                    );
+                }
+            }
+            let Some(load) = load else {
+                return;
+            };
+            this.balancer.do_send(BackendLoad {
+                endpoint: id,
+                running: load.running,
+                waiting: load.waiting,
+                kv_cache: load.kv_cache_usage.unwrap_or(0.0),
+                cache_tokens: load.cache_tokens,
+                binds_slots: load.binds_slots,
+            });
+            if let Some(state) = this.states.get_mut(&id) {
+                state.load = Some(load);
+            }
+        }));
     }
 
     /// Applies a probe's result. An urgent probe that fails takes the endpoint out at once; the
@@ -630,6 +656,7 @@ impl Actor for HealthChecker {
         ctx.run_interval(PROBE_TICK, Self::probe_due);
         if self.settings.load_interval_ms > 0 {
             self.scrape_all(ctx);
+            ctx.run_interval(PROBE_TICK, Self::scrape_wanted);
             ctx.run_interval(
                 Duration::from_millis(self.settings.load_interval_ms.max(10)),
                 Self::scrape_all,
