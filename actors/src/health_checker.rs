@@ -41,7 +41,9 @@ pub struct HealthSettings {
     /// Consecutive bad probes that take a healthy endpoint out.
     pub fall: u32,
     /// How often healthy backends' `/metrics` load gauges are read (0: never). The `least_load`
-    /// policy routes on them, so this is much shorter than the health interval.
+    /// policy routes on them, so this is much shorter than the health interval. Between reads,
+    /// a backend sent more than its batch is guessed to hold is read at once
+    /// ([`crate::endpoint::Endpoint::begin_prefill`]).
     pub load_interval_ms: u64,
 }
 
@@ -669,6 +671,11 @@ impl Supervised for HealthChecker {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         log::warn!("health checker restarting; probing resumes");
         self.client = None;
+        // The probes and reads on their way went with the old context: none will report back.
+        for state in self.states.values_mut() {
+            state.probing = false;
+            state.scraping = false;
+        }
     }
 }
 
