@@ -624,11 +624,18 @@ async fn admin_refuses_bad_urls_and_new_endpoints_wait_for_a_probe() {
         .unwrap();
     assert_eq!(wrong_length.status(), 401);
 
-    // Twenty dead endpoints added at once take no traffic: they start unhealthy.
-    for _ in 0..20 {
-        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", dead.local_addr().unwrap());
-        drop(dead);
+    // Twenty dead endpoints added at once take no traffic: they start unhealthy. Their ports are
+    // all bound before any is closed: bound and closed one at a time, the kernel handed out the
+    // same port twice, and the second was refused as a duplicate (409).
+    let dead: Vec<_> = (0..20)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let urls: Vec<String> = dead
+        .iter()
+        .map(|l| format!("http://{}", l.local_addr().unwrap()))
+        .collect();
+    drop(dead);
+    for url in urls {
         let mut added = admin(json!({"url": url, "models": ["sim"]})).await.unwrap();
         assert_eq!(added.status(), 201);
         assert_eq!(added.json::<Value>().await.unwrap()["healthy"], false);
