@@ -10,7 +10,8 @@
 //!   lines rate-limited per source.
 //! - [`simulator`]: a fake GPU inference server (continuous batching, SSE, vLLM metrics, faults)
 //!   so everything runs and is tested without a GPU; [`demo`] starts three of them behind a gateway.
-//! - [`loadtest`]: the load generator; [`stats_view`]: a terminal view of a gateway's `/stats`.
+//! - [`loadtest`]: the load generator; [`stats_view`]: a terminal view of a gateway's `/stats`;
+//!   [`request_log`]: the JSON-lines files both tools write with `--request-log`.
 
 pub mod config;
 pub mod demo;
@@ -19,6 +20,7 @@ pub mod gateway;
 pub mod ingress;
 pub mod loadtest;
 pub mod logging;
+mod request_log;
 pub mod signals;
 pub mod simulator;
 pub mod stats_view;

@@ -195,6 +195,9 @@ pub struct ProbeState {
     /// A read of its `/metrics` is on its way.
     #[serde(skip)]
     scraping: bool,
+    /// When the last read of its `/metrics` started.
+    #[serde(skip)]
+    last_read: Option<std::time::Instant>,
     /// When the next scheduled probe is due (`None`: now), and whether one is on its way.
     #[serde(skip)]
     next_probe: Option<std::time::Instant>,
@@ -219,6 +222,7 @@ impl ProbeState {
             load_backoff_ms: 0,
             next_scrape: None,
             scraping: false,
+            last_read: None,
             next_probe: None,
             probing: false,
         }
@@ -259,7 +263,18 @@ impl ProbeState {
     fn scrape_due(&self, now: std::time::Instant) -> bool {
         self.next_scrape.is_none_or(|at| now >= at)
     }
+
+    /// Whether a read its requests asked for may start now ([`WANTED_READ_SPACING`]).
+    fn wanted_read_due(&self, now: std::time::Instant) -> bool {
+        self.last_read
+            .is_none_or(|at| now.saturating_duration_since(at) >= WANTED_READ_SPACING)
+    }
 }
+
+/// Reads asked for by requests ([`Endpoint::take_wants_load`]) start at most this often per
+/// endpoint: a backend whose gauges never show what it runs (a running count stuck at 0) would
+/// otherwise be read on every tick for as long as it is busy.
+const WANTED_READ_SPACING: Duration = Duration::from_millis(250);
 
 /// The longest wait between two reads of a `/metrics` that had no load gauges.
 const MAX_LOAD_BACKOFF_MS: u64 = 300_000;
@@ -364,7 +379,11 @@ impl HealthChecker {
         let now = std::time::Instant::now();
         let table = self.view.table_arc();
         for endpoint in &table.endpoints {
-            if endpoint.take_wants_load() {
+            let due = self
+                .states
+                .get(&endpoint.id)
+                .is_none_or(|s| s.wanted_read_due(now));
+            if endpoint.take_wants_load() && due {
                 self.scrape(endpoint, now, ctx);
             }
         }
@@ -382,6 +401,7 @@ impl HealthChecker {
         }
         if let Some(state) = self.states.get_mut(&endpoint.id) {
             state.scraping = true;
+            state.last_read = Some(now);
         }
         let id = endpoint.id;
         let scrape = scrape(self.client(), endpoint.url.clone());
@@ -745,6 +765,16 @@ mod tests {
 
     fn state() -> ProbeState {
         ProbeState::new("http://a".into(), true)
+    }
+
+    #[test]
+    fn reads_asked_for_by_requests_are_spaced() {
+        let mut s = state();
+        let start = std::time::Instant::now();
+        assert!(s.wanted_read_due(start), "never read");
+        s.last_read = Some(start);
+        assert!(!s.wanted_read_due(start + WANTED_READ_SPACING / 2));
+        assert!(s.wanted_read_due(start + WANTED_READ_SPACING));
     }
 
     #[test]

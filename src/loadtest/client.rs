@@ -9,7 +9,7 @@ use std::io;
 use std::time::Duration;
 
 use awc::error::{PayloadError, SendRequestError};
-use awc::http::header;
+use awc::http::header::{self, HeaderValue};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokio::time::Instant;
@@ -90,8 +90,9 @@ pub(crate) struct Outcome {
     pub due: Instant,
     pub latency: Duration,
     pub ttft: Option<Duration>,
-    /// The gateway's `x-nanogate-endpoint`, if the answer had one.
-    pub endpoint: Option<String>,
+    /// The gateway's `x-nanogate-endpoint`, if the answer had one (a shared buffer: kept for
+    /// `--request-log` without a copy per request).
+    pub endpoint: Option<HeaderValue>,
     pub result: Result<(), Failure>,
 }
 
@@ -147,7 +148,7 @@ impl Target {
         body: Bytes,
         scheduled: Instant,
         ttft: &mut Option<Duration>,
-        endpoint: &mut Option<String>,
+        endpoint: &mut Option<HeaderValue>,
     ) -> Result<(), Failure> {
         let deadline = Instant::now() + self.timeout;
         let mut req = self
@@ -166,11 +167,7 @@ impl Target {
         // per-request budget so a stream is cut exactly at `--timeout` after
         // the send, never earlier and never hanging forever.
         let mut res = res.timeout(deadline.saturating_duration_since(Instant::now()));
-        *endpoint = res
-            .headers()
-            .get(ENDPOINT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        *endpoint = res.headers().get(ENDPOINT_HEADER).cloned();
 
         if !res.status().is_success() {
             let status = res.status().as_u16();

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::client::Outcome;
+use crate::request_log::{create, write_line};
 
 /// One request, as written.
 #[derive(Debug, Serialize)]
@@ -44,14 +45,8 @@ pub(crate) struct RequestLog {
 impl RequestLog {
     /// Creates (or truncates) `path`, naming the flag when it cannot.
     pub fn create(path: &Path, start: Instant) -> io::Result<Self> {
-        let file = File::create(path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("loadtest: --request-log {}: {e}", path.display()),
-            )
-        })?;
         Ok(Self {
-            file: BufWriter::new(file),
+            file: BufWriter::new(create(path, "loadtest")?),
             start: (start, SystemTime::now()),
         })
     }
@@ -64,11 +59,10 @@ impl RequestLog {
             due_ms: ms(due.duration_since(UNIX_EPOCH).unwrap_or_default()),
             ttft_ms: outcome.ttft.map(ms),
             latency_ms: ms(outcome.latency),
-            endpoint: outcome.endpoint.as_deref(),
+            endpoint: outcome.endpoint.as_ref().and_then(|v| v.to_str().ok()),
             error: outcome.result.as_ref().err().map(|f| f.cause()),
         };
-        serde_json::to_writer(&mut self.file, &record)?;
-        self.file.write_all(b"\n")
+        write_line(&mut self.file, &record)
     }
 
     pub fn finish(mut self) -> io::Result<()> {

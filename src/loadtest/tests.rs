@@ -48,7 +48,13 @@ async fn chat(body: web::Json<Value>) -> HttpResponse {
     let all = [ROLE, HELLO, USAGE, DONE].concat();
     let (a, rest) = all.split_at(ROLE.len() + 20);
     let (b, c) = rest.split_at(rest.len() - 7);
-    sse(vec![(0, a.into()), (2, b.into()), (0, c.into())])
+    let mut answer = sse(vec![(0, a.into()), (2, b.into()), (0, c.into())]);
+    // As the gateway names the backend that answered.
+    answer.headers_mut().insert(
+        actix_web::http::header::HeaderName::from_static(crate::ingress::proxy::ENDPOINT_HEADER),
+        actix_web::http::header::HeaderValue::from_static("3"),
+    );
+    answer
 }
 
 /// Accepts only the shared-prefix shape: a system prompt, then a user question.
@@ -237,6 +243,23 @@ async fn the_request_log_has_a_line_per_request_with_its_time_to_first_token() {
         let due = line["due_ms"].as_f64().unwrap();
         assert!(due <= now_ms && due > now_ms - 60_000.0, "{line}");
         assert!(line["error"].is_null(), "{line}");
+        assert_eq!(line["endpoint"], "3", "the gateway's x-nanogate-endpoint");
+    }
+
+    // A failed request's line says why, and names no backend where the answer named none.
+    let mut failing = args(format!("{base}/503"), false);
+    failing.requests = 2;
+    failing.request_log = Some(path.clone());
+    let s = run(&failing).await.expect("the log is writable");
+    assert_eq!(s.failed, 2, "{s:?}");
+    let text = std::fs::read_to_string(&path).expect("log written");
+    for line in text.lines() {
+        let line: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        assert_eq!(line["error"], "status 503", "{line}");
+        assert!(
+            line["endpoint"].is_null() && line["ttft_ms"].is_null(),
+            "{line}"
+        );
     }
 
     let _ = std::fs::remove_file(&path);

@@ -8,12 +8,14 @@
 
 use std::{
     fs::File,
-    io::{self, LineWriter, Write},
+    io::{self, LineWriter},
     path::{Path, PathBuf},
     sync::{Mutex, PoisonError},
 };
 
 use serde::Serialize;
+
+use crate::request_log::{create, write_line};
 
 /// One request, as written.
 #[derive(Debug, Serialize)]
@@ -42,12 +44,7 @@ pub struct RequestLog {
 impl RequestLog {
     /// Creates (or truncates) `path`; fails at start-up when it cannot be written.
     pub fn create(path: &Path) -> io::Result<Self> {
-        let file = File::create(path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("simulator: --request-log {}: {e}", path.display()),
-            )
-        })?;
+        let file = create(path, "simulator")?;
         Ok(Self {
             path: path.to_owned(),
             file: Mutex::new(Some(LineWriter::new(file))),
@@ -56,9 +53,9 @@ impl RequestLog {
 
     /// Starts the file afresh at its path (after the caller renamed the old one, or over it).
     pub fn restart(&self) {
-        let file = File::create(&self.path)
+        let file = create(&self.path, "simulator")
             .map(LineWriter::new)
-            .map_err(|e| log::warn!("request log {}: {e}; stopped", self.path.display()))
+            .map_err(|e| log::warn!("{e}; stopped"))
             .ok();
         *self.lock() = file;
     }
@@ -66,10 +63,7 @@ impl RequestLog {
     pub fn record(&self, record: &Record) {
         let mut file = self.lock();
         let Some(writer) = file.as_mut() else { return };
-        let written = serde_json::to_writer(&mut *writer, record)
-            .map_err(io::Error::from)
-            .and_then(|()| writer.write_all(b"\n"));
-        if let Err(e) = written {
+        if let Err(e) = write_line(writer, record) {
             log::warn!("request log {}: {e}; stopped", self.path.display());
             *file = None;
         }

@@ -281,7 +281,9 @@ impl Policy for CacheAware {
         let mut best: Option<(usize, f64, usize)> = None;
         let mut ties = 0usize;
         let half = PLACE_BELOW * blocks.len() as f64;
-        let mut primary: Option<(u64, usize, f64, usize)> = None;
+        // The endpoint that caches the most of the prompt, keyed by (cached blocks, rank), with
+        // its slot and cost.
+        let mut primary: Option<((usize, u64), usize, f64)> = None;
         for slot in eligible.slots.iter() {
             let e = eligible.endpoint(slot);
             let cached = e.prefix.matched(blocks).cached;
@@ -291,11 +293,9 @@ impl Policy for CacheAware {
             // holding its own history, and moved whenever the favourite was a little cheaper
             // (unequal fleet, multi-turn, 3 rounds: p99 114/71/115 ms, longest first 64/60/109).
             if cached as f64 >= half && !blocks.is_empty() {
-                let rank = stable_hash_seeded(blocks[0], &slot.to_le_bytes());
-                if primary.is_none_or(|(best_rank, _, _, best_cached)| {
-                    (cached, rank) > (best_cached, best_rank)
-                }) {
-                    primary = Some((rank, slot, cost, cached));
+                let key = (cached, stable_hash_seeded(blocks[0], &slot.to_le_bytes()));
+                if primary.is_none_or(|(best, ..)| key > best) {
+                    primary = Some((key, slot, cost));
                 }
             }
             match best {
@@ -313,7 +313,7 @@ impl Policy for CacheAware {
             }
         }
         let (slot, best_cost, cached) = best?;
-        if let Some((_, primary, cost, primary_cached)) = primary {
+        if let Some(((primary_cached, _), primary, cost)) = primary {
             // What going elsewhere costs the caches: the blocks the primary holds that the other
             // endpoint lacks and would take in, a second copy of each, evicting a block that
             // comes back with the fleet's reuse. A cold endpoint makes such a copy as much as a
@@ -496,6 +496,16 @@ mod tests {
         });
     }
 
+    /// Every endpoint of `t` has seen `reuse` of its prompt blocks before.
+    fn recurring(t: &crate::endpoint::RoutingTable, reuse: f64) {
+        for e in &t.endpoints {
+            e.publish_estimate(Estimate {
+                reuse,
+                ..e.estimate()
+            });
+        }
+    }
+
     fn pick(t: &crate::endpoint::RoutingTable, blocks: &[u64], rng: &mut SmallRng) -> usize {
         let request = PickRequest {
             model: "m",
@@ -533,12 +543,7 @@ mod tests {
     #[test]
     fn a_cached_prompt_spills_to_a_cold_endpoint_only_when_that_saves_more_than_a_copy_costs() {
         let t = measured_fleet(2, 8);
-        for e in &t.endpoints {
-            e.publish_estimate(Estimate {
-                reuse: 0.5,
-                ..e.estimate()
-            });
-        }
+        recurring(&t, 0.5);
         let prompt = keys(&"a cached system prompt ".repeat(600));
         let n = prompt.len() as f64;
         t.endpoints[0].prefix.insert(&prompt);
@@ -701,13 +706,8 @@ mod tests {
     #[test]
     fn conversations_over_a_system_prompt_every_endpoint_caches_keep_to_their_own_history() {
         let t = measured_fleet(4, 32);
-        for e in &t.endpoints {
-            // Prompts recur: a copy of a conversation's history costs the caches.
-            e.publish_estimate(Estimate {
-                reuse: 0.9,
-                ..e.estimate()
-            });
-        }
+        // Prompts recur: a copy of a conversation's history costs the caches.
+        recurring(&t, 0.9);
         let system = "You are a helpful assistant. ".repeat(100);
         for e in &t.endpoints {
             e.prefix.insert(&keys(&system));
@@ -857,12 +857,7 @@ mod tests {
             (0..60)
                 .map(|i| {
                     let t = measured_fleet(4, 32);
-                    for e in &t.endpoints {
-                        e.publish_estimate(Estimate {
-                            reuse: 0.5,
-                            ..e.estimate()
-                        });
-                    }
+                    recurring(&t, 0.5);
                     t.endpoints[3].publish_estimate(Estimate {
                         spikes,
                         jitter_ms: 200.0,
