@@ -383,7 +383,9 @@ impl HealthChecker {
                 .states
                 .get(&endpoint.id)
                 .is_none_or(|s| s.wanted_read_due(now));
-            if endpoint.take_wants_load() && due {
+            // Not taken before it is due: the ask waits for the spacing rather than being lost
+            // (a burst that asked once and then held steady would go unread until the interval).
+            if due && endpoint.take_wants_load() {
                 self.scrape(endpoint, now, ctx);
             }
         }
