@@ -11,7 +11,7 @@
 #   "cache_aware round_robin p2c least_load affinity weighted"; POLICY@LABEL runs that policy on the binary in
 #   BIN_<LABEL>, to compare builds in one interleaved run, e.g. POLICIES="p2c p2c@before" BIN_before=/tmp/old),
 #   SG_POLICIES (sglang-router, "round_robin power_of_two cache_aware"; empty for none), REQUESTS per run (900),
-#   ROUNDS (3, odd), CAL_REQUESTS per calibration step (450), CACHE_BLOCKS per simulator (768), SEED of the workload's
+#   ROUNDS (3, odd), CAL_REQUESTS per calibration step (300), CACHE_BLOCKS per simulator (768), SEED of the workload's
 #   prompts and picks (42), SEED_STEP (1: round r runs seed SEED + (r - 1) x SEED_STEP, every router the same seed in a
 #   round; 0 repeats one draw, and then round robin's figures are that one draw every round, since it sends the same
 #   request to the same simulator each time), RATE_<fleet>_<workload> (skip that cell's calibration), ARRIVALS (fixed:
@@ -31,7 +31,9 @@
 #   turns    64 conversations of 6 turns going on at once over 8 system prompts of 4,000 chars; each turn resends the
 #            conversation so far, so a turn is warm only where the session's previous turn ran
 #   unique   every request its own 4,000-char system prompt: nothing to share, pure load balancing
-# A cold prefill of 2,000 tokens costs ~105 ms at speed 1, a cached one ~5 ms.
+# A cold prefill of 2,000 tokens costs ~105 ms at speed 1 on an idle simulator, a cached one ~5 ms; prefills share the
+# simulator's GPU first come first served (as vLLM fills each step's token budget), so a fast simulator prefills about
+# 20,000 prompt tokens a second however many batch slots are free.
 #
 # Why CACHE_BLOCKS=768 (blocks of 16 tokens, as vLLM's; the simulator evicts free blocks LRU and pins running ones):
 # the 16 prompts of p16 take 16 x 125 = 2,000 blocks, so each simulator holds about 6 of them: a router that spreads
@@ -48,7 +50,7 @@ BIN=${NANOGATE_BIN:-$root/target/release/nanogate}
 V=${PEERS_VENV:-$HOME/.cache/nanogate-peers}
 mode=${1:-run}
 REQUESTS=${REQUESTS:-900}
-CAL_REQUESTS=${CAL_REQUESTS:-450}
+CAL_REQUESTS=${CAL_REQUESTS:-300}
 ROUNDS=${ROUNDS:-3}
 # The median of an even number of rounds is the mean of the middle two: with p99s of 1,010 ms (a
 # spike) and 109 ms it read 559.5, a figure no round had, and the verdicts came from it.
@@ -59,8 +61,8 @@ ARRIVALS=${ARRIVALS:-fixed}
 POLICIES=${POLICIES:-cache_aware round_robin p2c least_load affinity weighted}
 SG_POLICIES=${SG_POLICIES-round_robin power_of_two cache_aware}
 CACHE_BLOCKS=${CACHE_BLOCKS:-768}
-CAL_RATES_unequal=${CAL_RATES_unequal:-30 40 50 60 70 80 90 100}
-CAL_RATES_equal=${CAL_RATES_equal:-40 55 70 85 100 115 130 145}
+CAL_RATES_unequal=${CAL_RATES_unequal:-10 15 20 25 30 40 50 60 70}
+CAL_RATES_equal=${CAL_RATES_equal:-15 20 30 40 50 60 70 85 100}
 MAX_TOKENS=32; SEED=${SEED:-42}; SEED_STEP=${SEED_STEP:-1}
 SIM_PORTS=(19301 19302 19303 19304)
 NG_PORT=18190; SG_PORT=18191; SG_PROM=29185

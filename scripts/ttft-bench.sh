@@ -13,13 +13,15 @@
 #           p50/p99 TTFT and requests the backends received per client request (the hedges' cost). POLICY picks the
 #           routing policy (default cache_aware, which itself keeps most spikes out of the tail; round_robin shows
 #           what the hedge alone saves).
-# Environment: BINARIES, REQUESTS (frozen: 6000; hedge: 1200), FREEZE_AT (3), RATE (70), ROUNDS (3, odd), POLICY, OUT.
+# Environment: BINARIES, REQUESTS (frozen: 6000; hedge: 1200), FREEZE_AT (3), RATE (30: round robin's knee on that
+#   fleet and workload, routing-bench.sh's unequal-p16, since the simulators' prefills share their GPU), ROUNDS (3, odd),
+#   POLICY, OUT.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 mode=${1:-all}
 BINARIES=${BINARIES:-after:$root/target/release/nanogate}
 FREEZE_AT=${FREEZE_AT:-3}
-RATE=${RATE:-70}
+RATE=${RATE:-30}
 ROUNDS=${ROUNDS:-3}
 [ $((ROUNDS % 2)) = 1 ] || { echo "ROUNDS must be odd (the median of an even count is a mean)" >&2; exit 2; }
 SIM_PORTS=(19311 19312 19313 19314)

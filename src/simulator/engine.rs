@@ -1,7 +1,9 @@
 //! The continuous-batching timing model: why a simulated GPU answers when it does.
 //!
 //! At most `max_batch` sequences hold a batch slot; the rest wait FIFO on a semaphore. A
-//! sequence's first token comes a prefill time after it gets its slot, and each later token one
+//! sequence's prefill starts when it has its slot and the prefills admitted before it are done
+//! (they share the GPU, [`PrefillCompute`]); its first token comes a fixed overhead after its
+//! prefill ends, and each later token one
 //! decode step after the previous, where the step grows with the number of sequences running at
 //! that moment. Prefill is charged only for the prompt tokens the prefix cache does not already
 //! hold; the cache is consulted (and filled) when the sequence gets its slot, as vLLM's scheduler
@@ -26,11 +28,77 @@ use super::{
     SimConfig,
 };
 
-/// Time from getting a batch slot to the first token: fixed overhead plus prefill of the prompt.
+/// Time from getting a batch slot to the first token on an otherwise idle GPU: fixed overhead
+/// plus prefill of the prompt.
 pub fn time_to_first_token(cfg: &SimConfig, prompt_tokens: u32) -> Duration {
-    let micros = cfg.ttft_base_ms as f64 * 1000.0
-        + f64::from(prompt_tokens) * cfg.prefill_us_per_token as f64;
+    first_token_overhead(cfg) + prefill_compute(cfg, prompt_tokens)
+}
+
+/// What each request adds before its first token on its own (scheduling, sampling): not shared.
+fn first_token_overhead(cfg: &SimConfig) -> Duration {
+    Duration::from_secs_f64(cfg.ttft_base_ms as f64 / 1e3 / cfg.speed)
+}
+
+/// GPU time to prefill `prompt_tokens`, which all prefills of one server share (see
+/// [`PrefillCompute`]).
+fn prefill_compute(cfg: &SimConfig, prompt_tokens: u32) -> Duration {
+    let micros = f64::from(prompt_tokens) * cfg.prefill_us_per_token as f64;
     Duration::from_secs_f64(micros / 1e6 / cfg.speed)
+}
+
+/// The GPU's prefill compute, shared first come first served. vLLM's scheduler fills each step's
+/// token budget with the prompt chunks of the requests it already runs, in arrival order, before
+/// it admits a new one (SGLang's chunked prefill and llama.cpp's batch, filled slot by slot, do
+/// the same), so a prompt's prefill starts once the prompt tokens admitted before it are
+/// computed: two cold prompts take twice as long as one however many batch slots are free, and a
+/// cached prompt's first token waits for the prefills ahead of it. Decode steps are not slowed
+/// by the prefills here (in vLLM a step that carries a prompt chunk takes as long as the chunk).
+struct PrefillCompute {
+    free_at: Mutex<Instant>,
+}
+
+/// A prefill's share of [`PrefillCompute`]: from `start`, for `compute`.
+#[derive(Clone, Copy)]
+struct Booking {
+    start: Instant,
+    compute: Duration,
+}
+
+impl Booking {
+    fn end(self) -> Instant {
+        self.start + self.compute
+    }
+}
+
+impl PrefillCompute {
+    fn new() -> Self {
+        Self {
+            free_at: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Books `compute` for a prompt whose cached blocks are all computed at `ready`.
+    fn book(&self, ready: Instant, compute: Duration) -> Booking {
+        let mut free_at = self.free_at.lock().unwrap_or_else(PoisonError::into_inner);
+        let start = ready.max(*free_at);
+        *free_at = start + compute;
+        Booking { start, compute }
+    }
+
+    /// Gives back what a prefill cut short (client gone, hedge lost, server down) did not
+    /// compute, as vLLM frees an aborted request's share of the next steps. The prefills booked
+    /// after it keep their times; the next ones start sooner.
+    fn cancel(&self, booking: Booking) {
+        let now = Instant::now();
+        let left = booking
+            .end()
+            .saturating_duration_since(now.max(booking.start));
+        if left.is_zero() {
+            return;
+        }
+        let mut free_at = self.free_at.lock().unwrap_or_else(PoisonError::into_inner);
+        *free_at = free_at.checked_sub(left).map_or(now, |at| at.max(now));
+    }
 }
 
 /// Time of one decode step while `running` sequences share the batch (at least one: the caller).
@@ -61,6 +129,7 @@ pub struct Engine {
     slots: Arc<Semaphore>,
     /// A plain mutex: the simulator serves on one thread and holds it for one lookup.
     prefix: Mutex<PrefixCache>,
+    prefill: PrefillCompute,
     control: Arc<SimControl>,
     request_log: Option<RequestLog>,
 }
@@ -73,6 +142,7 @@ impl Engine {
             cfg,
             slots,
             prefix,
+            prefill: PrefillCompute::new(),
             control,
             request_log: None,
         }
@@ -273,6 +343,8 @@ pub struct Sequence {
     held: usize,
     /// Prompt tokens the prefix cache served, once the prefill began.
     cached: u32,
+    /// Its prefill's share of the GPU, until its first token.
+    prefill: Option<Booking>,
     produced: u32,
     deadline: Instant,
     /// When it arrived (for the request log), and how long it waited for a slot, ms.
@@ -290,6 +362,7 @@ impl Sequence {
             slot: None,
             held: 0,
             cached: 0,
+            prefill: None,
             produced: 0,
             deadline: Instant::now(),
             arrived: Instant::now(),
@@ -299,6 +372,9 @@ impl Sequence {
 
     /// Gives back the batch slot and the cache blocks it pinned.
     fn free_slot(&mut self) {
+        if let Some(booking) = self.prefill.take() {
+            self.engine.prefill.cancel(booking);
+        }
         self.slot = None;
         let held = std::mem::take(&mut self.held);
         self.engine.release_prefix(&self.plan.prefix_blocks[..held]);
@@ -345,17 +421,21 @@ impl Sequence {
                 .acquire_prefix(&self.plan.prefix_blocks, self.plan.prompt_tokens);
             self.held = got.blocks.held;
             self.cached = got.cached;
-            let prefill = time_to_first_token(cfg, self.plan.prompt_tokens - got.cached)
-                .mul_f64(self.engine.slowdown());
+            let slowdown = self.engine.slowdown();
+            let compute =
+                prefill_compute(cfg, self.plan.prompt_tokens - got.cached).mul_f64(slowdown);
             // Cached blocks another prefill still computes are there once its step ends.
             let now = Instant::now();
             self.wait_ms = ms(now - self.arrived);
-            let start = got.computed_at.map_or(now, |at| at.max(now));
+            let ready = got.computed_at.map_or(now, |at| at.max(now));
+            let booking = self.engine.prefill.book(ready, compute);
+            self.prefill = Some(booking);
             self.engine.prefix_cache().computing(
                 &self.plan.prefix_blocks[got.blocks.hits..got.blocks.held],
-                (start + prefill).into_std(),
+                booking.end().into_std(),
             );
-            self.deadline = start + prefill + self.plan.spike;
+            self.deadline =
+                booking.end() + first_token_overhead(cfg).mul_f64(slowdown) + self.plan.spike;
         } else if self.produced >= self.plan.completion_tokens {
             return Ok(Step::Done);
         } else {
@@ -367,6 +447,7 @@ impl Sequence {
         counters.generation_tokens.fetch_add(1, Relaxed);
         let token = self.produced;
         if token == 0 {
+            self.prefill = None;
             self.log_first_token();
         }
         self.produced += 1;
@@ -447,6 +528,39 @@ mod tests {
             ..cfg()
         };
         assert_eq!(decode_step(&fast, 1), Duration::from_micros(2_500));
+    }
+
+    #[test]
+    fn prefills_share_the_gpu_first_come_first_served() {
+        let gpu = PrefillCompute::new();
+        let t0 = Instant::now() + Duration::from_secs(10);
+        let ms = Duration::from_millis;
+        let first = gpu.book(t0, ms(100));
+        let second = gpu.book(t0, ms(100));
+        assert_eq!((first.start, second.start), (t0, t0 + ms(100)));
+        // A prompt whose cached blocks are ready only later starts then, not before.
+        let later = gpu.book(t0 + ms(500), ms(10));
+        assert_eq!(later.start, t0 + ms(500));
+        assert_eq!(gpu.book(t0, ms(1)).start, t0 + ms(510));
+    }
+
+    #[test]
+    fn a_prefill_cut_short_gives_back_what_it_did_not_compute() {
+        let gpu = PrefillCompute::new();
+        let t0 = Instant::now() + Duration::from_secs(10);
+        let ms = Duration::from_millis;
+        gpu.book(t0, ms(100));
+        let cancelled = gpu.book(t0, ms(300));
+        gpu.cancel(cancelled);
+        assert_eq!(gpu.book(t0, ms(50)).start, t0 + ms(100));
+        // Nothing is given back twice over: the GPU is never free before now.
+        let now = Instant::now();
+        let gpu = PrefillCompute::new();
+        gpu.cancel(Booking {
+            start: now + ms(1),
+            compute: ms(1000),
+        });
+        assert!(gpu.book(now, ms(1)).start >= now);
     }
 
     /// The cached tokens of a request that runs and finishes at once.

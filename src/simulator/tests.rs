@@ -343,3 +343,39 @@ async fn a_request_log_that_cannot_be_written_fails_at_start_naming_the_flag() {
         .expect("no simulator without its log");
     assert!(err.to_string().contains("--request-log"), "{err}");
 }
+
+/// Two different long prompts sent together, with batch slots to spare: the GPU prefills them one
+/// after the other, as vLLM fills its steps' token budget, so the second's first token comes about
+/// two prefills after it was sent.
+#[actix_rt::test]
+async fn prompts_sent_together_are_prefilled_one_after_the_other() {
+    // 4,000 characters, 1,000 tokens: 200 ms of prefill at 200 µs a token.
+    let cfg = SimConfig {
+        prefill_us_per_token: 200,
+        ..SimConfig::default()
+    };
+    let sim = start(([127, 0, 0, 1], 0).into(), cfg)
+        .await
+        .expect("simulator binds");
+    let url = format!("{}/v1/chat/completions", sim.url());
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .finish();
+    let ask = |system: char| {
+        let body = json!({"model": "sim", "max_tokens": 1, "messages": [
+            {"role": "system", "content": system.to_string().repeat(4000)},
+            {"role": "user", "content": "why?"}]});
+        let request = client.post(&url).send_json(&body);
+        async move {
+            let started = Instant::now();
+            let res = request.await.expect("chat answers");
+            assert_eq!(res.status(), 200);
+            started.elapsed()
+        }
+    };
+    let (a, b) = futures_util::future::join(ask('a'), ask('b')).await;
+    let (first, second) = (a.min(b), a.max(b));
+    assert!(first >= Duration::from_millis(200), "{first:?}");
+    assert!(second >= Duration::from_millis(400), "{second:?}");
+    sim.stop().await;
+}
