@@ -74,6 +74,9 @@ pub struct Match {
     pub cached: usize,
     /// Leading blocks it was sent before, cached or since evicted.
     pub known: usize,
+    /// Blocks it missed since the prompt was last sent (0 if it is not known): over
+    /// the cache's size, how many times over its cache has turned since the prompt was last here.
+    pub misses_since: u32,
 }
 
 struct Table {
@@ -257,7 +260,15 @@ impl PrefixIndex {
         }
         let known = last(keys.len(), &|_| true);
         let cached = last(known, &|stamp| table.cached(stamp, now));
-        Match { cached, known }
+        // The head is sent last, so its stamp says when the prompt was last here.
+        let misses_since = (0..known.min(GAP))
+            .find_map(|i| table.stamp(keys[i]))
+            .map_or(0, |stamp| now.wrapping_sub(stamp));
+        Match {
+            cached,
+            known,
+            misses_since,
+        }
     }
 
     /// Records that `keys` were just sent: each block the backend probably lacks counts a miss;
@@ -347,7 +358,8 @@ mod tests {
             index.matched(&first),
             Match {
                 cached: 13,
-                known: 13
+                known: 13,
+                misses_since: 0,
             }
         );
         assert_eq!(index.misses(), 13);
@@ -400,6 +412,10 @@ mod tests {
         assert!(
             evicted.known > 30,
             "but the index still knows it went there: {evicted:?}"
+        );
+        assert!(
+            (486..=490).contains(&evicted.misses_since),
+            "its cache turned about twice since: {evicted:?}"
         );
         // Sending it again misses every block and makes it cached again.
         let misses = index.misses();

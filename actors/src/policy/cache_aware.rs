@@ -3,16 +3,18 @@
 //! the expected time to first token is
 //!
 //! ```text
-//! warm  +  (uncached blocks × (1 + reuse) + prefill ahead × 16 × uncached share) × prefill per block
+//! warm  +  (uncached blocks × (1 + reuse) + prefill ahead × (1 + 15 × uncached share))
+//!          × prefill per block
 //!       +  queue ahead × slot time  +  in flight × a quarter slot time / capacity  +  tail
 //! ```
 //!
 //! (`prefill ahead`: the uncached blocks of the streams sent to it that have not had their first
-//! token yet, which a new prompt waits behind: what keeps the prefills of a burst apart, as round
-//! robin does by construction, instead of stacking them on the backend that looked best. Weighed
-//! by the share of the request's own prompt that is uncached: a cached prompt needs a sliver of a
-//! step and runs beside the prefills in progress, as vLLM fills a step's token budget, so it does
-//! not leave its home because its home is prefilling another prompt.)
+//! token yet. Every request waits behind them once: the backend's GPU computes them first, as
+//! vLLM fills each step's token budget with the prompt chunks of the requests it runs before it
+//! admits a new one, so a cached prompt leaves a home that has more to prefill than its own cold
+//! prefill elsewhere. A new prompt pays them sixteen times over, by the share of its own prompt
+//! that is uncached: what keeps the prefills of a burst apart, as round robin does by
+//! construction, instead of stacking them on the backend that looked best.)
 //!
 //! (`reuse`: each uncached block is prefilled now and also evicts a block of the backend's cache,
 //! which another request would have found there with the probability the backend's cache is
@@ -41,7 +43,9 @@
 //! hardly recur, up to twice, taking turns like round robin, since no cache gains): at its home
 //! if it has one there (the endpoint the index
 //! knows it was sent to, though its cache has let it go since), so a prompt that comes and goes
-//! from the caches keeps one home instead of evicting a different backend's prompts each time;
+//! from the caches keeps one home instead of evicting a different backend's prompts each time,
+//! unless another cache keeps blocks more than twice as long as the prompt stayed away from home
+//! (its home has more prompts than it holds, and would only evict another of them);
 //! else at the endpoint whose cache keeps blocks longest (its size over the rate new blocks reach
 //! it), as sglang-router sends an unmatched prompt to its smallest tree. New prompts then fill the
 //! caches evenly instead of crowding the fastest backend's, and each prompt's home is where it
@@ -96,7 +100,8 @@ const PRIOR_SERVICE_MS: f64 = 1000.0;
 /// backends near their knee made the first token 2.5 times round robin's.
 const OCCUPANCY_SHARE: f64 = 0.25;
 /// What a block another stream is still prefilling on an endpoint costs a prompt that endpoint
-/// does not cache, in prefill times of a block. Far more than the prefill it waits behind: a
+/// does not cache, in prefill times of a block (a cached one pays it once, the wait itself). Far
+/// more than the prefill it waits behind: a
 /// stream that has not had its first token holds its batch slot for the whole of its decode
 /// too, and it is the freshest sign of where the last arrivals went (the in-flight count says
 /// how many, not how recently). Weighed once, cold prompts on four equal simulators at their
@@ -123,6 +128,9 @@ const PLACE_SLACK: f64 = 1.0;
 /// queued them (equal fleet, unique prompts, fixed arrival intervals, one run each: p99 time to
 /// first token 115 ms, with rotation 84, round robin 84).
 const ROTATE_BELOW_REUSE: f64 = 0.1;
+/// How many times as long as a prompt stayed away from its home another endpoint's cache must keep
+/// blocks for the prompt to be placed there instead of back home ([`place`]).
+const ROOMIER: f64 = 2.0;
 /// Tail cost at which a backend gets half the share of new prompts its cache residence earns.
 const TAIL_HALF_MS: f64 = 100.0;
 /// Residence counted for a cache nothing new reaches (an idle backend), ms.
@@ -242,8 +250,9 @@ fn first_token_ms(
     let uncached = (blocks - cached) as f64;
     or(estimate.warm_ms, priors.warm_ms)
         + uncached * block_ms
-        + f64::from(e.prefill_blocks()) * block_ms * PREFILL_AHEAD_WEIGHT * uncached
-            / blocks.max(1) as f64
+        + f64::from(e.prefill_blocks())
+            * block_ms
+            * (1.0 + (PREFILL_AHEAD_WEIGHT - 1.0) * uncached / blocks.max(1) as f64)
         + queue_ms(e, estimate, service)
         + tail_ms(e, estimate, prompt, priors)
 }
@@ -363,7 +372,9 @@ pub fn soonest(eligible: &Eligible<'_>, rng: &mut dyn RngCore) -> Option<usize> 
 
 /// Where a prompt no endpoint caches much of goes: of the endpoints that cache little of it, the
 /// one within the home slack of `best_cost` that knows the longest prefix of it (its home; ties at
-/// random); if none knows half of it, of those within the placement slack, one drawn with
+/// random), unless one within the placement slack keeps blocks [`ROOMIER`] times as long as the
+/// prompt stayed away from that home (drawn as below); if none knows half of it, of those within
+/// the placement slack, one drawn with
 /// chances in proportion to how long each one's cache keeps blocks (or, when the fleet's prompts
 /// do not recur, the one picked longest ago: [`ROTATE_BELOW_REUSE`]). Drawn rather than the
 /// longest, because residence is measured once a second and every prompt of that second would
@@ -380,7 +391,8 @@ fn place(
     let rotate = priors.reuse < ROTATE_BELOW_REUSE;
     let slack = PLACE_SLACK * if rotate { 1.0 } else { priors.reuse };
     let limit = best_cost * (1.0 + slack) + TIE_MS;
-    let mut home: Option<(usize, usize)> = None;
+    // The home: its slot, the blocks of the prompt it knows, and how long the prompt stayed away.
+    let mut home: Option<(usize, usize, f64)> = None;
     let mut home_ties = 0usize;
     let mut drawn: Option<usize> = None;
     let mut total = 0.0;
@@ -400,16 +412,17 @@ fn place(
             if cost > home_limit {
                 continue;
             }
+            let away_ms = away_ms(e, &estimate, found.misses_since);
             match home {
-                Some((_, known)) if found.known < known => {}
-                Some((_, known)) if found.known == known => {
+                Some((_, known, _)) if found.known < known => {}
+                Some((_, known, _)) if found.known == known => {
                     home_ties += 1;
                     if below(rng, home_ties) == 0 {
-                        home = Some((slot, known));
+                        home = Some((slot, known, away_ms));
                     }
                 }
                 _ => {
-                    home = Some((slot, found.known));
+                    home = Some((slot, found.known, away_ms));
                     home_ties = 1;
                 }
             }
@@ -425,15 +438,65 @@ fn place(
                 }
                 continue;
             }
-            let weight = estimate.residence_ms.min(MAX_RESIDENCE_MS)
-                / (1.0 + tail_ms(e, &estimate, blocks, priors) / TAIL_HALF_MS);
+            let weight = residence_weight(e, &estimate, blocks, priors);
             total += weight;
             if drawn.is_none() || rng_unit(rng) * total < weight {
                 drawn = Some(slot);
             }
         }
     }
-    home.map(|(slot, _)| slot).or(drawn)
+    let Some((home, _, away_ms)) = home else {
+        return drawn;
+    };
+    if rotate {
+        return Some(home);
+    }
+    // A home whose cache let the prompt go before it came back will again, and each prefill
+    // there evicts another of its prompts: with more prompts homed on a backend than its cache
+    // holds, they took turns evicting each other for the whole run (unequal fleet, 16 prompts,
+    // 700 requests: 7 homed on a fast backend that holds 6, which prefilled them 37 times, while
+    // the spiky one held 1). A cache that keeps blocks more than `ROOMIER` times as long as the
+    // prompt stayed away keeps it instead, so the prompt moves once.
+    let mut roomier = None;
+    let mut total = 0.0;
+    for slot in eligible.slots.iter() {
+        let e = eligible.endpoint(slot);
+        let estimate = e.estimate();
+        if slot == home || estimate.residence_ms <= ROOMIER * away_ms {
+            continue;
+        }
+        let found = e.prefix.matched(blocks);
+        if found.cached as f64 >= half
+            || expected_ttft_ms(e, &estimate, blocks, found.cached, priors) > limit
+        {
+            continue;
+        }
+        let weight = residence_weight(e, &estimate, blocks, priors);
+        total += weight;
+        if roomier.is_none() || rng_unit(rng) * total < weight {
+            roomier = Some(slot);
+        }
+    }
+    Some(roomier.unwrap_or(home))
+}
+
+/// How long ago a prompt was last sent to `e`, ms, from the blocks `e` missed since
+/// ([`crate::prefix_index::Match::misses_since`]) at the rate new blocks reach it; infinite when
+/// nothing new reaches it.
+fn away_ms(e: &Endpoint, estimate: &Estimate, misses_since: u32) -> f64 {
+    let turns = f64::from(misses_since) / e.prefix.cache_blocks().max(1) as f64;
+    if estimate.residence_ms.is_finite() {
+        turns * estimate.residence_ms
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// What a new prompt's chance of being placed on `e` is in proportion to: how long its cache
+/// keeps blocks, halved at [`TAIL_HALF_MS`] of tail price.
+fn residence_weight(e: &Endpoint, estimate: &Estimate, blocks: &[u64], priors: &Priors) -> f64 {
+    estimate.residence_ms.min(MAX_RESIDENCE_MS)
+        / (1.0 + tail_ms(e, estimate, blocks, priors) / TAIL_HALF_MS)
 }
 
 /// How many rounds of the rotation of new prompts an endpoint takes one turn in: one in `slower`
@@ -612,16 +675,51 @@ mod tests {
     }
 
     #[test]
-    fn a_cached_prompt_does_not_leave_home_for_another_prompts_prefill_there() {
+    fn a_cached_prompt_leaves_home_only_when_the_prefills_there_outlast_its_own() {
         let t = measured_fleet(2, 16);
         let prompt = keys(&"the cached system prompt ".repeat(300));
         t.endpoints[0].prefix.insert(&prompt);
-        // A cold prompt of 200 blocks prefills on 0: a new prompt would wait behind it, a cached
-        // one needs a sliver of a step and goes beside it (vLLM's token budget per step).
-        let _prefilling = t.endpoints[0].begin_prefill(200);
         let mut rng = SmallRng::seed_from_u64(2);
+        // Its home's GPU computes the prefills sent before it first (vLLM fills each step's token
+        // budget in arrival order): 50 blocks there are sooner than its own 118 on the other.
+        let prefilling = t.endpoints[0].begin_prefill(50);
         for _ in 0..20 {
             assert_eq!(pick(&t, &prompt, &mut rng), 0);
+        }
+        drop(prefilling);
+        let _prefilling = t.endpoints[0].begin_prefill(200);
+        for _ in 0..20 {
+            assert_eq!(pick(&t, &prompt, &mut rng), 1, "200 blocks are not");
+        }
+    }
+
+    #[test]
+    fn a_prompt_its_home_keeps_letting_go_moves_to_a_cache_that_keeps_it() {
+        for (other_residence_ms, expected) in [(2_000.0, 0), (10_000.0, 1)] {
+            let t = measured_fleet(2, 16);
+            recurring(&t, 0.9);
+            for (e, residence_ms) in t.endpoints.iter().zip([1_000.0, other_residence_ms]) {
+                e.prefix.resize(256);
+                e.publish_estimate(Estimate {
+                    residence_ms,
+                    ..e.estimate()
+                });
+            }
+            let prompt = keys(&"a prompt that keeps coming back ".repeat(200));
+            let home = &t.endpoints[0].prefix;
+            home.insert(&prompt);
+            // 400 misses since: its home's 256-block cache let it go 1.5 s ago, by its churn.
+            for i in 0..4 {
+                home.insert(&keys(&format!("filler {i:03} ").repeat(64 * 100 / 11)));
+            }
+            let found = home.matched(&prompt);
+            assert!(found.cached == 0 && found.known > 90, "{found:?}");
+            let mut rng = SmallRng::seed_from_u64(5);
+            assert_eq!(
+                pick(&t, &prompt, &mut rng),
+                expected,
+                "a cache keeping blocks {other_residence_ms} ms"
+            );
         }
     }
 
