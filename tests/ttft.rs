@@ -656,7 +656,7 @@ async fn the_prefill_line_learns_from_the_cached_tokens_the_backend_reports() {
         .as_f64()
         .expect("a measured first token");
     let learned = eventually(Duration::from_secs(5), || async {
-        let estimate = stats(&client, &gw).await["balancer"]["endpoints"][0]["estimate"].clone();
+        let estimate = first_estimate(&client, &gw).await;
         let (warm, block) = (estimate["warm_ms"].as_f64(), estimate["block_ms"].as_f64());
         // A line that puts cached prompts where the cached answers were and cold ones where the
         // cold answers were.
@@ -664,12 +664,17 @@ async fn the_prefill_line_learns_from_the_cached_tokens_the_backend_reports() {
             if w > 0.0 && w < fastest + 10.0 && w + 126.0 * b > 90.0)
     })
     .await;
-    let estimate = &stats(&client, &gw).await["balancer"]["endpoints"][0]["estimate"];
+    let estimate = &first_estimate(&client, &gw).await;
     assert!(
         learned,
         "cached answers from {fastest} ms, cold ones ~105 ms over 126 blocks: {estimate}"
     );
     gw.stop(false).await;
+}
+
+/// What the balancer estimates of the first endpoint, as `/stats` shows it.
+async fn first_estimate(client: &awc::Client, gw: &Gateway) -> Value {
+    stats(client, gw).await["balancer"]["endpoints"][0]["estimate"].take()
 }
 
 /// A gateway that starts under load reads its backends' load as soon as more run on one than its
@@ -689,15 +694,14 @@ async fn a_backend_running_more_than_its_guessed_batch_has_its_load_read_at_once
     let streams = burst(&client, &url, 12, &body);
     let read = async {
         eventually(Duration::from_millis(1500), || async {
-            let estimate =
-                stats(&client, &gw).await["balancer"]["endpoints"][0]["estimate"].clone();
+            let estimate = first_estimate(&client, &gw).await;
             estimate["capacity"].as_u64().is_some_and(|c| c >= 12)
         })
         .await
     };
     let (answers, read) = futures_util::future::join(streams, read).await;
     assert!(failures(&answers).is_empty(), "{:?}", failures(&answers));
-    let estimate = &stats(&client, &gw).await["balancer"]["endpoints"][0]["estimate"];
+    let estimate = &first_estimate(&client, &gw).await;
     assert!(
         read,
         "12 running seen well before the next interval's read: {estimate}"

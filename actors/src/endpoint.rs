@@ -491,8 +491,11 @@ impl Endpoint {
     pub fn begin_prefill(self: &Arc<Self>, blocks: u32) -> InFlight {
         let running = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         let e = &self.estimates;
+        // Stored only when not already asked: every request past the guess would otherwise write
+        // the same shared cache line from every HTTP thread.
         if !e.capacity_known.load(Ordering::Relaxed)
             && running > batch_capacity(e.capacity.load(Ordering::Relaxed))
+            && !self.wants_load.load(Ordering::Relaxed)
         {
             self.wants_load.store(true, Ordering::Relaxed);
         }

@@ -264,10 +264,19 @@ impl ProbeState {
         self.next_scrape.is_none_or(|at| now >= at)
     }
 
-    /// Whether a read its requests asked for may start now ([`WANTED_READ_SPACING`]).
+    /// Whether a read may start now: none on its way, and past the back-off of a `/metrics`
+    /// without load gauges.
+    fn read_due(&self, now: std::time::Instant) -> bool {
+        !self.scraping && self.scrape_due(now)
+    }
+
+    /// Whether a read its requests asked for may start now: [`read_due`](Self::read_due), and
+    /// [`WANTED_READ_SPACING`] after the last.
     fn wanted_read_due(&self, now: std::time::Instant) -> bool {
-        self.last_read
-            .is_none_or(|at| now.saturating_duration_since(at) >= WANTED_READ_SPACING)
+        self.read_due(now)
+            && self
+                .last_read
+                .is_none_or(|at| now.saturating_duration_since(at) >= WANTED_READ_SPACING)
     }
 }
 
@@ -383,9 +392,10 @@ impl HealthChecker {
                 .states
                 .get(&endpoint.id)
                 .is_none_or(|s| s.wanted_read_due(now));
-            // Not taken before it is due: the ask waits for the spacing rather than being lost
-            // (a burst that asked once and then held steady would go unread until the interval).
-            if due && endpoint.take_wants_load() {
+            // Not taken before the read can start: the ask waits for the spacing, a read on its
+            // way, or the back-off rather than being lost (a burst that asked once and then held
+            // steady would go unread until the interval).
+            if due && endpoint.is_healthy() && endpoint.take_wants_load() {
                 self.scrape(endpoint, now, ctx);
             }
         }
@@ -397,7 +407,7 @@ impl HealthChecker {
         let due = self
             .states
             .get(&endpoint.id)
-            .is_none_or(|s| !s.scraping && s.scrape_due(now));
+            .is_none_or(|s| s.read_due(now));
         if !endpoint.is_healthy() || !due {
             return;
         }

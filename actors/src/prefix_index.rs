@@ -74,9 +74,6 @@ pub struct Match {
     pub cached: usize,
     /// Leading blocks it was sent before, cached or since evicted.
     pub known: usize,
-    /// Blocks it missed since the prompt was last sent (0 if it is not known): over
-    /// the cache's size, how many times over its cache has turned since the prompt was last here.
-    pub misses_since: u32,
 }
 
 struct Table {
@@ -260,15 +257,21 @@ impl PrefixIndex {
         }
         let known = last(keys.len(), &|_| true);
         let cached = last(known, &|stamp| table.cached(stamp, now));
-        // The head is sent last, so its stamp says when the prompt was last here.
-        let misses_since = (0..known.min(GAP))
-            .find_map(|i| table.stamp(keys[i]))
-            .map_or(0, |stamp| now.wrapping_sub(stamp));
-        Match {
-            cached,
-            known,
-            misses_since,
-        }
+        Match { cached, known }
+    }
+
+    /// Blocks it missed since the prompt of `keys` was last sent here (over the cache's size, how
+    /// many times over its cache has turned since), or `None` if none of its first blocks is
+    /// held. The head is sent last, so its stamp says when the prompt was last here. Apart from
+    /// [`matched`](Self::matched), which every pick calls for every endpoint: only placing a
+    /// prompt its home has let go needs it.
+    pub fn misses_since(&self, keys: &[u64]) -> Option<u32> {
+        let table = self.table.load();
+        let now = self.misses.load(Ordering::Relaxed) as u32;
+        keys.iter()
+            .take(GAP)
+            .find_map(|&key| table.stamp(key))
+            .map(|stamp| now.wrapping_sub(stamp))
     }
 
     /// Records that `keys` were just sent: each block the backend probably lacks counts a miss;
@@ -358,8 +361,7 @@ mod tests {
             index.matched(&first),
             Match {
                 cached: 13,
-                known: 13,
-                misses_since: 0,
+                known: 13
             }
         );
         assert_eq!(index.misses(), 13);
@@ -414,7 +416,9 @@ mod tests {
             "but the index still knows it went there: {evicted:?}"
         );
         assert!(
-            (486..=490).contains(&evicted.misses_since),
+            index
+                .misses_since(&old)
+                .is_some_and(|since| (486..=490).contains(&since)),
             "its cache turned about twice since: {evicted:?}"
         );
         // Sending it again misses every block and makes it cached again.

@@ -210,6 +210,15 @@ async fn closed_loop_plain_and_streaming() {
     handle.stop(false).await;
 }
 
+/// The request log at `path`, a JSON value per line.
+fn log_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .expect("log written")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
 #[actix_rt::test]
 async fn the_request_log_has_a_line_per_request_with_its_time_to_first_token() {
     let TestServer { base, handle, .. } = start_server().await;
@@ -222,11 +231,7 @@ async fn the_request_log_has_a_line_per_request_with_its_time_to_first_token() {
     a.request_log = Some(path.clone());
     let s = run(&a).await.expect("the log is writable");
     assert_eq!(s.ok, 12, "{s:?}");
-    let text = std::fs::read_to_string(&path).expect("log written");
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let lines = log_lines(&path);
     let mut numbers: Vec<u64> = lines.iter().map(|l| l["n"].as_u64().unwrap()).collect();
     numbers.sort_unstable();
     assert_eq!(numbers, (0..12).collect::<Vec<_>>());
@@ -252,9 +257,7 @@ async fn the_request_log_has_a_line_per_request_with_its_time_to_first_token() {
     failing.request_log = Some(path.clone());
     let s = run(&failing).await.expect("the log is writable");
     assert_eq!(s.failed, 2, "{s:?}");
-    let text = std::fs::read_to_string(&path).expect("log written");
-    for line in text.lines() {
-        let line: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+    for line in log_lines(&path) {
         assert_eq!(line["error"], "status 503", "{line}");
         assert!(
             line["endpoint"].is_null() && line["ttft_ms"].is_null(),

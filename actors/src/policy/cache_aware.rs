@@ -391,17 +391,19 @@ fn place(
     let rotate = priors.reuse < ROTATE_BELOW_REUSE;
     let slack = PLACE_SLACK * if rotate { 1.0 } else { priors.reuse };
     let limit = best_cost * (1.0 + slack) + TIE_MS;
-    // The home: its slot, the blocks of the prompt it knows, and how long the prompt stayed away.
-    let mut home: Option<(usize, usize, f64)> = None;
+    let mut home: Option<(usize, usize)> = None;
     let mut home_ties = 0usize;
     let mut drawn: Option<usize> = None;
     let mut total = 0.0;
     let mut oldest = u64::MAX;
+    // The longest any cache keeps blocks: whether a roomier one than the home can exist at all.
+    let mut roomiest = 0.0f64;
     let candidates = eligible.slots.len() as f64;
     for slot in eligible.slots.iter() {
         let e = eligible.endpoint(slot);
         let found = e.prefix.matched(blocks);
         let estimate = e.estimate();
+        roomiest = roomiest.max(estimate.residence_ms);
         let cost = expected_ttft_ms(e, &estimate, blocks, found.cached, priors);
         // An endpoint that caches the prompt but costs more is one whose queue outweighs its
         // cache: the cost said no, so it is no place to put the prompt either.
@@ -412,17 +414,16 @@ fn place(
             if cost > home_limit {
                 continue;
             }
-            let away_ms = away_ms(e, &estimate, found.misses_since);
             match home {
-                Some((_, known, _)) if found.known < known => {}
-                Some((_, known, _)) if found.known == known => {
+                Some((_, known)) if found.known < known => {}
+                Some((_, known)) if found.known == known => {
                     home_ties += 1;
                     if below(rng, home_ties) == 0 {
-                        home = Some((slot, known, away_ms));
+                        home = Some((slot, known));
                     }
                 }
                 _ => {
-                    home = Some((slot, found.known, away_ms));
+                    home = Some((slot, found.known));
                     home_ties = 1;
                 }
             }
@@ -445,10 +446,14 @@ fn place(
             }
         }
     }
-    let Some((home, _, away_ms)) = home else {
+    let Some((home, _)) = home else {
         return drawn;
     };
     if rotate {
+        return Some(home);
+    }
+    let away_ms = away_ms(eligible.endpoint(home), blocks);
+    if roomiest <= ROOMIER * away_ms {
         return Some(home);
     }
     // A home whose cache let the prompt go before it came back will again, and each prefill
@@ -480,15 +485,16 @@ fn place(
     Some(roomier.unwrap_or(home))
 }
 
-/// How long ago a prompt was last sent to `e`, ms, from the blocks `e` missed since
-/// ([`crate::prefix_index::Match::misses_since`]) at the rate new blocks reach it; infinite when
-/// nothing new reaches it.
-fn away_ms(e: &Endpoint, estimate: &Estimate, misses_since: u32) -> f64 {
-    let turns = f64::from(misses_since) / e.prefix.cache_blocks().max(1) as f64;
-    if estimate.residence_ms.is_finite() {
-        turns * estimate.residence_ms
-    } else {
-        f64::INFINITY
+/// How long ago the prompt of `blocks` was last sent to `e`, ms, from the blocks `e` missed since
+/// ([`crate::prefix_index::PrefixIndex::misses_since`]) at the rate new blocks reach it; infinite
+/// when nothing new reaches it or the index lost the prompt's head (nothing says it stayed away).
+fn away_ms(e: &Endpoint, blocks: &[u64]) -> f64 {
+    let residence_ms = e.estimate().residence_ms;
+    match e.prefix.misses_since(blocks) {
+        Some(misses) if residence_ms.is_finite() => {
+            f64::from(misses) / e.prefix.cache_blocks().max(1) as f64 * residence_ms
+        }
+        _ => f64::INFINITY,
     }
 }
 
