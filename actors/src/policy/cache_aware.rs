@@ -403,8 +403,8 @@ fn place(
     let limit = best_cost * (1.0 + slack) + TIE_MS;
     let mut home: Option<(usize, usize)> = None;
     let mut home_ties = 0usize;
-    let mut drawn: Option<usize> = None;
-    let mut total = 0.0;
+    let mut drawn = Draw::default();
+    let mut rotated: Option<usize> = None;
     let mut oldest = u64::MAX;
     // The longest any cache keeps blocks: whether a roomier one than the home can exist at all.
     let mut roomiest = 0.0f64;
@@ -445,19 +445,15 @@ fn place(
                 let turn = e.last_pick().saturating_add(waits);
                 if turn < oldest {
                     oldest = turn;
-                    drawn = Some(slot);
+                    rotated = Some(slot);
                 }
                 continue;
             }
-            let weight = residence_weight(e, &estimate, blocks, priors);
-            total += weight;
-            if drawn.is_none() || rng_unit(rng) * total < weight {
-                drawn = Some(slot);
-            }
+            drawn.offer(slot, residence_weight(e, &estimate, blocks, priors), rng);
         }
     }
     let Some((home, _)) = home else {
-        return drawn;
+        return rotated.or(drawn.slot);
     };
     if rotate {
         return Some(home);
@@ -472,8 +468,7 @@ fn place(
     // 700 requests: 7 homed on a fast backend that holds 6, which prefilled them 37 times, while
     // the spiky one held 1). A cache that keeps blocks more than `ROOMIER` times as long as the
     // prompt stayed away keeps it instead, so the prompt moves once.
-    let mut roomier = None;
-    let mut total = 0.0;
+    let mut roomier = Draw::default();
     for slot in eligible.slots.iter() {
         let e = eligible.endpoint(slot);
         let estimate = e.estimate();
@@ -486,13 +481,26 @@ fn place(
         {
             continue;
         }
-        let weight = residence_weight(e, &estimate, blocks, priors);
-        total += weight;
-        if roomier.is_none() || rng_unit(rng) * total < weight {
-            roomier = Some(slot);
+        roomier.offer(slot, residence_weight(e, &estimate, blocks, priors), rng);
+    }
+    Some(roomier.slot.unwrap_or(home))
+}
+
+/// One of the slots offered, drawn with chances in proportion to their weights, in one pass
+/// (the first offer is taken without a draw).
+#[derive(Default)]
+struct Draw {
+    slot: Option<usize>,
+    total: f64,
+}
+
+impl Draw {
+    fn offer(&mut self, slot: usize, weight: f64, rng: &mut dyn RngCore) {
+        self.total += weight;
+        if self.slot.is_none() || rng_unit(rng) * self.total < weight {
+            self.slot = Some(slot);
         }
     }
-    Some(roomier.unwrap_or(home))
 }
 
 /// How long ago the prompt of `blocks` was last sent to `e`, ms, from the blocks `e` missed since
