@@ -882,8 +882,13 @@ mod tests {
             cache_tokens: None,
             binds_slots: false,
         };
-        let mut running: Vec<_> = (0..8).map(|_| endpoint.begin()).collect();
+        let mut running: Vec<_> = (0..7).map(|_| endpoint.begin()).collect();
         assert!(!endpoint.take_wants_load(), "within the default guess of 8");
+        running.push(endpoint.begin());
+        assert!(
+            endpoint.take_wants_load(),
+            "8 in flight fill the guess: the next would be priced as queued"
+        );
         running.extend((0..4).map(|_| endpoint.begin()));
         assert!(endpoint.take_wants_load(), "12 in flight, past the guess");
         assert!(!endpoint.take_wants_load(), "asked once");
@@ -895,11 +900,13 @@ mod tests {
             (17, false),
             "a quarter more than it runs, and 2, before the next tick"
         );
-        running.extend((0..5).map(|_| endpoint.begin()));
+        running.extend((0..4).map(|_| endpoint.begin()));
         assert!(
             !endpoint.take_wants_load(),
-            "17 in flight: within the new guess"
+            "16 in flight: within the new guess"
         );
+        running.push(endpoint.begin());
+        assert!(endpoint.take_wants_load(), "17 fill it");
 
         addr.send(load(16.0, 3.0)).await.unwrap();
         let e = endpoint.estimate();

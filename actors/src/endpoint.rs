@@ -154,8 +154,8 @@ pub struct Endpoint {
     wants_load: AtomicBool,
     /// Woken when a probe's verdict on it arrives, for requests waiting on it.
     verdicts: Notify,
-    /// When a pick last chose it, on [`PICK_CLOCK`].
-    last_pick: AtomicU64,
+    /// When a pick last sent it a prompt it cached less than half of, on [`PLACE_CLOCK`].
+    last_placed: AtomicU64,
     /// The prompt blocks it was recently sent (cache-aware routing only).
     pub prefix: PrefixIndex,
     /// The streams' prompts it is prefilling now, which requests sharing them wait for.
@@ -266,7 +266,7 @@ impl Endpoint {
             probe_pending: AtomicBool::new(false),
             wants_load: AtomicBool::new(false),
             verdicts: Notify::new(),
-            last_pick: AtomicU64::new(0),
+            last_placed: AtomicU64::new(0),
             prefix: PrefixIndex::new(0),
             prefills: Prefills::default(),
         }
@@ -452,9 +452,10 @@ impl Endpoint {
         self.binds_slots.store(binds, Ordering::Relaxed);
     }
 
-    /// When a pick last chose it: comparable between endpoints, larger is later; 0 never.
-    pub fn last_pick(&self) -> u64 {
-        self.last_pick.load(Ordering::Relaxed)
+    /// When a pick last sent it a prompt it cached less than half of (a placement): comparable
+    /// between endpoints, larger is later; 0 never.
+    pub fn last_placed(&self) -> u64 {
+        self.last_placed.load(Ordering::Relaxed)
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -482,19 +483,22 @@ impl Endpoint {
     /// `blocks` uncached prompt blocks as prefill ahead of later requests until its first token
     /// ([`InFlight::first_token`]) or its end.
     ///
-    /// Past the batch capacity guessed for a backend that has not shown it, it asks for the
+    /// At the batch capacity guessed for a backend that has not shown it, it asks for the
     /// backend's load to be read now rather than at the next interval: until then the guess (the
     /// default of 8 before the first read) made every backend look queued. A gateway that started
     /// under load misrouted its first second so (in the routing benchmark, which starts a gateway
-    /// for each run, a tenth of the requests). Each read raises the guess past what the backend
-    /// runs, so this asks again only as the load grows.
+    /// for each run, a tenth of the requests). At it, not past it: the next request is priced as
+    /// queued there, so a prompt whose home had just filled the guess went elsewhere, and its
+    /// home never got the request that would have asked (four equal backends, conversations over
+    /// 8 system prompts: one prompt copied to the three others within 25 ms). Each read raises
+    /// the guess past what the backend runs, so this asks again only as the load grows.
     pub fn begin_prefill(self: &Arc<Self>, blocks: u32) -> InFlight {
         let running = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         let e = &self.estimates;
         // Stored only when not already asked: every request past the guess would otherwise write
         // the same shared cache line from every HTTP thread.
         if !e.capacity_known.load(Ordering::Relaxed)
-            && running > batch_capacity(e.capacity.load(Ordering::Relaxed))
+            && running >= batch_capacity(e.capacity.load(Ordering::Relaxed))
             && !self.wants_load.load(Ordering::Relaxed)
         {
             self.wants_load.store(true, Ordering::Relaxed);
@@ -680,9 +684,9 @@ impl Eligible<'_> {
     }
 }
 
-/// Counts picks, process-wide (so the order of endpoints' last picks survives a table rebuilt
-/// on a configuration change): which of several endpoints a pick chose longest ago.
-static PICK_CLOCK: AtomicU64 = AtomicU64::new(0);
+/// Counts placements, process-wide (so their order survives a table rebuilt on a configuration
+/// change): which of several endpoints was sent a new prompt longest ago.
+static PLACE_CLOCK: AtomicU64 = AtomicU64::new(0);
 
 /// The immutable snapshot the request path routes with. Rebuilt by the balancer only when the set
 /// of endpoints or the models they serve change; everything else changes through atomics.
@@ -852,9 +856,15 @@ impl RoutingTable {
             }
             let picked = self.picked(slot, request.blocks);
             // Only `cache_aware` reads it: the other policies' picks skip the shared counter.
-            if self.policy.kind() == PolicyKind::CacheAware {
-                let now = PICK_CLOCK.fetch_add(1, Ordering::Relaxed) + 1;
-                picked.endpoint.last_pick.store(now, Ordering::Relaxed);
+            // Placements only: stamped by every pick, an endpoint busy with its first prompt's
+            // returns was never the one picked longest ago, and a cold fleet's new prompts went
+            // to the others (four equal backends, conversations over 8 system prompts: 3 on one
+            // backend and 1 on another, then copied over the fleet to even out the load).
+            if self.policy.kind() == PolicyKind::CacheAware
+                && 2 * picked.cached < request.blocks.len()
+            {
+                let now = PLACE_CLOCK.fetch_add(1, Ordering::Relaxed) + 1;
+                picked.endpoint.last_placed.store(now, Ordering::Relaxed);
             }
             // What the endpoint will hold once it has this request's prompt.
             picked.endpoint.prefix.insert(request.blocks);

@@ -120,10 +120,11 @@ const TIE_MS: f64 = 1.0;
 const PLACE_BELOW: f64 = 0.5;
 const HOME_SLACK: f64 = 1.0;
 const PLACE_SLACK: f64 = 1.0;
-/// Below this reuse (the share of what the fleet is sent that it was sent before), where a new
-/// prompt lands matters to no cache, and new prompts rotate, as round robin does, over the
-/// endpoints within `1 + PLACE_SLACK` times the best cost: the one a pick chose longest ago takes
-/// it, a slower one sitting out rounds ([`rounds_per_turn`]). Each backend then gets its arrivals
+/// Below this reuse (the share of what the fleet is sent that it was sent before), and before
+/// the fleet has measured it, where a new prompt lands matters to no cache, and new prompts
+/// rotate, as round robin does, over the endpoints within `1 + PLACE_SLACK` times the best cost:
+/// the one sent a new prompt longest ago takes it, a slower one sitting out rounds
+/// ([`rounds_per_turn`]). Each backend then gets its arrivals
 /// evenly spaced; the cheapest by a few ms of noise in the estimates took bursts instead, and
 /// queued them (equal fleet, unique prompts, fixed arrival intervals, one run each: p99 time to
 /// first token 115 ms, with rotation 84, round robin 84).
@@ -386,7 +387,7 @@ pub fn soonest(eligible: &Eligible<'_>, rng: &mut dyn RngCore) -> Option<usize> 
 /// prompt stayed away from that home (drawn as below); if none knows half of it, of those within
 /// the placement slack, one drawn with
 /// chances in proportion to how long each one's cache keeps blocks (or, when the fleet's prompts
-/// do not recur, the one picked longest ago: [`ROTATE_BELOW_REUSE`]). Drawn rather than the
+/// do not recur, the one sent a new prompt longest ago: [`ROTATE_BELOW_REUSE`]). Drawn rather than the
 /// longest, because residence is measured once a second and every prompt of that second would
 /// otherwise crowd one endpoint.
 fn place(
@@ -442,7 +443,7 @@ fn place(
                 let slower = priors.block_ms_of(&estimate) / priors.fastest_block_ms;
                 let rounds = rounds_per_turn(&estimate, slower);
                 let waits = ((rounds - 1.0) * candidates) as u64;
-                let turn = e.last_pick().saturating_add(waits);
+                let turn = e.last_placed().saturating_add(waits);
                 if turn < oldest {
                     oldest = turn;
                     rotated = Some(slot);
@@ -946,6 +947,23 @@ mod tests {
             turn.sort_unstable();
             assert_eq!(turn, [0, 1, 2], "{order:?}");
         }
+    }
+
+    #[test]
+    fn a_cold_fleets_new_prompts_take_turns_whatever_returns_to_the_first() {
+        let t = measured_fleet(4, 16);
+        let mut rng = SmallRng::seed_from_u64(4);
+        let first = keys(&"the first system prompt ".repeat(100));
+        let home = pick(&t, &first, &mut rng);
+        let mut got = [0usize; 4];
+        got[home] += 1;
+        for i in 1..8 {
+            // The first prompt's conversations come back between each new prompt.
+            assert_eq!(pick(&t, &first, &mut rng), home);
+            let prompt = keys(&format!("system prompt {i} ").repeat(100));
+            got[pick(&t, &prompt, &mut rng)] += 1;
+        }
+        assert_eq!(got, [2; 4]);
     }
 
     #[test]
