@@ -333,6 +333,11 @@ impl Endpoint {
         !self.probe_pending.swap(true, Ordering::AcqRel)
     }
 
+    /// Whether a request asked for its load to be read at once (see [`Self::take_wants_load`]).
+    pub(crate) fn wants_load(&self) -> bool {
+        self.wants_load.load(Ordering::Relaxed)
+    }
+
     /// Whether a request asked for its load to be read at once since the last call.
     pub(crate) fn take_wants_load(&self) -> bool {
         self.wants_load.swap(false, Ordering::Relaxed)
@@ -861,7 +866,7 @@ impl RoutingTable {
             // to the others (four equal backends, conversations over 8 system prompts: 3 on one
             // backend and 1 on another, then copied over the fleet to even out the load).
             if self.policy.kind() == PolicyKind::CacheAware
-                && 2 * picked.cached < request.blocks.len()
+                && crate::policy::cache_aware::places(picked.cached, request.blocks.len())
             {
                 let now = PLACE_CLOCK.fetch_add(1, Ordering::Relaxed) + 1;
                 picked.endpoint.last_placed.store(now, Ordering::Relaxed);

@@ -198,8 +198,13 @@ pub struct ProbeState {
     /// When the last read of its `/metrics` started.
     #[serde(skip)]
     last_read: Option<std::time::Instant>,
-    /// The last read found it running more than the one before: its requests' asks are chasing
-    /// a load that grows, not a gauge that never shows it, and are not spaced.
+    /// The most any read found it running, and whether the last read raised it: its requests'
+    /// asks are then chasing a load that grows, not a gauge that never shows it, and are not
+    /// spaced. A new most, not just more than the read before: a gauge going up and down below
+    /// what the gateway sends would otherwise earn a read every other tick for as long as it
+    /// is busy, where each new most raises the guessed batch past it.
+    #[serde(skip)]
+    most_running: f64,
     #[serde(skip)]
     running_grew: bool,
     /// When the next scheduled probe is due (`None`: now), and whether one is on its way.
@@ -226,6 +231,7 @@ impl ProbeState {
             load_backoff_ms: 0,
             next_scrape: None,
             scraping: false,
+            most_running: 0.0,
             running_grew: false,
             last_read: None,
             next_probe: None,
@@ -275,6 +281,13 @@ impl ProbeState {
         !self.scraping && self.scrape_due(now)
     }
 
+    /// Takes what a read of its `/metrics` found.
+    fn read(&mut self, load: ScrapedLoad) {
+        self.running_grew = load.running > self.most_running;
+        self.most_running = self.most_running.max(load.running);
+        self.load = Some(load);
+    }
+
     /// Whether a read its requests asked for may start now: [`read_due`](Self::read_due), and
     /// [`WANTED_READ_SPACING`] after the last unless that one found the load growing.
     fn wanted_read_due(&self, now: std::time::Instant) -> bool {
@@ -287,7 +300,7 @@ impl ProbeState {
 }
 
 /// Reads asked for by requests ([`Endpoint::take_wants_load`]) start at most this often per
-/// endpoint, unless the last found it running more than the one before: a backend whose gauges
+/// endpoint, unless the last found it running more than any before: a backend whose gauges
 /// never show what it runs (a running count stuck at 0) would otherwise be read on every tick for
 /// as long as it is busy. Spaced while the load grew, each read raised the guessed batch a
 /// quarter (8, 12, 17 for a batch of 16) a quarter of a second apart, and every request that
@@ -403,6 +416,11 @@ impl HealthChecker {
         let now = std::time::Instant::now();
         let table = self.view.table_arc();
         for endpoint in &table.endpoints {
+            // Looked at first, every tick: a swap of an unset flag would still write the line the
+            // request path reads, and most ticks find none set.
+            if !endpoint.wants_load() {
+                continue;
+            }
             let due = self
                 .states
                 .get(&endpoint.id)
@@ -456,11 +474,7 @@ impl HealthChecker {
                 binds_slots: load.binds_slots,
             });
             if let Some(state) = this.states.get_mut(&id) {
-                state.running_grew = state
-                    .load
-                    .as_ref()
-                    .is_some_and(|last| load.running > last.running);
-                state.load = Some(load);
+                state.read(load);
             }
         }));
     }
@@ -806,11 +820,32 @@ mod tests {
         s.last_read = Some(start);
         assert!(!s.wanted_read_due(start + WANTED_READ_SPACING / 2));
         assert!(s.wanted_read_due(start + WANTED_READ_SPACING));
-        s.running_grew = true;
+        s.read(running(12.0));
         assert!(
             s.wanted_read_due(start),
             "the last read found the load growing"
         );
+    }
+
+    fn running(running: f64) -> ScrapedLoad {
+        ScrapedLoad {
+            running,
+            ..ScrapedLoad::default()
+        }
+    }
+
+    #[test]
+    fn only_a_new_most_running_lets_asked_for_reads_through_unspaced() {
+        let mut s = state();
+        let start = std::time::Instant::now();
+        s.last_read = Some(start);
+        let soon = start + WANTED_READ_SPACING / 2;
+        for (found, unspaced) in [(5.0, true), (2.0, false), (5.0, false), (6.0, true)] {
+            s.read(running(found));
+            assert_eq!(s.wanted_read_due(soon), unspaced, "read {found} running");
+        }
+        s.read(running(0.0));
+        assert!(!s.wanted_read_due(soon), "a gauge stuck at 0 is spaced");
     }
 
     #[test]

@@ -118,16 +118,23 @@ const TIE_MS: f64 = 1.0;
 /// endpoints within `1 + PLACE_SLACK × reuse` times the best (a new prompt recurs only as much as
 /// the fleet's prompts do).
 const PLACE_BELOW: f64 = 0.5;
+
+/// Whether sending an endpoint a prompt of `blocks` blocks, `cached` of them in its cache, places
+/// the prompt there ([`PLACE_BELOW`]): what the rotation of new prompts counts.
+pub fn places(cached: usize, blocks: usize) -> bool {
+    (cached as f64) < PLACE_BELOW * blocks as f64
+}
+
 const HOME_SLACK: f64 = 1.0;
 const PLACE_SLACK: f64 = 1.0;
 /// Below this reuse (the share of what the fleet is sent that it was sent before), and before
 /// the fleet has measured it, where a new prompt lands matters to no cache, and new prompts
 /// rotate, as round robin does, over the endpoints within `1 + PLACE_SLACK` times the best cost:
 /// the one sent a new prompt longest ago takes it, a slower one sitting out rounds
-/// ([`rounds_per_turn`]). Each backend then gets its arrivals
-/// evenly spaced; the cheapest by a few ms of noise in the estimates took bursts instead, and
-/// queued them (equal fleet, unique prompts, fixed arrival intervals, one run each: p99 time to
-/// first token 115 ms, with rotation 84, round robin 84).
+/// ([`rounds_per_turn`]). Each backend then gets its arrivals evenly spaced; the cheapest by a
+/// few ms of noise in the estimates took bursts instead, and queued them (equal fleet, unique
+/// prompts, fixed arrival intervals, one run each: p99 time to first token 115 ms, with rotation
+/// 84, round robin 84).
 const ROTATE_BELOW_REUSE: f64 = 0.1;
 /// How many times as long as a prompt stayed away from its home another endpoint's cache must keep
 /// blocks for the prompt to be placed there instead of back home ([`place`]).
@@ -385,11 +392,10 @@ pub fn soonest(eligible: &Eligible<'_>, rng: &mut dyn RngCore) -> Option<usize> 
 /// one within the home slack of `best_cost` that knows the longest prefix of it (its home; ties at
 /// random), unless one within the placement slack keeps blocks [`ROOMIER`] times as long as the
 /// prompt stayed away from that home (drawn as below); if none knows half of it, of those within
-/// the placement slack, one drawn with
-/// chances in proportion to how long each one's cache keeps blocks (or, when the fleet's prompts
-/// do not recur, the one sent a new prompt longest ago: [`ROTATE_BELOW_REUSE`]). Drawn rather than the
-/// longest, because residence is measured once a second and every prompt of that second would
-/// otherwise crowd one endpoint.
+/// the placement slack, one drawn with chances in proportion to how long each one's cache keeps
+/// blocks (or, when the fleet's prompts do not recur, the one sent a new prompt longest ago:
+/// [`ROTATE_BELOW_REUSE`]). Drawn rather than the longest, because residence is measured once a
+/// second and every prompt of that second would otherwise crowd one endpoint.
 fn place(
     eligible: &Eligible<'_>,
     priors: &Priors,
