@@ -7,7 +7,12 @@ Usage: scripts/routing-requests.py OUT
 Per run: the share of requests that found at least 90 % of their prompt cached (warm), the
 distinct prompts each simulator served, how many prompts went to more than one simulator, how
 many times a prompt's request went to another simulator than its previous one (moves, by arrival
-order), and how many requests waited for a batch slot. A prompt is its first 64-byte block, so
+order), and how many requests waited for a batch slot. Then per simulator: its requests, the share
+of them that were warm, and how many prompts it effectively kept cycling through (the inverse of
+the sum of its prompts' squared shares of its requests: a prompt it saw once barely counts). An LRU
+cache that holds c of n equally popular prompts finds a request's prompt c/n of the time, so a
+simulator whose effective prompts are fewer than its cache holds has room left over, and one with
+many more misses on most of them. A prompt is its first 64-byte block, so
 these say something only for workloads of shared system prompts (p16, p40, z128, turns).
 """
 import glob
@@ -38,8 +43,9 @@ def main():
                 runs[m["run"]].append(r)
     if not runs:
         sys.exit(f"no request logs in {sys.argv[1]}/requests (run routing-bench.sh with REQUEST_LOG=1)")
-    print("| run | requests | warm % | prompts per simulator | prompts on 2+ | moves | waited for a slot |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print("| run | requests | warm % | prompts per simulator | prompts on 2+ | moves | waited for a slot "
+          "| per simulator: requests, warm %, effective prompts |")
+    print("|---|---:|---:|---|---:|---:|---:|---|")
     for run in sorted(runs):
         rs = sorted(runs[run], key=lambda r: r["at_ms"])
         sims = sorted({r["sim"] for r in rs})
@@ -57,7 +63,17 @@ def main():
         spread = sum(len(s) > 1 for s in where.values())
         waited = sum(r["wait_ms"] > 1.0 for r in rs)
         print(f"| {run} | {len(rs)} | {100 * warm / len(rs):.0f} | {'/'.join(str(len(per_sim[s])) for s in sims)} "
-              f"| {spread} of {len(where)} | {moves} | {waited} |")
+              f"| {spread} of {len(where)} | {moves} | {waited} | {' · '.join(per_simulator(rs, s) for s in sims)} |")
+
+
+def per_simulator(rs, sim):
+    mine = [r for r in rs if r["sim"] == sim]
+    warm = sum(r["cached_tokens"] >= 0.9 * r["prompt_tokens"] for r in mine)
+    counts = defaultdict(int)
+    for r in mine:
+        counts[r["prompt"]] += 1
+    effective = 1 / sum((c / len(mine)) ** 2 for c in counts.values())
+    return f"{len(mine)}, {100 * warm / len(mine):.0f} %, {effective:.1f}"
 
 
 main()
