@@ -119,6 +119,9 @@ impl BalancerSettings {
 pub struct BalancerView {
     table: Arc<ArcSwap<RoutingTable>>,
     dropped_outcomes: Arc<AtomicU64>,
+    /// Told when a request asks for an endpoint's load to be read
+    /// ([`Endpoint::begin_prefill`]): what wakes the health checker for it.
+    load_wanted: Arc<tokio::sync::Notify>,
 }
 
 impl BalancerView {
@@ -130,6 +133,11 @@ impl BalancerView {
     /// An owned reference to the current table, for holding across an `await`.
     pub fn table_arc(&self) -> Arc<RoutingTable> {
         self.table.load_full()
+    }
+
+    /// What the endpoints tell when a request asks for a read of their load.
+    pub fn load_wanted(&self) -> Arc<tokio::sync::Notify> {
+        self.load_wanted.clone()
     }
 
     /// Sends outcomes without waiting; when the mailbox is full they are dropped and counted.
@@ -302,6 +310,7 @@ impl Balancer {
             view: BalancerView {
                 table: Arc::new(ArcSwap::from_pointee(empty)),
                 dropped_outcomes: Arc::new(AtomicU64::new(0)),
+                load_wanted: Arc::new(tokio::sync::Notify::new()),
             },
             settings,
             clock,
@@ -326,14 +335,16 @@ impl Balancer {
         let id = self.next_id;
         self.next_id += 1;
         self.entries.push(Entry {
-            endpoint: Arc::new(Endpoint::new(id, &spec, healthy).with_prefix_index(
-                if self.settings.policy == PolicyKind::CacheAware {
-                    spec.cache_blocks
-                        .unwrap_or(self.settings.prefix_index_blocks)
-                } else {
-                    0
-                },
-            )),
+            endpoint: Arc::new(
+                Endpoint::new(id, &spec, healthy)
+                    .with_prefix_index(if self.settings.policy == PolicyKind::CacheAware {
+                        spec.cache_blocks
+                            .unwrap_or(self.settings.prefix_index_blocks)
+                    } else {
+                        0
+                    })
+                    .with_load_wanted(self.view.load_wanted()),
+            ),
             models: (!spec.models.is_empty()).then(|| spec.models.clone()),
             spec,
             breaker: Breaker::default(),

@@ -152,6 +152,9 @@ pub struct Endpoint {
     /// capacity is not known yet: the health checker reads its load at once (see
     /// [`Endpoint::begin_prefill`]).
     wants_load: AtomicBool,
+    /// Told when `wants_load` is set: the health checker's wake-up, shared by the balancer's
+    /// endpoints (none in tests that build endpoints alone).
+    load_wanted: Option<Arc<Notify>>,
     /// Woken when a probe's verdict on it arrives, for requests waiting on it.
     verdicts: Notify,
     /// When a pick last sent it a prompt it cached less than half of, on [`PLACE_CLOCK`].
@@ -265,6 +268,7 @@ impl Endpoint {
             },
             probe_pending: AtomicBool::new(false),
             wants_load: AtomicBool::new(false),
+            load_wanted: None,
             verdicts: Notify::new(),
             last_placed: AtomicU64::new(0),
             prefix: PrefixIndex::new(0),
@@ -275,6 +279,12 @@ impl Endpoint {
     /// The same endpoint with a prefix index of `blocks` slots (cache-aware routing).
     pub fn with_prefix_index(mut self, blocks: usize) -> Self {
         self.prefix = PrefixIndex::new(blocks);
+        self
+    }
+
+    /// The same endpoint, telling `notify` when a request asks for its load to be read.
+    pub fn with_load_wanted(mut self, notify: Arc<Notify>) -> Self {
+        self.load_wanted = Some(notify);
         self
     }
 
@@ -507,6 +517,9 @@ impl Endpoint {
             && !self.wants_load.load(Ordering::Relaxed)
         {
             self.wants_load.store(true, Ordering::Relaxed);
+            if let Some(load_wanted) = &self.load_wanted {
+                load_wanted.notify_one();
+            }
         }
         self.prefill_blocks.fetch_add(blocks, Ordering::Relaxed);
         InFlight {

@@ -13,6 +13,7 @@
 //! removed at runtime are picked up on the next round.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
@@ -297,6 +298,19 @@ impl ProbeState {
                     .last_read
                     .is_none_or(|at| now.saturating_duration_since(at) >= WANTED_READ_SPACING))
     }
+
+    /// When to look again at a read asked for that may not start `now`: at the end of the
+    /// spacing, or a spacing from now while a `/metrics` without gauges is backed off; `None`
+    /// while a read is on its way (its end looks again).
+    fn wanted_read_at(&self, now: std::time::Instant) -> Option<std::time::Instant> {
+        if self.scraping {
+            None
+        } else if !self.scrape_due(now) {
+            Some(now + WANTED_READ_SPACING)
+        } else {
+            Some(self.last_read.map_or(now, |at| at + WANTED_READ_SPACING))
+        }
+    }
 }
 
 /// Reads asked for by requests ([`Endpoint::take_wants_load`]) start at most this often per
@@ -308,10 +322,6 @@ impl ProbeState {
 /// the prompt (four equal backends, conversations over 8 system prompts: 2 to 4 copies in the
 /// first second).
 const WANTED_READ_SPACING: Duration = Duration::from_millis(250);
-
-/// How often the asks of requests for a read are looked at: a read asked for when a request
-/// fills the guessed batch is to land before the next request for that backend is priced.
-const WANTED_READ_TICK: Duration = Duration::from_millis(10);
 
 /// The longest wait between two reads of a `/metrics` that had no load gauges.
 const MAX_LOAD_BACKOFF_MS: u64 = 300_000;
@@ -325,6 +335,8 @@ pub struct HealthChecker {
     /// Probe state per endpoint id.
     states: HashMap<usize, ProbeState>,
     client: Option<awc::Client>,
+    /// The look again at reads asked for that could not start yet, and when it is due.
+    wanted_recheck: Option<(std::time::Instant, SpawnHandle)>,
 }
 
 impl HealthChecker {
@@ -335,6 +347,7 @@ impl HealthChecker {
             view,
             states: HashMap::new(),
             client: None,
+            wanted_recheck: None,
         }
     }
 
@@ -411,27 +424,58 @@ impl HealthChecker {
     }
 
     /// Reads the load of the endpoints whose requests asked for it now
-    /// ([`Endpoint::take_wants_load`]), between the interval's reads.
+    /// ([`Endpoint::take_wants_load`]), between the interval's reads. Woken by the ask itself
+    /// ([`BalancerView::load_wanted`]), by the end of a read, and by a timer for an ask that had to
+    /// wait: a tick every 10 ms that looked for asks cost an idle gateway twice its CPU.
     fn scrape_wanted(&mut self, ctx: &mut Context<Self>) {
         let now = std::time::Instant::now();
         let table = self.view.table_arc();
+        let mut recheck: Option<std::time::Instant> = None;
         for endpoint in &table.endpoints {
-            // Looked at first, every tick: a swap of an unset flag would still write the line the
-            // request path reads, and most ticks find none set.
+            // Looked at first: a swap of an unset flag would still write the line the request
+            // path reads, and most endpoints have not asked.
             if !endpoint.wants_load() {
                 continue;
             }
-            let due = self
-                .states
-                .get(&endpoint.id)
-                .is_none_or(|s| s.wanted_read_due(now));
+            // An endpoint out of rotation gets no requests to price; its ask is dropped, so that
+            // the next one, once it is back, wakes this again.
+            if !endpoint.is_healthy() {
+                endpoint.take_wants_load();
+                continue;
+            }
+            let state = self.states.get(&endpoint.id);
+            if state.is_none_or(|s| s.wanted_read_due(now)) {
+                if endpoint.take_wants_load() {
+                    self.scrape(endpoint, now, ctx);
+                }
+                continue;
+            }
             // Not taken before the read can start: the ask waits for the spacing, a read on its
             // way, or the back-off rather than being lost (a burst that asked once and then held
             // steady would go unread until the interval).
-            if due && endpoint.is_healthy() && endpoint.take_wants_load() {
-                self.scrape(endpoint, now, ctx);
+            if let Some(at) = state.and_then(|s| s.wanted_read_at(now)) {
+                recheck = Some(recheck.map_or(at, |earlier| earlier.min(at)));
             }
         }
+        if let Some(at) = recheck {
+            self.recheck_wanted_at(at, ctx);
+        }
+    }
+
+    /// Looks at the reads asked for again at `at`, unless a look is already due by then.
+    fn recheck_wanted_at(&mut self, at: std::time::Instant, ctx: &mut Context<Self>) {
+        if let Some((due, handle)) = self.wanted_recheck {
+            if due <= at {
+                return;
+            }
+            ctx.cancel_future(handle);
+        }
+        let wait = at.saturating_duration_since(std::time::Instant::now());
+        let handle = ctx.run_later(wait, |this, ctx| {
+            this.wanted_recheck = None;
+            this.scrape_wanted(ctx);
+        });
+        self.wanted_recheck = Some((at, handle));
     }
 
     /// Reads an endpoint's `/metrics` unless it is out, a read of it is on its way, or it had no
@@ -450,22 +494,26 @@ impl HealthChecker {
         }
         let id = endpoint.id;
         let scrape = scrape(self.client(), endpoint.url.clone());
-        ctx.spawn(scrape.into_actor(self).map(move |load, this, _| {
-            let found = load.is_some();
-            if let Some(state) = this.states.get_mut(&id) {
-                state.scraping = false;
-                state.scraped(found, std::time::Instant::now());
-                if !found && state.load_backoff_ms == 5_000 {
-                    log::debug!(
-                        "{} has no load gauges on /metrics; reading it less often",
-                        state.url
-                    );
-                }
+        ctx.spawn(scrape.into_actor(self).map(move |load, this, ctx| {
+            this.scraped(id, load, ctx);
+        }));
+    }
+
+    /// Takes what a read of endpoint `id`'s `/metrics` found, then looks at the reads asked for
+    /// meanwhile (one of its own may have waited for this one).
+    fn scraped(&mut self, id: usize, load: Option<ScrapedLoad>, ctx: &mut Context<Self>) {
+        if let Some(state) = self.states.get_mut(&id) {
+            state.scraping = false;
+            state.scraped(load.is_some(), std::time::Instant::now());
+            if load.is_none() && state.load_backoff_ms == 5_000 {
+                log::debug!(
+                    "{} has no load gauges on /metrics; reading it less often",
+                    state.url
+                );
             }
-            let Some(load) = load else {
-                return;
-            };
-            this.balancer.do_send(BackendLoad {
+        }
+        if let Some(load) = load {
+            self.balancer.do_send(BackendLoad {
                 endpoint: id,
                 running: load.running,
                 waiting: load.waiting,
@@ -473,10 +521,11 @@ impl HealthChecker {
                 cache_tokens: load.cache_tokens,
                 binds_slots: load.binds_slots,
             });
-            if let Some(state) = this.states.get_mut(&id) {
+            if let Some(state) = self.states.get_mut(&id) {
                 state.read(load);
             }
-        }));
+        }
+        self.scrape_wanted(ctx);
     }
 
     /// Applies a probe's result. An urgent probe that fails takes the endpoint out at once; the
@@ -723,7 +772,7 @@ impl Actor for HealthChecker {
         ctx.run_interval(PROBE_TICK, Self::probe_due);
         if self.settings.load_interval_ms > 0 {
             self.scrape_all(ctx);
-            ctx.run_interval(WANTED_READ_TICK, Self::scrape_wanted);
+            ctx.add_stream(asks(self.view.load_wanted()));
             ctx.run_interval(
                 Duration::from_millis(self.settings.load_interval_ms.max(10)),
                 Self::scrape_all,
@@ -736,11 +785,29 @@ impl Supervised for HealthChecker {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         log::warn!("health checker restarting; probing resumes");
         self.client = None;
+        self.wanted_recheck = None;
         // The probes and reads on their way went with the old context: none will report back.
         for state in self.states.values_mut() {
             state.probing = false;
             state.scraping = false;
         }
+    }
+}
+
+/// One item each time a request asks for an endpoint's load to be read: a permit stored by
+/// [`tokio::sync::Notify::notify_one`] while no one waits is taken by the next wait, so an ask
+/// between two looks is not lost.
+fn asks(load_wanted: Arc<tokio::sync::Notify>) -> impl Stream<Item = ()> {
+    futures_util::stream::unfold(load_wanted, |notify| async move {
+        notify.notified().await;
+        Some(((), notify))
+    })
+}
+
+/// A request asked for a read ([`asks`]).
+impl StreamHandler<()> for HealthChecker {
+    fn handle(&mut self, (): (), ctx: &mut Self::Context) {
+        self.scrape_wanted(ctx);
     }
 }
 
@@ -825,6 +892,24 @@ mod tests {
             s.wanted_read_due(start),
             "the last read found the load growing"
         );
+    }
+
+    /// An ask that cannot be read yet is looked at again when it can: at the end of the spacing,
+    /// a spacing on while the endpoint's `/metrics` is backed off, and by the read's own end
+    /// while one is on its way. Nothing else wakes the checker for it.
+    #[test]
+    fn an_ask_that_must_wait_is_looked_at_again_when_it_may_be_read() {
+        let mut s = state();
+        let start = std::time::Instant::now();
+        s.last_read = Some(start);
+        let soon = start + WANTED_READ_SPACING / 2;
+        assert!(!s.wanted_read_due(soon));
+        assert_eq!(s.wanted_read_at(soon), Some(start + WANTED_READ_SPACING));
+        s.scraping = true;
+        assert_eq!(s.wanted_read_at(soon), None, "the read's end looks again");
+        s.scraping = false;
+        s.next_scrape = Some(start + Duration::from_secs(5));
+        assert_eq!(s.wanted_read_at(soon), Some(soon + WANTED_READ_SPACING));
     }
 
     fn running(running: f64) -> ScrapedLoad {
