@@ -879,6 +879,14 @@ mod tests {
         ProbeState::new("http://a".into(), true)
     }
 
+    /// A state whose last read started at the returned instant, and half a spacing after it.
+    fn read_just_now() -> (ProbeState, std::time::Instant, std::time::Instant) {
+        let mut s = state();
+        let start = std::time::Instant::now();
+        s.last_read = Some(start);
+        (s, start, start + WANTED_READ_SPACING / 2)
+    }
+
     #[test]
     fn reads_asked_for_by_requests_are_spaced() {
         let mut s = state();
@@ -899,10 +907,7 @@ mod tests {
     /// while one is on its way. Nothing else wakes the checker for it.
     #[test]
     fn an_ask_that_must_wait_is_looked_at_again_when_it_may_be_read() {
-        let mut s = state();
-        let start = std::time::Instant::now();
-        s.last_read = Some(start);
-        let soon = start + WANTED_READ_SPACING / 2;
+        let (mut s, start, soon) = read_just_now();
         assert!(!s.wanted_read_due(soon));
         assert_eq!(s.wanted_read_at(soon), Some(start + WANTED_READ_SPACING));
         s.scraping = true;
@@ -921,10 +926,7 @@ mod tests {
 
     #[test]
     fn only_a_new_most_running_lets_asked_for_reads_through_unspaced() {
-        let mut s = state();
-        let start = std::time::Instant::now();
-        s.last_read = Some(start);
-        let soon = start + WANTED_READ_SPACING / 2;
+        let (mut s, _, soon) = read_just_now();
         for (found, unspaced) in [(5.0, true), (2.0, false), (5.0, false), (6.0, true)] {
             s.read(running(found));
             assert_eq!(s.wanted_read_due(soon), unspaced, "read {found} running");

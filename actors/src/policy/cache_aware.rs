@@ -297,7 +297,6 @@ impl Policy for CacheAware {
         let blocks = eligible.blocks;
         let mut best: Option<(usize, f64, usize)> = None;
         let mut ties = 0usize;
-        let half = PLACE_BELOW * blocks.len() as f64;
         // The endpoint that caches the most of the prompt, keyed by (cached blocks, rank), with
         // its slot and cost.
         let mut primary: Option<((usize, u64), usize, f64)> = None;
@@ -309,7 +308,7 @@ impl Policy for CacheAware {
             // one system prompt kept to that prompt's favourite endpoint rather than to the one
             // holding its own history, and moved whenever the favourite was a little cheaper
             // (unequal fleet, multi-turn, 3 rounds: p99 114/71/115 ms, longest first 64/60/109).
-            if cached as f64 >= half && !blocks.is_empty() {
+            if !blocks.is_empty() && !places(cached, blocks.len()) {
                 let key = (cached, stable_hash_seeded(blocks[0], &slot.to_le_bytes()));
                 if primary.is_none_or(|(best, ..)| key > best) {
                     primary = Some((key, slot, cost));
@@ -353,7 +352,7 @@ impl Policy for CacheAware {
                 return Some(primary);
             }
         }
-        if blocks.is_empty() || cached as f64 >= half {
+        if blocks.is_empty() || !places(cached, blocks.len()) {
             return Some(slot);
         }
         Some(place(eligible, &priors, best_cost, rng).unwrap_or(slot))
@@ -424,7 +423,7 @@ fn place(
         let cost = expected_ttft_ms(e, &estimate, blocks, found.cached, priors);
         // An endpoint that caches the prompt but costs more is one whose queue outweighs its
         // cache: the cost said no, so it is no place to put the prompt either.
-        if found.cached as f64 >= half {
+        if !places(found.cached, blocks.len()) {
             continue;
         }
         if found.known as f64 >= half {
@@ -483,7 +482,7 @@ fn place(
             continue;
         }
         let found = e.prefix.matched(blocks);
-        if found.cached as f64 >= half
+        if !places(found.cached, blocks.len())
             || expected_ttft_ms(e, &estimate, blocks, found.cached, priors) > limit
         {
             continue;
