@@ -7,7 +7,9 @@ Usage: scripts/routing-requests.py OUT
 Per run: the share of requests that found at least 90 % of their prompt cached (warm), the
 distinct prompts each simulator served, how many prompts went to more than one simulator, how
 many times a prompt's request went to another simulator than its previous one (moves, by arrival
-order), and how many requests waited for a batch slot. Then per simulator: its requests, the share
+order), how many requests waited for a batch slot, and the cold prefills (requests not warm) by
+why: the prompt's first in the run, again where its previous request went (that cache let it
+go), a copy to a simulator it had never reached, or back to one it had left. Then per simulator: its requests, the share
 of them that were warm, and how many prompts it effectively kept cycling through (the inverse of
 the sum of its prompts' squared shares of its requests: a prompt it saw once barely counts). An LRU
 cache that holds c of n equally popular prompts finds a request's prompt c/n of the time, so a
@@ -44,8 +46,8 @@ def main():
     if not runs:
         sys.exit(f"no request logs in {sys.argv[1]}/requests (run routing-bench.sh with REQUEST_LOG=1)")
     print("| run | requests | warm % | prompts per simulator | prompts on 2+ | moves | waited for a slot "
-          "| per simulator: requests, warm %, effective prompts |")
-    print("|---|---:|---:|---|---:|---:|---:|---|")
+          "| cold: first / again / copy / back | per simulator: requests, warm %, effective prompts |")
+    print("|---|---:|---:|---|---:|---:|---:|---|---|")
     for run in sorted(runs):
         rs = sorted(runs[run], key=lambda r: r["at_ms"])
         sims = sorted({r["sim"] for r in rs})
@@ -53,22 +55,38 @@ def main():
         where = defaultdict(set)
         last = {}
         moves = 0
+        cold = defaultdict(int)
         for r in rs:
+            if not is_warm(r):
+                if r["prompt"] not in last:
+                    cold["first"] += 1
+                elif last[r["prompt"]] == r["sim"]:
+                    cold["again"] += 1
+                elif r["sim"] in where[r["prompt"]]:
+                    cold["back"] += 1
+                else:
+                    cold["copy"] += 1
             per_sim[r["sim"]].add(r["prompt"])
             where[r["prompt"]].add(r["sim"])
             if last.get(r["prompt"], r["sim"]) != r["sim"]:
                 moves += 1
             last[r["prompt"]] = r["sim"]
-        warm = sum(r["cached_tokens"] >= 0.9 * r["prompt_tokens"] for r in rs)
+        warm = sum(map(is_warm, rs))
         spread = sum(len(s) > 1 for s in where.values())
         waited = sum(r["wait_ms"] > 1.0 for r in rs)
         print(f"| {run} | {len(rs)} | {100 * warm / len(rs):.0f} | {'/'.join(str(len(per_sim[s])) for s in sims)} "
-              f"| {spread} of {len(where)} | {moves} | {waited} | {' · '.join(per_simulator(rs, s) for s in sims)} |")
+              f"| {spread} of {len(where)} | {moves} | {waited} "
+              f"| {' / '.join(str(cold[k]) for k in ('first', 'again', 'copy', 'back'))} "
+              f"| {' · '.join(per_simulator(rs, s) for s in sims)} |")
+
+
+def is_warm(r):
+    return r["cached_tokens"] >= 0.9 * r["prompt_tokens"]
 
 
 def per_simulator(rs, sim):
     mine = [r for r in rs if r["sim"] == sim]
-    warm = sum(r["cached_tokens"] >= 0.9 * r["prompt_tokens"] for r in mine)
+    warm = sum(map(is_warm, mine))
     counts = defaultdict(int)
     for r in mine:
         counts[r["prompt"]] += 1
