@@ -300,16 +300,14 @@ impl ProbeState {
     }
 
     /// When to look again at a read asked for that may not start `now`: at the end of the
-    /// spacing, or a spacing from now while a `/metrics` without gauges is backed off; `None`
-    /// while a read is on its way (its end looks again).
+    /// spacing, or of the back-off of a `/metrics` without gauges if that is later; `None` while
+    /// a read is on its way (its end looks again).
     fn wanted_read_at(&self, now: std::time::Instant) -> Option<std::time::Instant> {
         if self.scraping {
-            None
-        } else if !self.scrape_due(now) {
-            Some(now + WANTED_READ_SPACING)
-        } else {
-            Some(self.last_read.map_or(now, |at| at + WANTED_READ_SPACING))
+            return None;
         }
+        let spaced = self.last_read.map_or(now, |at| at + WANTED_READ_SPACING);
+        Some(self.next_scrape.map_or(spaced, |at| at.max(spaced)))
     }
 }
 
@@ -903,8 +901,8 @@ mod tests {
     }
 
     /// An ask that cannot be read yet is looked at again when it can: at the end of the spacing,
-    /// a spacing on while the endpoint's `/metrics` is backed off, and by the read's own end
-    /// while one is on its way. Nothing else wakes the checker for it.
+    /// at the end of the back-off of the endpoint's `/metrics`, and by the read's own end while
+    /// one is on its way. Nothing else wakes the checker for it.
     #[test]
     fn an_ask_that_must_wait_is_looked_at_again_when_it_may_be_read() {
         let (mut s, start, soon) = read_just_now();
@@ -914,7 +912,7 @@ mod tests {
         assert_eq!(s.wanted_read_at(soon), None, "the read's end looks again");
         s.scraping = false;
         s.next_scrape = Some(start + Duration::from_secs(5));
-        assert_eq!(s.wanted_read_at(soon), Some(soon + WANTED_READ_SPACING));
+        assert_eq!(s.wanted_read_at(soon), Some(start + Duration::from_secs(5)));
     }
 
     fn running(running: f64) -> ScrapedLoad {
