@@ -9,13 +9,14 @@ distinct prompts each simulator served, how many prompts went to more than one s
 many times a prompt's request went to another simulator than its previous one (moves, by arrival
 order), how many requests waited for a batch slot, and the cold prefills (requests not warm) by
 why: the prompt's first in the run, again where its previous request went (that cache let it
-go), a copy to a simulator it had never reached, or back to one it had left. Then per simulator: its requests, the share
-of them that were warm, and how many prompts it effectively kept cycling through (the inverse of
-the sum of its prompts' squared shares of its requests: a prompt it saw once barely counts). An LRU
-cache that holds c of n equally popular prompts finds a request's prompt c/n of the time, so a
-simulator whose effective prompts are fewer than its cache holds has room left over, and one with
-many more misses on most of them. A prompt is its first 64-byte block, so
-these say something only for workloads of shared system prompts (p16, p40, z128, turns).
+go), a copy to a simulator it had never reached, or back to one it had left. Then per
+simulator: its requests, the share of them that were warm, and how many prompts it effectively
+kept cycling through (the inverse of the sum of its prompts' squared shares of its requests: a
+prompt it saw once barely counts). An LRU cache that holds c of n equally popular prompts finds a
+request's prompt c/n of the time, so a simulator whose effective prompts are fewer than its cache
+holds has room left over, and one with many more misses on most of them. A prompt is its first
+64-byte block, so these say something only for workloads of shared system prompts (p16, p40,
+z128, turns).
 """
 import glob
 import json
