@@ -311,6 +311,33 @@ impl ProbeState {
     }
 }
 
+/// What becomes of an endpoint's ask for a read of its load ([`HealthChecker::scrape_wanted`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Ask {
+    /// Out of rotation, it gets no requests to price: the ask is dropped, so that the next one,
+    /// once it is back, wakes the checker again.
+    Drop,
+    /// Read now.
+    Read,
+    /// Not taken before the read can start: the ask waits for the spacing, a read on its way, or
+    /// the back-off rather than being lost (a burst that asked once and then held steady would go
+    /// unread until the interval). Looked at again then ([`ProbeState::wanted_read_at`]), or, for
+    /// `None`, by the end of the read on its way.
+    Wait(Option<std::time::Instant>),
+}
+
+impl Ask {
+    fn of(healthy: bool, state: Option<&ProbeState>, now: std::time::Instant) -> Self {
+        if !healthy {
+            return Self::Drop;
+        }
+        match state {
+            Some(s) if !s.wanted_read_due(now) => Self::Wait(s.wanted_read_at(now)),
+            _ => Self::Read,
+        }
+    }
+}
+
 /// Reads asked for by requests ([`Endpoint::take_wants_load`]) start at most this often per
 /// endpoint, unless the last found it running more than any before: a backend whose gauges
 /// never show what it runs (a running count stuck at 0) would otherwise be read on every tick for
@@ -435,24 +462,19 @@ impl HealthChecker {
             if !endpoint.wants_load() {
                 continue;
             }
-            // An endpoint out of rotation gets no requests to price; its ask is dropped, so that
-            // the next one, once it is back, wakes this again.
-            if !endpoint.is_healthy() {
-                endpoint.take_wants_load();
-                continue;
-            }
-            let state = self.states.get(&endpoint.id);
-            if state.is_none_or(|s| s.wanted_read_due(now)) {
-                if endpoint.take_wants_load() {
-                    self.scrape(endpoint, now, ctx);
+            match Ask::of(endpoint.is_healthy(), self.states.get(&endpoint.id), now) {
+                Ask::Drop => {
+                    endpoint.take_wants_load();
                 }
-                continue;
-            }
-            // Not taken before the read can start: the ask waits for the spacing, a read on its
-            // way, or the back-off rather than being lost (a burst that asked once and then held
-            // steady would go unread until the interval).
-            if let Some(at) = state.and_then(|s| s.wanted_read_at(now)) {
-                recheck = Some(recheck.map_or(at, |earlier| earlier.min(at)));
+                Ask::Read => {
+                    if endpoint.take_wants_load() {
+                        self.scrape(endpoint, now, ctx);
+                    }
+                }
+                Ask::Wait(Some(at)) => {
+                    recheck = Some(recheck.map_or(at, |earlier| earlier.min(at)));
+                }
+                Ask::Wait(None) => {}
             }
         }
         if let Some(at) = recheck {
@@ -913,6 +935,23 @@ mod tests {
         s.scraping = false;
         s.next_scrape = Some(start + Duration::from_secs(5));
         assert_eq!(s.wanted_read_at(soon), Some(start + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn an_ask_is_read_when_due_kept_while_it_must_wait_and_dropped_while_out_of_rotation() {
+        let (mut s, start, soon) = read_just_now();
+        assert_eq!(Ask::of(false, Some(&s), soon), Ask::Drop);
+        assert_eq!(Ask::of(true, None, soon), Ask::Read, "never read before");
+        assert_eq!(
+            Ask::of(true, Some(&s), soon),
+            Ask::Wait(Some(start + WANTED_READ_SPACING))
+        );
+        assert_eq!(
+            Ask::of(true, Some(&s), start + WANTED_READ_SPACING),
+            Ask::Read
+        );
+        s.scraping = true;
+        assert_eq!(Ask::of(true, Some(&s), soon), Ask::Wait(None));
     }
 
     fn running(running: f64) -> ScrapedLoad {

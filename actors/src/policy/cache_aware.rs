@@ -612,6 +612,16 @@ mod tests {
         }
     }
 
+    /// Where 400 new prompts named after `round` go, one after another, on a fleet of four.
+    fn turns(t: &crate::endpoint::RoutingTable, round: &str, rng: &mut SmallRng) -> [usize; 4] {
+        let mut got = [0usize; 4];
+        for i in 0..400 {
+            let prompt = keys(&format!("{round} prompt {i} ").repeat(200));
+            got[pick(t, &prompt, rng)] += 1;
+        }
+        got
+    }
+
     fn pick(t: &crate::endpoint::RoutingTable, blocks: &[u64], rng: &mut SmallRng) -> usize {
         let request = PickRequest {
             model: "m",
@@ -989,12 +999,7 @@ mod tests {
         let t = measured_fleet(4, 16);
         // Twice as slow: within twice the best cost, so in the rotation, a turn in two rounds.
         measured(&t.endpoints[3], 10.0, 2.0, 16);
-        let mut rng = SmallRng::seed_from_u64(9);
-        let mut got = [0usize; 4];
-        for i in 0..400 {
-            let prompt = keys(&format!("unique prompt {i} ").repeat(200));
-            got[pick(&t, &prompt, &mut rng)] += 1;
-        }
+        let got = turns(&t, "unique", &mut SmallRng::seed_from_u64(9));
         assert!((35..70).contains(&got[3]), "{got:?}");
         assert!(got[..3].iter().all(|&n| (105..125).contains(&n)), "{got:?}");
     }
@@ -1003,12 +1008,7 @@ mod tests {
     fn a_backend_measured_a_little_slower_still_takes_every_turn() {
         let t = measured_fleet(4, 16);
         measured(&t.endpoints[3], 10.0, 1.4, 16);
-        let mut rng = SmallRng::seed_from_u64(9);
-        let mut got = [0usize; 4];
-        for i in 0..400 {
-            let prompt = keys(&format!("unique prompt {i} ").repeat(200));
-            got[pick(&t, &prompt, &mut rng)] += 1;
-        }
+        let got = turns(&t, "unique", &mut SmallRng::seed_from_u64(9));
         assert_eq!(got, [100; 4]);
     }
 
@@ -1022,21 +1022,13 @@ mod tests {
             ..t.endpoints[3].estimate()
         };
         let mut rng = SmallRng::seed_from_u64(9);
-        let count = |round: &str, rng: &mut SmallRng| {
-            let mut got = [0usize; 4];
-            for i in 0..400 {
-                let prompt = keys(&format!("{round} prompt {i} ").repeat(200));
-                got[pick(&t, &prompt, rng)] += 1;
-            }
-            got
-        };
         // Within its budget (a share of 0.25 of spikes at 0.01: half of it), it takes its turns.
         t.endpoints[3].publish_estimate(spiky(0.01));
-        let within = count("within", &mut rng);
+        let within = turns(&t, "within", &mut rng);
         assert!(within.iter().all(|&n| n == 100), "{within:?}");
         // At 2.5 times its budget, one turn in about six rounds.
         t.endpoints[3].publish_estimate(spiky(0.05));
-        let over = count("over", &mut rng);
+        let over = turns(&t, "over", &mut rng);
         assert!((10..30).contains(&over[3]), "{over:?}");
         assert!(
             over[..3].iter().all(|&n| (120..135).contains(&n)),
